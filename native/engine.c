@@ -1,0 +1,547 @@
+/* The per-queue engine: one thread and one io_uring per virtqueue.
+ *
+ * The thread sleeps in io_uring_submit_and_wait() with a read armed on the
+ * kick eventfd and one on a private control eventfd.  A kick drains the avail
+ * ring: each chain is validated, parsed and turned into one SQE whose iovecs
+ * point straight into guest memory.  Completions write the status byte and a
+ * used-ring entry; the used index is published once per loop iteration and
+ * the guest is signalled only when EVENT_IDX (or the NO_INTERRUPT flag) says
+ * it wants it. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <liburing.h>
+
+#include "internal.h"
+
+#define UD_KICK 1ULL
+#define UD_CTL 2ULL
+
+struct slot {
+    struct bs_chain chain;   /* iovecs into guest memory */
+    struct bs_blk_req req;
+    uint16_t head;
+    int fd;                  /* fd the I/O goes to */
+    uint64_t done;           /* bytes transferred so far (short I/O) */
+    int free_next;
+};
+
+struct bs_queue {
+    bs_target *target;
+    int index;
+
+    /* set by start, owned by the thread while it runs */
+    struct bs_vring vr;
+    bs_mem *mem;
+    int kick_fd;
+    int call_fd;
+    int event_idx;
+    uint16_t last_avail;
+    uint16_t used_idx;
+    uint16_t published;      /* used->idx as we last wrote it */
+    uint16_t signalled_used;
+    int signalled_valid;
+    int ctl_fd;
+    struct io_uring ring;
+    uint64_t kick_buf;
+    uint64_t ctl_buf;
+    struct slot *slots;
+    int nslots;
+    int free_head;
+    int inflight;
+    int stopping;
+    int starved;
+
+    pthread_t thread;
+    int running;
+    sem_t started;
+    int start_err;
+
+    struct bs_queue_stats st;
+};
+
+/* ---- target ---- */
+
+int bs_target_new(const struct bs_target_cfg *cfg, bs_target **out)
+{
+    if (cfg->fd < 0 || cfg->capacity % BS_SECTOR)
+        return -EINVAL;
+    bs_target *t = calloc(1, sizeof(*t));
+    if (!t)
+        return -ENOMEM;
+    t->cfg = *cfg;
+    if (t->cfg.fd_buffered < 0)
+        t->cfg.fd_buffered = cfg->fd;
+    *out = t;
+    return 0;
+}
+
+void bs_target_free(bs_target *t)
+{
+    free(t);
+}
+
+/* ---- helpers ---- */
+
+static struct io_uring_sqe *get_sqe(struct bs_queue *q)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
+    if (!sqe) {
+        io_uring_submit(&q->ring);
+        sqe = io_uring_get_sqe(&q->ring);
+    }
+    return sqe;
+}
+
+static int arm_read(struct bs_queue *q, int fd, uint64_t *buf, uint64_t ud)
+{
+    struct io_uring_sqe *sqe = get_sqe(q);
+    if (!sqe)
+        return -EBUSY;
+    io_uring_prep_read(sqe, fd, buf, sizeof(*buf), 0);
+    io_uring_sqe_set_data64(sqe, ud);
+    return 0;
+}
+
+static void push_used(struct bs_queue *q, uint16_t head, uint32_t len)
+{
+    struct bs_vring_used_elem *e = &q->vr.used->ring[q->used_idx & (q->vr.num - 1)];
+    e->id = head;
+    e->len = len;
+    q->used_idx++;
+}
+
+static void slot_put(struct bs_queue *q, struct slot *s)
+{
+    int i = (int)(s - q->slots);
+    s->free_next = q->free_head;
+    q->free_head = i;
+}
+
+static void count_req(struct bs_queue *q, const struct bs_blk_req *r)
+{
+    switch (r->type) {
+    case BS_BLK_T_IN: BS_STAT_ADD(q->st.reqs_read, 1); break;
+    case BS_BLK_T_OUT: BS_STAT_ADD(q->st.reqs_write, 1); break;
+    case BS_BLK_T_FLUSH: BS_STAT_ADD(q->st.reqs_flush, 1); break;
+    case BS_BLK_T_GET_ID: BS_STAT_ADD(q->st.reqs_get_id, 1); break;
+    default: BS_STAT_ADD(q->st.reqs_other, 1); break;
+    }
+}
+
+static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
+{
+    struct bs_blk_req *r = &s->req;
+
+    count_req(q, r);
+    if (status == BS_BLK_S_OK) {
+        if (r->op == BS_OP_READ)
+            BS_STAT_ADD(q->st.bytes_read, r->len);
+        else if (r->op == BS_OP_WRITE)
+            BS_STAT_ADD(q->st.bytes_write, r->len);
+    } else if (status == BS_BLK_S_IOERR) {
+        BS_STAT_ADD(q->st.err_ioerr, 1);
+    } else {
+        BS_STAT_ADD(q->st.err_unsupp, 1);
+    }
+    /* safe: status_ptr was derived from a checked writable descriptor */
+    *r->status_ptr = status;
+    push_used(q, s->head, status == BS_BLK_S_OK ? r->used_len : 1);
+    slot_put(q, s);
+}
+
+static int dio_aligned(const struct bs_target_cfg *t, const struct bs_blk_req *r,
+                       const struct iovec *iov)
+{
+    uint64_t mask = t->dio_align - 1;
+    if (t->dio_align == 0)
+        return 1;
+    if (r->offset & mask)
+        return 0;
+    for (int i = 0; i < r->iov_count; i++)
+        if (((uintptr_t)iov[i].iov_base | iov[i].iov_len) & mask)
+            return 0;
+    return 1;
+}
+
+/* Queue the SQE for a slot's read/write/flush at its current progress. */
+static int submit_io(struct bs_queue *q, struct slot *s)
+{
+    struct bs_blk_req *r = &s->req;
+    struct io_uring_sqe *sqe = get_sqe(q);
+    if (!sqe)
+        return -EBUSY;
+    struct iovec *iov = &s->chain.iov[r->iov_first];
+    switch (r->op) {
+    case BS_OP_READ:
+        io_uring_prep_readv(sqe, s->fd, iov, r->iov_count, r->offset + s->done);
+        break;
+    case BS_OP_WRITE:
+        io_uring_prep_writev(sqe, s->fd, iov, r->iov_count, r->offset + s->done);
+        break;
+    case BS_OP_FLUSH:
+        io_uring_prep_fsync(sqe, s->fd, IORING_FSYNC_DATASYNC);
+        break;
+    default:
+        return -EINVAL;
+    }
+    io_uring_sqe_set_data(sqe, s);
+    return 0;
+}
+
+/* Pop, validate and start one request. */
+static void start_request(struct bs_queue *q, uint16_t head)
+{
+    const struct bs_target_cfg *t = &q->target->cfg;
+    struct slot *s = &q->slots[q->free_head];
+    int ret;
+
+    q->free_head = s->free_next;
+    s->head = head;
+    s->done = 0;
+    ret = bs_vring_chain(&q->vr, q->mem, head, &s->chain);
+    if (ret == 0)
+        bs_blk_parse(t, &s->chain, &s->req);
+    if (ret || !s->req.status_ptr) {
+        /* No status byte we may write: complete the chain empty so the
+         * guest gets its descriptors back, and count the fault. */
+        BS_STAT_ADD(q->st.bad_chains, 1);
+        __atomic_store_n(&q->st.last_error, ret ? ret : -EINVAL, __ATOMIC_RELAXED);
+        push_used(q, head, 0);
+        slot_put(q, s);
+        return;
+    }
+    if (s->req.op == BS_OP_NONE) {
+        complete(q, s, s->req.status);
+        return;
+    }
+    s->fd = dio_aligned(t, &s->req, &s->chain.iov[s->req.iov_first])
+                ? t->fd : t->fd_buffered;
+    if (submit_io(q, s)) {
+        complete(q, s, BS_BLK_S_IOERR);
+        return;
+    }
+    q->inflight++;
+}
+
+static void mark_broken(struct bs_queue *q, int err)
+{
+    __atomic_store_n(&q->st.broken, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&q->st.last_error, err, __ATOMIC_RELAXED);
+}
+
+/* Drain the avail ring (the classic EVENT_IDX loop: publish avail_event,
+ * then re-check so a buffer added meanwhile is not missed). */
+static void drain_avail(struct bs_queue *q)
+{
+    struct bs_vring *vr = &q->vr;
+    uint16_t mask = (uint16_t)(vr->num - 1);
+
+    q->starved = 0;
+    for (;;) {
+        uint16_t avail = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
+        if ((uint16_t)(avail - q->last_avail) > vr->num) {
+            mark_broken(q, -EINVAL);   /* the guest claims more than a ring */
+            return;
+        }
+        while (q->last_avail != avail) {
+            if (q->free_head < 0) {
+                q->starved = 1;        /* resumed when a slot frees up */
+                return;
+            }
+            uint16_t head = __atomic_load_n(&vr->avail->ring[q->last_avail & mask],
+                                            __ATOMIC_RELAXED);
+            q->last_avail++;
+            if (head >= vr->num) {
+                mark_broken(q, -EINVAL);
+                return;
+            }
+            start_request(q, head);
+        }
+        if (!q->event_idx)
+            return;
+        /* avail_event lives right after the used ring's entries */
+        __atomic_store_n((uint16_t *)&vr->used->ring[vr->num], q->last_avail,
+                         __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE) == q->last_avail)
+            return;
+    }
+}
+
+static void publish_used(struct bs_queue *q)
+{
+    struct bs_vring *vr = &q->vr;
+    uint16_t old = q->signalled_used;
+    uint16_t now = q->used_idx;
+    int notify;
+
+    if (now == q->published && q->signalled_valid)
+        return;
+    __atomic_store_n(&vr->used->idx, now, __ATOMIC_RELEASE);
+    q->published = now;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (q->event_idx) {
+        uint16_t ev = __atomic_load_n(&vr->avail->ring[vr->num], __ATOMIC_RELAXED);
+        notify = !q->signalled_valid || bs_vring_need_event(ev, now, old);
+    } else {
+        notify = !(__atomic_load_n(&vr->avail->flags, __ATOMIC_RELAXED) &
+                   BS_VRING_AVAIL_F_NO_INTERRUPT);
+    }
+    q->signalled_used = now;
+    q->signalled_valid = 1;
+    if (notify && q->call_fd >= 0) {
+        eventfd_write(q->call_fd, 1);
+        BS_STAT_ADD(q->st.notifies, 1);
+    }
+}
+
+static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res)
+{
+    struct bs_blk_req *r = &s->req;
+
+    if (res == -EAGAIN || res == -EINTR) {
+        if (submit_io(q, s) == 0)
+            return;
+        res = -EIO;
+    }
+    if (res < 0) {
+        BS_STAT_ADD(q->st.io_errors, 1);
+        __atomic_store_n(&q->st.last_error, res, __ATOMIC_RELAXED);
+        q->inflight--;
+        complete(q, s, BS_BLK_S_IOERR);
+        return;
+    }
+    if (r->op != BS_OP_FLUSH && res > 0 && s->done + (uint64_t)res < r->len) {
+        /* Short transfer: advance the iovecs and go on from there. */
+        size_t skip = (size_t)res;
+        s->done += (uint64_t)res;
+        while (skip > 0 && r->iov_count > 0) {
+            struct iovec *v = &s->chain.iov[r->iov_first];
+            if (v->iov_len > skip) {
+                v->iov_base = (uint8_t *)v->iov_base + skip;
+                v->iov_len -= skip;
+                break;
+            }
+            skip -= v->iov_len;
+            r->iov_first++;
+            r->iov_count--;
+        }
+        if (submit_io(q, s) == 0)
+            return;
+        res = -EIO;
+    }
+    q->inflight--;
+    if (r->op != BS_OP_FLUSH && res == 0 && s->done < r->len) {
+        /* EOF inside the capacity: the backing shrank under us. */
+        BS_STAT_ADD(q->st.io_errors, 1);
+        __atomic_store_n(&q->st.last_error, -EIO, __ATOMIC_RELAXED);
+        complete(q, s, BS_BLK_S_IOERR);
+        return;
+    }
+    complete(q, s, BS_BLK_S_OK);
+}
+
+static int ring_init(struct bs_queue *q)
+{
+    unsigned entries = (unsigned)q->nslots + 8;
+    static const unsigned flag_sets[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_COOP_TASKRUN,
+        0,
+    };
+    int ret = -EINVAL;
+    for (size_t i = 0; i < sizeof(flag_sets) / sizeof(flag_sets[0]); i++) {
+        ret = io_uring_queue_init(entries, &q->ring, flag_sets[i]);
+        if (ret == 0)
+            return 0;
+        if (ret != -EINVAL)
+            break;
+    }
+    return ret;
+}
+
+static void *queue_thread(void *arg)
+{
+    struct bs_queue *q = arg;
+    int kicked = 1;           /* look at the ring once at start */
+    int ret;
+
+    ret = ring_init(q);
+    if (ret == 0) {
+        ret = arm_read(q, q->kick_fd, &q->kick_buf, UD_KICK);
+        if (ret == 0)
+            ret = arm_read(q, q->ctl_fd, &q->ctl_buf, UD_CTL);
+        if (ret)
+            io_uring_queue_exit(&q->ring);
+    }
+    q->start_err = ret;
+    sem_post(&q->started);
+    if (ret)
+        return NULL;
+
+    for (;;) {
+        int broken = __atomic_load_n(&q->st.broken, __ATOMIC_RELAXED);
+        if (!q->stopping && !broken && (kicked || (q->starved && q->free_head >= 0)))
+            drain_avail(q);
+        kicked = 0;
+        publish_used(q);
+        __atomic_store_n(&q->st.inflight, (uint64_t)q->inflight, __ATOMIC_RELAXED);
+        if (q->stopping && q->inflight == 0)
+            break;
+
+        ret = io_uring_submit_and_wait(&q->ring, 1);
+        if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+            /* The ring itself failed: nothing can complete any more. */
+            mark_broken(q, ret);
+            break;
+        }
+        struct io_uring_cqe *cqe;
+        unsigned head, n = 0;
+        io_uring_for_each_cqe(&q->ring, head, cqe) {
+            uint64_t ud = io_uring_cqe_get_data64(cqe);
+            n++;
+            if (ud == UD_KICK) {
+                BS_STAT_ADD(q->st.kicks, 1);
+                kicked = 1;
+                if (arm_read(q, q->kick_fd, &q->kick_buf, UD_KICK))
+                    mark_broken(q, -EBUSY);
+            } else if (ud == UD_CTL) {
+                q->stopping = 1;
+            } else {
+                handle_io_cqe(q, (struct slot *)(uintptr_t)ud, cqe->res);
+            }
+        }
+        io_uring_cq_advance(&q->ring, n);
+    }
+    publish_used(q);
+    __atomic_store_n(&q->st.inflight, 0, __ATOMIC_RELAXED);
+    io_uring_queue_exit(&q->ring);
+    return NULL;
+}
+
+/* ---- public queue API ---- */
+
+int bs_queue_new(bs_target *t, int index, bs_queue **out)
+{
+    bs_queue *q = calloc(1, sizeof(*q));
+    if (!q)
+        return -ENOMEM;
+    q->target = t;
+    q->index = index;
+    q->ctl_fd = -1;
+    *out = q;
+    return 0;
+}
+
+int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)
+{
+    int ret;
+
+    if (q->running)
+        return -EBUSY;
+    if (cfg->kick_fd < 0)
+        return -EBADF;
+    ret = bs_vring_map(&q->vr, mem, cfg);
+    if (ret)
+        return ret;
+    q->mem = mem;
+    q->kick_fd = cfg->kick_fd;
+    q->call_fd = cfg->call_fd;
+    q->event_idx = !!cfg->event_idx;
+    q->last_avail = cfg->last_avail;
+    q->used_idx = __atomic_load_n(&q->vr.used->idx, __ATOMIC_ACQUIRE);
+    q->published = q->used_idx;
+    q->signalled_valid = 0;
+    q->stopping = 0;
+    q->starved = 0;
+    q->inflight = 0;
+    __atomic_store_n(&q->st.broken, 0, __ATOMIC_RELAXED);
+    q->nslots = (int)(cfg->num < BS_MAX_SLOTS ? cfg->num : BS_MAX_SLOTS);
+    q->slots = calloc((size_t)q->nslots, sizeof(*q->slots));
+    if (!q->slots)
+        return -ENOMEM;
+    for (int i = 0; i < q->nslots; i++)
+        q->slots[i].free_next = i + 1 < q->nslots ? i + 1 : -1;
+    q->free_head = 0;
+    q->ctl_fd = eventfd(0, EFD_CLOEXEC);
+    if (q->ctl_fd < 0) {
+        ret = -errno;
+        goto err_slots;
+    }
+    if (sem_init(&q->started, 0, 0)) {
+        ret = -errno;
+        goto err_ctl;
+    }
+    __atomic_add_fetch(&mem->users, 1, __ATOMIC_ACQ_REL);
+    ret = -pthread_create(&q->thread, NULL, queue_thread, q);
+    if (ret == 0) {
+        while (sem_wait(&q->started) && errno == EINTR)
+            ;
+        ret = q->start_err;
+        if (ret)
+            pthread_join(q->thread, NULL);
+    }
+    sem_destroy(&q->started);
+    if (ret) {
+        __atomic_sub_fetch(&mem->users, 1, __ATOMIC_ACQ_REL);
+        goto err_ctl;
+    }
+    q->running = 1;
+    return 0;
+
+err_ctl:
+    close(q->ctl_fd);
+    q->ctl_fd = -1;
+err_slots:
+    free(q->slots);
+    q->slots = NULL;
+    return ret;
+}
+
+int bs_queue_stop(bs_queue *q, uint16_t *last_avail)
+{
+    if (!q->running) {
+        if (last_avail)
+            *last_avail = q->last_avail;
+        return 0;
+    }
+    if (eventfd_write(q->ctl_fd, 1) < 0)
+        return -errno;
+    pthread_join(q->thread, NULL);
+    q->running = 0;
+    __atomic_sub_fetch(&q->mem->users, 1, __ATOMIC_ACQ_REL);
+    q->mem = NULL;
+    close(q->ctl_fd);
+    q->ctl_fd = -1;
+    free(q->slots);
+    q->slots = NULL;
+    if (last_avail)
+        *last_avail = q->last_avail;
+    return 0;
+}
+
+int bs_queue_running(bs_queue *q)
+{
+    return q->running;
+}
+
+int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out)
+{
+    memcpy(out, &q->st, sizeof(*out));
+    return 0;
+}
+
+void bs_queue_free(bs_queue *q)
+{
+    if (!q)
+        return;
+    bs_queue_stop(q, NULL);
+    free(q);
+}

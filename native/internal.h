@@ -1,0 +1,161 @@
+/* Internal declarations of the engine, shared by its C files and C tests.
+ * Python never sees this header: its boundary is blkserve_native.h. */
+#ifndef BS_INTERNAL_H
+#define BS_INTERNAL_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/uio.h>
+
+#include "blkserve_native.h"
+
+/* x86-64 and arm64 are little-endian like virtio 1.x rings; refuse others
+ * rather than byte-swap every field on the hot path. */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "blkserve's engine assumes a little-endian host"
+#endif
+
+#define BS_MAX_REGIONS 32      /* >= VHOST_USER_MAX_RAM_SLOTS we advertise */
+#define BS_MAX_QUEUE_SIZE 32768
+#define BS_SEG_MAX 126         /* data segments per request we advertise   */
+#define BS_MAX_IOV 192         /* header + data + status, plus region splits */
+#define BS_MAX_SLOTS 1024      /* requests in flight per queue             */
+#define BS_SECTOR 512ULL
+
+/* Relaxed stat update: each counter has a single writer (its queue thread). */
+#define BS_STAT_ADD(field, v) \
+    __atomic_store_n(&(field), __atomic_load_n(&(field), __ATOMIC_RELAXED) + (v), \
+                     __ATOMIC_RELAXED)
+
+/* ---- guest memory (mem.c) ---- */
+struct bs_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t uva;
+    uint8_t *hva;          /* map_base + mmap_offset */
+    void *map_base;
+    size_t map_len;
+};
+
+struct bs_mem {
+    int nregions;
+    int users;             /* running queues using this table (atomic) */
+    struct bs_region r[BS_MAX_REGIONS];
+};
+
+/* Host pointer for guest range [gpa, gpa+len) if it lies inside a single
+ * region, else NULL. */
+void *bs_mem_gpa(const struct bs_mem *m, uint64_t gpa, uint64_t len);
+/* Same for a frontend virtual address range (vring addresses). */
+void *bs_mem_uva(const struct bs_mem *m, uint64_t uva, uint64_t len);
+/* Append iovecs covering [gpa, gpa+len), split at region ends.  Returns the
+ * number appended, -EFAULT if any byte is outside guest memory, -E2BIG if
+ * more than max entries would be needed. */
+int bs_mem_iov(const struct bs_mem *m, uint64_t gpa, uint32_t len,
+               struct iovec *iov, int max);
+
+/* ---- split virtqueue (virtq.c) ---- */
+#define BS_VRING_DESC_F_NEXT 1
+#define BS_VRING_DESC_F_WRITE 2
+#define BS_VRING_DESC_F_INDIRECT 4
+#define BS_VRING_AVAIL_F_NO_INTERRUPT 1
+
+struct bs_vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct bs_vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];       /* num entries, then used_event with EVENT_IDX */
+};
+
+struct bs_vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+struct bs_vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct bs_vring_used_elem ring[]; /* num entries, then avail_event */
+};
+
+struct bs_vring {
+    uint32_t num;
+    struct bs_vring_desc *desc;
+    struct bs_vring_avail *avail;
+    struct bs_vring_used *used;
+};
+
+/* A request's buffers in guest memory: the first nout iovecs are
+ * device-readable, the rest device-writable. */
+struct bs_chain {
+    int niov;
+    int nout;
+    uint64_t out_len;
+    uint64_t in_len;
+    struct iovec iov[BS_MAX_IOV];
+};
+
+/* Map the rings of cfg through m.  -EINVAL on a bad size or alignment,
+ * -EFAULT if a ring is not entirely inside one guest memory region. */
+int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
+                 const struct bs_vring_cfg *cfg);
+/* Walk the descriptor chain at head into c (direct or indirect).
+ * -EINVAL: malformed (bad index, loop, order, nested indirect);
+ * -EFAULT: a buffer outside guest memory; -E2BIG: too many segments. */
+int bs_vring_chain(const struct bs_vring *vr, const struct bs_mem *m,
+                   uint16_t head, struct bs_chain *c);
+
+static inline int bs_vring_need_event(uint16_t event, uint16_t new_idx,
+                                      uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* ---- virtio-blk request (blk.c) ---- */
+#define BS_BLK_T_IN 0
+#define BS_BLK_T_OUT 1
+#define BS_BLK_T_FLUSH 4
+#define BS_BLK_T_GET_ID 8
+#define BS_BLK_S_OK 0
+#define BS_BLK_S_IOERR 1
+#define BS_BLK_S_UNSUPP 2
+#define BS_BLK_ID_BYTES 20
+
+enum bs_op {
+    BS_OP_NONE = 0,        /* complete at once with status */
+    BS_OP_READ,
+    BS_OP_WRITE,
+    BS_OP_FLUSH,
+};
+
+/* What the engine must do for one request, decided from the chain alone. */
+struct bs_blk_req {
+    enum bs_op op;
+    uint8_t status;         /* for BS_OP_NONE */
+    uint32_t type;
+    uint8_t *status_ptr;    /* NULL if the chain has no writable byte */
+    uint64_t offset;        /* bytes into the backing */
+    uint64_t len;           /* data bytes */
+    int iov_first;          /* data iovecs: c->iov[iov_first .. +iov_count) */
+    int iov_count;
+    uint32_t used_len;      /* bytes written into writable buffers on success */
+};
+
+/* Parse and validate one request against the target.  Fills r; never fails:
+ * a bad request becomes BS_OP_NONE with an error status.  Trims c's iovecs
+ * in place so the data iovecs can go straight into an SQE.  GET_ID is
+ * answered here (copies the serial into the guest buffer). */
+void bs_blk_parse(const struct bs_target_cfg *t, struct bs_chain *c,
+                  struct bs_blk_req *r);
+
+struct bs_target {
+    struct bs_target_cfg cfg;
+};
+
+#endif

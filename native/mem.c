@@ -1,0 +1,138 @@
+/* Guest memory: regions mapped from the frontend's fds, and bounds-checked
+ * translation of guest-physical and frontend-virtual addresses. */
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "internal.h"
+
+int bs_mem_new(bs_mem **out)
+{
+    bs_mem *m = calloc(1, sizeof(*m));
+    if (!m)
+        return -ENOMEM;
+    *out = m;
+    return 0;
+}
+
+static int ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+    return a < b + blen && b < a + alen;
+}
+
+int bs_mem_add(bs_mem *m, int fd, uint64_t gpa, uint64_t size, uint64_t uva,
+               uint64_t mmap_offset)
+{
+    struct stat st;
+    uint64_t end;
+
+    if (m->nregions >= BS_MAX_REGIONS)
+        return -ENOSPC;
+    if (size == 0 || __builtin_add_overflow(gpa, size, &end) ||
+        __builtin_add_overflow(uva, size, &end) ||
+        __builtin_add_overflow(mmap_offset, size, &end) || end > SIZE_MAX)
+        return -EINVAL;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    /* A mapping past the end of a file would SIGBUS on first touch; block
+     * devices and character devices report no size, so only trust files. */
+    if (!S_ISREG(st.st_mode))
+        return -EINVAL;
+    if (end > (uint64_t)st.st_size)
+        return -EINVAL;
+    for (int i = 0; i < m->nregions; i++) {
+        if (ranges_overlap(gpa, size, m->r[i].gpa, m->r[i].size) ||
+            ranges_overlap(uva, size, m->r[i].uva, m->r[i].size))
+            return -EINVAL;
+    }
+    /* Map from offset 0 so the mmap offset needs no page alignment; the
+     * length covers exactly what the fd has (checked above). */
+    void *base = mmap(NULL, end, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED)
+        return -errno;
+    madvise(base, end, MADV_DONTDUMP);
+    struct bs_region *r = &m->r[m->nregions++];
+    r->gpa = gpa;
+    r->size = size;
+    r->uva = uva;
+    r->map_base = base;
+    r->map_len = end;
+    r->hva = (uint8_t *)base + mmap_offset;
+    return 0;
+}
+
+int bs_mem_count(bs_mem *m)
+{
+    return m->nregions;
+}
+
+int bs_mem_free(bs_mem *m)
+{
+    if (!m)
+        return 0;
+    if (__atomic_load_n(&m->users, __ATOMIC_ACQUIRE) > 0)
+        return -EBUSY;
+    for (int i = 0; i < m->nregions; i++)
+        munmap(m->r[i].map_base, m->r[i].map_len);
+    free(m);
+    return 0;
+}
+
+void *bs_mem_gpa(const struct bs_mem *m, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < m->nregions; i++) {
+        const struct bs_region *r = &m->r[i];
+        /* gpa - r->gpa cannot wrap once gpa >= r->gpa */
+        if (gpa >= r->gpa && gpa - r->gpa < r->size &&
+            len <= r->size - (gpa - r->gpa))
+            return r->hva + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+void *bs_mem_uva(const struct bs_mem *m, uint64_t uva, uint64_t len)
+{
+    for (int i = 0; i < m->nregions; i++) {
+        const struct bs_region *r = &m->r[i];
+        if (uva >= r->uva && uva - r->uva < r->size &&
+            len <= r->size - (uva - r->uva))
+            return r->hva + (uva - r->uva);
+    }
+    return NULL;
+}
+
+int bs_mem_iov(const struct bs_mem *m, uint64_t gpa, uint32_t len,
+               struct iovec *iov, int max)
+{
+    int n = 0;
+    uint64_t end;
+
+    if (__builtin_add_overflow(gpa, (uint64_t)len, &end))
+        return -EFAULT;
+    while (len > 0) {
+        const struct bs_region *hit = NULL;
+        for (int i = 0; i < m->nregions; i++) {
+            const struct bs_region *r = &m->r[i];
+            if (gpa >= r->gpa && gpa - r->gpa < r->size) {
+                hit = r;
+                break;
+            }
+        }
+        if (!hit)
+            return -EFAULT;
+        if (n >= max)
+            return -E2BIG;
+        uint64_t off = gpa - hit->gpa;
+        uint64_t chunk = hit->size - off;
+        if (chunk > len)
+            chunk = len;
+        /* safe: [off, off+chunk) lies inside this region (chunk <= size-off) */
+        iov[n].iov_base = hit->hva + off;
+        iov[n].iov_len = chunk;
+        n++;
+        gpa += chunk;
+        len -= (uint32_t)chunk;
+    }
+    return n;
+}

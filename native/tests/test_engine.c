@@ -1,0 +1,439 @@
+/* C tests of the engine: a tiny in-process virtio driver puts requests on a
+ * split ring in a memfd "guest RAM", kicks, and checks statuses, used-ring
+ * entries and the backing file.  Run plain and under ASan/UBSan (make asan). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../internal.h"
+
+#define MEM_SIZE (4u << 20)
+#define QSZ 64
+#define UVA_BASE 0x7f0000000000ULL
+#define CAP (1u << 20)
+
+static int failures;
+#define CHECK(cond) do { if (!(cond)) { \
+    fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); failures++; } } while (0)
+
+struct drv {
+    int memfd;
+    uint8_t *ram;
+    bs_mem *mem;
+    bs_target *tgt;
+    bs_queue *q;
+    struct bs_vring vr;     /* driver's view, same layout */
+    uint64_t desc_gpa, avail_gpa, used_gpa;
+    uint64_t bump;
+    uint16_t next_desc, avail_idx, used_seen;
+    int kick, call;
+    int backing;
+    struct bs_target_cfg cfg;
+};
+
+static uint64_t alloc(struct drv *d, uint64_t size, uint64_t align)
+{
+    d->bump = (d->bump + align - 1) & ~(align - 1);
+    uint64_t g = d->bump;
+    d->bump += size;
+    if (d->bump > MEM_SIZE) {
+        fprintf(stderr, "test guest RAM exhausted\n");
+        exit(2);
+    }
+    return g;
+}
+
+static void *gp(struct drv *d, uint64_t gpa) { return d->ram + gpa; }
+
+static void drv_init(struct drv *d, int read_only)
+{
+    char path[] = "/tmp/bs-test-XXXXXX";
+    memset(d, 0, sizeof(*d));
+    d->memfd = memfd_create("guest", MFD_CLOEXEC);
+    if (ftruncate(d->memfd, MEM_SIZE))
+        exit(2);
+    d->ram = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, d->memfd, 0);
+    d->backing = mkstemp(path);
+    unlink(path);
+    if (ftruncate(d->backing, CAP))
+        exit(2);
+    CHECK(bs_mem_new(&d->mem) == 0);
+    CHECK(bs_mem_add(d->mem, d->memfd, 0, MEM_SIZE, UVA_BASE, 0) == 0);
+    d->cfg.fd = d->backing;
+    d->cfg.fd_buffered = d->backing;
+    d->cfg.capacity = CAP;
+    d->cfg.read_only = read_only;
+    memcpy(d->cfg.serial, "test-serial-0123", 16);
+    CHECK(bs_target_new(&d->cfg, &d->tgt) == 0);
+    CHECK(bs_queue_new(d->tgt, 0, &d->q) == 0);
+    d->bump = 4096;
+    d->desc_gpa = alloc(d, 16 * QSZ, 16);
+    d->avail_gpa = alloc(d, 6 + 2 * QSZ, 2);
+    d->used_gpa = alloc(d, 6 + 8 * QSZ, 4);
+    d->vr.num = QSZ;
+    d->vr.desc = gp(d, d->desc_gpa);
+    d->vr.avail = gp(d, d->avail_gpa);
+    d->vr.used = gp(d, d->used_gpa);
+    d->kick = eventfd(0, EFD_CLOEXEC);
+    d->call = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+}
+
+static int drv_start_at(struct drv *d, int event_idx, uint16_t last_avail)
+{
+    struct bs_vring_cfg vc = {
+        .num = QSZ, .desc_uva = UVA_BASE + d->desc_gpa,
+        .avail_uva = UVA_BASE + d->avail_gpa, .used_uva = UVA_BASE + d->used_gpa,
+        .last_avail = last_avail, .kick_fd = d->kick, .call_fd = d->call,
+        .event_idx = event_idx,
+    };
+    return bs_queue_start(d->q, d->mem, &vc);
+}
+
+static int drv_start(struct drv *d, int event_idx)
+{
+    return drv_start_at(d, event_idx, d->avail_idx);
+}
+
+static void drv_fini(struct drv *d)
+{
+    bs_queue_free(d->q);
+    bs_target_free(d->tgt);
+    CHECK(bs_mem_free(d->mem) == 0);
+    munmap(d->ram, MEM_SIZE);
+    close(d->memfd);
+    close(d->backing);
+    close(d->kick);
+    close(d->call);
+}
+
+static uint16_t put_desc(struct drv *d, uint64_t addr, uint32_t len, uint16_t flags)
+{
+    uint16_t i = d->next_desc++ % QSZ;
+    d->vr.desc[i] = (struct bs_vring_desc){ addr, len, flags, (uint16_t)((i + 1) % QSZ) };
+    return i;
+}
+
+static void publish(struct drv *d, uint16_t head)
+{
+    d->vr.avail->ring[d->avail_idx % QSZ] = head;
+    d->avail_idx++;
+    __atomic_store_n(&d->vr.avail->idx, d->avail_idx, __ATOMIC_RELEASE);
+}
+
+static void kick(struct drv *d) { eventfd_write(d->kick, 1); }
+
+/* Wait until the used index reaches the driver's avail index. */
+static int wait_used(struct drv *d, uint16_t target)
+{
+    for (int i = 0; i < 5000; i++) {
+        if (__atomic_load_n(&d->vr.used->idx, __ATOMIC_ACQUIRE) == target)
+            return 0;
+        usleep(1000);
+    }
+    return -ETIMEDOUT;
+}
+
+struct req {
+    uint16_t head;
+    uint64_t hdr, data, status;
+};
+
+/* A plain request: header, optional data, status. */
+static struct req submit(struct drv *d, uint32_t type, uint64_t sector,
+                         uint32_t len, int data_writable)
+{
+    struct req r;
+    r.hdr = alloc(d, 16, 16);
+    r.data = len ? alloc(d, len, 512) : 0;
+    r.status = alloc(d, 1, 1);
+    uint32_t *h = gp(d, r.hdr);
+    h[0] = type;
+    h[1] = 0;
+    memcpy(gp(d, r.hdr + 8), &sector, 8);
+    *(uint8_t *)gp(d, r.status) = 0xff;
+    r.head = put_desc(d, r.hdr, 16, BS_VRING_DESC_F_NEXT);
+    if (len)
+        put_desc(d, r.data, len, BS_VRING_DESC_F_NEXT |
+                 (data_writable ? BS_VRING_DESC_F_WRITE : 0));
+    put_desc(d, r.status, 1, BS_VRING_DESC_F_WRITE);
+    publish(d, r.head);
+    return r;
+}
+
+static uint8_t status_of(struct drv *d, struct req *r)
+{
+    return *(uint8_t *)gp(d, r->status);
+}
+
+static struct bs_vring_used_elem used_at(struct drv *d, uint16_t i)
+{
+    return d->vr.used->ring[i % QSZ];
+}
+
+static void test_rw_roundtrip(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    CHECK(drv_start(&d, 1) == 0);
+    struct req w = submit(&d, BS_BLK_T_OUT, 8, 4096, 0);
+    memset(gp(&d, w.data), 0xab, 4096);
+    kick(&d);
+    CHECK(wait_used(&d, 1) == 0);
+    CHECK(status_of(&d, &w) == BS_BLK_S_OK);
+    CHECK(used_at(&d, 0).id == w.head && used_at(&d, 0).len == 1);
+    uint8_t buf[4096];
+    CHECK(pread(d.backing, buf, 4096, 8 * 512) == 4096);
+    CHECK(buf[0] == 0xab && buf[4095] == 0xab);
+
+    struct req r = submit(&d, BS_BLK_T_IN, 8, 4096, 1);
+    kick(&d);
+    CHECK(wait_used(&d, 2) == 0);
+    CHECK(status_of(&d, &r) == BS_BLK_S_OK);
+    CHECK(used_at(&d, 1).len == 4097);
+    CHECK(memcmp(gp(&d, r.data), buf, 4096) == 0);
+
+    struct req f = submit(&d, BS_BLK_T_FLUSH, 0, 0, 0);
+    kick(&d);
+    CHECK(wait_used(&d, 3) == 0);
+    CHECK(status_of(&d, &f) == BS_BLK_S_OK);
+
+    struct req id = submit(&d, BS_BLK_T_GET_ID, 0, 512, 1);
+    kick(&d);
+    CHECK(wait_used(&d, 4) == 0);
+    CHECK(status_of(&d, &id) == BS_BLK_S_OK);
+    CHECK(memcmp(gp(&d, id.data), "test-serial-0123\0\0\0\0", 20) == 0);
+    CHECK(used_at(&d, 3).len == 21);
+
+    uint64_t n;
+    CHECK(read(d.call, &n, 8) == 8);  /* the driver was notified */
+    uint16_t last = 0;
+    CHECK(bs_queue_stop(d.q, &last) == 0);
+    CHECK(last == 4);
+    struct bs_queue_stats st;
+    bs_queue_get_stats(d.q, &st);
+    CHECK(st.reqs_read == 1 && st.reqs_write == 1 && st.reqs_flush == 1);
+    CHECK(st.bytes_read == 4096 && st.bytes_write == 4096 && st.inflight == 0);
+    drv_fini(&d);
+}
+
+static void test_errors(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    CHECK(drv_start(&d, 0) == 0);
+    struct req r1 = submit(&d, BS_BLK_T_IN, CAP / 512, 512, 1);   /* past end */
+    struct req r2 = submit(&d, BS_BLK_T_IN, (CAP / 512) - 1, 1024, 1); /* straddles end */
+    struct req r3 = submit(&d, BS_BLK_T_IN, 0xffffffffffffffffULL, 512, 1); /* overflow */
+    struct req r4 = submit(&d, 77, 0, 512, 1);                    /* unknown type */
+    struct req r5 = submit(&d, BS_BLK_T_OUT, 0, 512, 1);          /* writable data on write */
+    struct req r6 = submit(&d, BS_BLK_T_IN, 0, 512, 0);           /* readable data on read */
+    struct req r7 = submit(&d, BS_BLK_T_IN, 0, 100, 1);           /* not a sector multiple */
+    kick(&d);
+    CHECK(wait_used(&d, 7) == 0);
+    CHECK(status_of(&d, &r1) == BS_BLK_S_IOERR);
+    CHECK(status_of(&d, &r2) == BS_BLK_S_IOERR);
+    CHECK(status_of(&d, &r3) == BS_BLK_S_IOERR);
+    CHECK(status_of(&d, &r4) == BS_BLK_S_UNSUPP);
+    CHECK(status_of(&d, &r5) == BS_BLK_S_IOERR);
+    CHECK(status_of(&d, &r6) == BS_BLK_S_IOERR);
+    CHECK(status_of(&d, &r7) == BS_BLK_S_IOERR);
+
+    /* Header shorter than 16 bytes. */
+    uint64_t hdr = alloc(&d, 16, 16), st = alloc(&d, 1, 1);
+    *(uint8_t *)gp(&d, st) = 0xff;
+    uint16_t h = put_desc(&d, hdr, 8, BS_VRING_DESC_F_NEXT);
+    put_desc(&d, st, 1, BS_VRING_DESC_F_WRITE);
+    publish(&d, h);
+    /* Buffer outside guest memory: no status can be trusted, used len 0. */
+    uint16_t h2 = put_desc(&d, hdr, 16, BS_VRING_DESC_F_NEXT);
+    put_desc(&d, MEM_SIZE - 256, 512, BS_VRING_DESC_F_NEXT | BS_VRING_DESC_F_WRITE);
+    put_desc(&d, st, 1, BS_VRING_DESC_F_WRITE);
+    publish(&d, h2);
+    /* A chain that loops onto itself. */
+    uint16_t h3 = put_desc(&d, hdr, 16, BS_VRING_DESC_F_NEXT);
+    d.vr.desc[h3].next = h3;
+    publish(&d, h3);
+    /* No writable byte at all. */
+    uint16_t h4 = put_desc(&d, hdr, 16, 0);
+    publish(&d, h4);
+    /* Address + length wrapping around 2^64. */
+    uint16_t h5 = put_desc(&d, hdr, 16, BS_VRING_DESC_F_NEXT);
+    put_desc(&d, 0xfffffffffffffe00ULL, 4096, BS_VRING_DESC_F_NEXT | BS_VRING_DESC_F_WRITE);
+    put_desc(&d, st, 1, BS_VRING_DESC_F_WRITE);
+    publish(&d, h5);
+    /* next index beyond the table */
+    uint16_t h6 = put_desc(&d, hdr, 16, BS_VRING_DESC_F_NEXT);
+    d.vr.desc[h6].next = QSZ + 5;
+    publish(&d, h6);
+    kick(&d);
+    CHECK(wait_used(&d, 13) == 0);
+    CHECK(*(uint8_t *)gp(&d, st) == BS_BLK_S_IOERR);
+    CHECK(used_at(&d, 8).len == 0 && used_at(&d, 8).id == h2);
+    CHECK(used_at(&d, 9).len == 0 && used_at(&d, 10).len == 0);
+    CHECK(used_at(&d, 11).len == 0 && used_at(&d, 12).len == 0);
+    struct bs_queue_stats s;
+    bs_queue_get_stats(d.q, &s);
+    CHECK(s.bad_chains == 5);
+    CHECK(s.broken == 0);
+
+    /* The queue still works after all that. */
+    struct req ok = submit(&d, BS_BLK_T_IN, 0, 512, 1);
+    kick(&d);
+    CHECK(wait_used(&d, 14) == 0);
+    CHECK(status_of(&d, &ok) == BS_BLK_S_OK);
+
+    /* A head index beyond the ring marks the queue broken, nothing else. */
+    publish(&d, QSZ + 1);
+    kick(&d);
+    for (int i = 0; i < 1000 && !s.broken; i++) {
+        usleep(1000);
+        bs_queue_get_stats(d.q, &s);
+    }
+    CHECK(s.broken == 1);
+    drv_fini(&d);
+}
+
+static void test_indirect_and_batch(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    CHECK(drv_start(&d, 1) == 0);
+    /* Indirect write of 8 KiB in 2 segments, then read back directly. */
+    uint64_t tbl = alloc(&d, 4 * 16, 16);
+    uint64_t hdr = alloc(&d, 16, 16), a = alloc(&d, 4096, 4096),
+             b = alloc(&d, 4096, 4096), st = alloc(&d, 1, 1);
+    uint32_t *h = gp(&d, hdr);
+    h[0] = BS_BLK_T_OUT;
+    memset(gp(&d, hdr + 8), 0, 8);
+    h[2] = 16;
+    memset(gp(&d, a), 0x11, 4096);
+    memset(gp(&d, b), 0x22, 4096);
+    struct bs_vring_desc *t = gp(&d, tbl);
+    t[0] = (struct bs_vring_desc){ hdr, 16, BS_VRING_DESC_F_NEXT, 1 };
+    t[1] = (struct bs_vring_desc){ a, 4096, BS_VRING_DESC_F_NEXT, 2 };
+    t[2] = (struct bs_vring_desc){ b, 4096, BS_VRING_DESC_F_NEXT, 3 };
+    t[3] = (struct bs_vring_desc){ st, 1, BS_VRING_DESC_F_WRITE, 0 };
+    uint16_t head = put_desc(&d, tbl, 64, BS_VRING_DESC_F_INDIRECT);
+    publish(&d, head);
+    kick(&d);
+    CHECK(wait_used(&d, 1) == 0);
+    CHECK(*(uint8_t *)gp(&d, st) == BS_BLK_S_OK);
+    uint8_t buf[8192];
+    CHECK(pread(d.backing, buf, 8192, 16 * 512) == 8192);
+    CHECK(buf[0] == 0x11 && buf[4096] == 0x22);
+
+    /* Nested indirect is refused. */
+    uint64_t tbl2 = alloc(&d, 16, 16);
+    ((struct bs_vring_desc *)gp(&d, tbl2))[0] =
+        (struct bs_vring_desc){ tbl, 64, BS_VRING_DESC_F_INDIRECT, 0 };
+    publish(&d, put_desc(&d, tbl2, 16, BS_VRING_DESC_F_INDIRECT));
+    kick(&d);
+    CHECK(wait_used(&d, 2) == 0);
+    CHECK(used_at(&d, 1).len == 0);
+
+    /* A batch of 16 writes, one kick. */
+    struct req rs[16];
+    d.next_desc = 0;
+    for (int i = 0; i < 16; i++) {
+        rs[i] = submit(&d, BS_BLK_T_OUT, 64 + i, 512, 0);
+        memset(gp(&d, rs[i].data), i, 512);
+    }
+    kick(&d);
+    CHECK(wait_used(&d, 18) == 0);
+    for (int i = 0; i < 16; i++)
+        CHECK(status_of(&d, &rs[i]) == BS_BLK_S_OK);
+    for (int i = 0; i < 16; i++) {
+        uint8_t c;
+        CHECK(pread(d.backing, &c, 1, (64 + i) * 512) == 1 && c == i);
+    }
+    drv_fini(&d);
+}
+
+static void test_read_only(void)
+{
+    struct drv d;
+    drv_init(&d, 1);
+    CHECK(drv_start(&d, 0) == 0);
+    struct req w = submit(&d, BS_BLK_T_OUT, 0, 512, 0);
+    memset(gp(&d, w.data), 0x5a, 512);
+    struct req f = submit(&d, BS_BLK_T_FLUSH, 0, 0, 0);
+    kick(&d);
+    CHECK(wait_used(&d, 2) == 0);
+    CHECK(status_of(&d, &w) == BS_BLK_S_IOERR);
+    CHECK(status_of(&d, &f) == BS_BLK_S_OK);
+    uint8_t c = 1;
+    CHECK(pread(d.backing, &c, 1, 0) == 1 && c == 0);
+    drv_fini(&d);
+}
+
+static void test_setup_validation(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    bs_mem *m;
+    CHECK(bs_mem_new(&m) == 0);
+    /* larger than the fd: refused, never mapped (would SIGBUS) */
+    CHECK(bs_mem_add(m, d.memfd, 0, MEM_SIZE + 4096, 0, 0) == -EINVAL);
+    CHECK(bs_mem_add(m, d.memfd, 0, 4096, 0, MEM_SIZE) == -EINVAL);
+    CHECK(bs_mem_add(m, d.memfd, 0, 0, 0, 0) == -EINVAL);
+    CHECK(bs_mem_add(m, d.memfd, ~0ULL - 10, 4096, 0, 0) == -EINVAL);
+    /* two regions contiguous in guest-physical space, apart in the fd */
+    CHECK(bs_mem_add(m, d.memfd, 0, 8192, UVA_BASE, 65536) == 0);
+    CHECK(bs_mem_add(m, d.memfd, 4096, 4096, UVA_BASE + 0x100000, 0) == -EINVAL); /* overlap */
+    CHECK(bs_mem_add(m, d.memfd, 8192, 8192, UVA_BASE + 0x100000, 0) == 0);
+    struct iovec iov[4];
+    CHECK(bs_mem_iov(m, 4096, 8192, iov, 4) == 2);
+    CHECK(iov[0].iov_len == 4096 && iov[1].iov_len == 4096);
+    CHECK(bs_mem_iov(m, 4096, 8192, iov, 1) == -E2BIG);
+    CHECK(bs_mem_iov(m, 12288, 8192, iov, 4) == -EFAULT);
+    CHECK(bs_mem_free(m) == 0);
+
+    struct bs_vring_cfg vc = { .num = 100, .desc_uva = UVA_BASE, .avail_uva = UVA_BASE,
+                               .used_uva = UVA_BASE, .kick_fd = d.kick, .call_fd = -1 };
+    CHECK(bs_queue_start(d.q, d.mem, &vc) == -EINVAL);   /* not a power of 2 */
+    vc.num = 0;
+    CHECK(bs_queue_start(d.q, d.mem, &vc) == -EINVAL);
+    vc.num = 65536;
+    CHECK(bs_queue_start(d.q, d.mem, &vc) == -EINVAL);
+    vc.num = 64;
+    vc.used_uva = UVA_BASE + MEM_SIZE - 8;                  /* ring past the end */
+    CHECK(bs_queue_start(d.q, d.mem, &vc) == -EFAULT);
+    vc.used_uva = 12;
+    CHECK(bs_queue_start(d.q, d.mem, &vc) == -EFAULT);
+    /* a running queue pins the memory table */
+    CHECK(drv_start(&d, 0) == 0);
+    CHECK(bs_mem_free(d.mem) == -EBUSY);
+    uint16_t last = 99;
+    CHECK(bs_queue_stop(d.q, &last) == 0);
+    CHECK(last == 0);
+    /* restart from the saved index continues where it stopped */
+    struct req r = submit(&d, BS_BLK_T_IN, 0, 512, 1);
+    CHECK(drv_start_at(&d, 0, last) == 0);
+    kick(&d);
+    CHECK(wait_used(&d, 1) == 0);
+    CHECK(status_of(&d, &r) == BS_BLK_S_OK);
+    drv_fini(&d);
+}
+
+int main(void)
+{
+    test_rw_roundtrip();
+    test_errors();
+    test_indirect_and_batch();
+    test_read_only();
+    test_setup_validation();
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_engine: all checks passed\n");
+    return 0;
+}

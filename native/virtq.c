@@ -1,0 +1,106 @@
+/* Split virtqueue: ring mapping and descriptor-chain walking.  Every field
+ * read from guest memory is copied once into a local before it is checked,
+ * so a guest rewriting descriptors concurrently cannot pass a check with one
+ * value and be used with another. */
+#include <errno.h>
+#include <string.h>
+
+#include "internal.h"
+
+int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
+                 const struct bs_vring_cfg *cfg)
+{
+    uint32_t num = cfg->num;
+
+    if (num == 0 || num > BS_MAX_QUEUE_SIZE || (num & (num - 1)))
+        return -EINVAL;
+    if ((cfg->desc_uva & 15) || (cfg->avail_uva & 1) || (cfg->used_uva & 3))
+        return -EINVAL;
+    /* Sizes include the event-index words; they are part of the layout
+     * whether or not EVENT_IDX is negotiated. */
+    uint64_t desc_sz = 16ULL * num;
+    uint64_t avail_sz = 4 + 2ULL * num + 2;
+    uint64_t used_sz = 4 + 8ULL * num + 2;
+    vr->num = num;
+    vr->desc = bs_mem_uva(m, cfg->desc_uva, desc_sz);
+    vr->avail = bs_mem_uva(m, cfg->avail_uva, avail_sz);
+    vr->used = bs_mem_uva(m, cfg->used_uva, used_sz);
+    if (!vr->desc || !vr->avail || !vr->used)
+        return -EFAULT;
+    return 0;
+}
+
+static int add_buffer(const struct bs_mem *m, struct bs_chain *c,
+                      const struct bs_vring_desc *d)
+{
+    int writable = !!(d->flags & BS_VRING_DESC_F_WRITE);
+    int n;
+
+    if (d->len == 0)
+        return 0;
+    /* Readable buffers must all come before writable ones. */
+    if (!writable && c->niov > c->nout)
+        return -EINVAL;
+    n = bs_mem_iov(m, d->addr, d->len, &c->iov[c->niov], BS_MAX_IOV - c->niov);
+    if (n < 0)
+        return n;
+    c->niov += n;
+    if (writable) {
+        c->in_len += d->len;
+    } else {
+        c->nout += n;
+        c->out_len += d->len;
+    }
+    return 0;
+}
+
+/* Walk a chain inside a descriptor table of tlen entries starting at idx. */
+static int walk(const struct bs_mem *m, const struct bs_vring_desc *table,
+                uint32_t tlen, uint16_t idx, int indirect_ok,
+                struct bs_chain *c)
+{
+    uint32_t visited = 0;
+
+    for (;;) {
+        struct bs_vring_desc d;
+        int ret;
+
+        if (idx >= tlen)
+            return -EINVAL;
+        /* Bounded by the table size: a chain that loops runs out here. */
+        if (++visited > tlen)
+            return -EINVAL;
+        /* safe: idx < tlen, and table spans tlen entries (mapped by caller) */
+        memcpy(&d, (const void *)&table[idx], sizeof(d));
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+
+        if (d.flags & BS_VRING_DESC_F_INDIRECT) {
+            /* Only as the sole descriptor of a chain from the ring itself. */
+            if (!indirect_ok || (d.flags & BS_VRING_DESC_F_NEXT) || c->niov)
+                return -EINVAL;
+            if (d.len == 0 || (d.len % sizeof(struct bs_vring_desc)) ||
+                d.len / sizeof(struct bs_vring_desc) > BS_MAX_QUEUE_SIZE)
+                return -EINVAL;
+            const struct bs_vring_desc *it = bs_mem_gpa(m, d.addr, d.len);
+            if (!it)
+                return -EFAULT;
+            return walk(m, it, d.len / sizeof(struct bs_vring_desc), 0, 0, c);
+        }
+        ret = add_buffer(m, c, &d);
+        if (ret)
+            return ret;
+        if (!(d.flags & BS_VRING_DESC_F_NEXT))
+            return 0;
+        idx = d.next;
+    }
+}
+
+int bs_vring_chain(const struct bs_vring *vr, const struct bs_mem *m,
+                   uint16_t head, struct bs_chain *c)
+{
+    c->niov = 0;
+    c->nout = 0;
+    c->out_len = 0;
+    c->in_len = 0;
+    return walk(m, vr->desc, vr->num, head, 1, c);
+}

@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup(cffi_modules=["blkserve/_native_build.py:ffibuilder"])
