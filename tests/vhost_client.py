@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import array
 import collections
-import errno
 import mmap
 import os
 import select
@@ -212,7 +211,7 @@ PROTOCOL_F_CONFIGURE_MEM_SLOTS = 15
 PROTOCOL_F_STATUS = 16
 
 PROTOCOL_FEATURE_NAMES = {
-    v: k[len("PROTOCOL_F_"):]
+    v: k[len("PROTOCOL_F_") :]
     for k, v in dict(globals()).items()
     if k.startswith("PROTOCOL_F_") and isinstance(v, int)
 }
@@ -309,7 +308,9 @@ def pack_vring_state(index: int, num: int) -> bytes:
     return struct.pack("<II", index, num)
 
 
-def pack_vring_addr(index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0) -> bytes:
+def pack_vring_addr(
+    index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0
+) -> bytes:
     """struct vhost_vring_addr: u32 index, u32 flags, u64 desc, used, avail, log (uvas)."""
     return struct.pack("<IIQQQQ", index, flags, desc, used, avail, log)
 
@@ -338,8 +339,14 @@ def pack_config(offset: int, data: bytes, flags: int = 0, size: int | None = Non
     return struct.pack("<III", offset, len(data) if size is None else size, flags) + bytes(data)
 
 
-def pack_inflight(mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int) -> bytes:
-    return struct.pack("<QQHH", mmap_size, mmap_offset, num_queues, queue_size)
+def pack_inflight(
+    mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int, padded: bool = True
+) -> bytes:
+    """GET/SET_INFLIGHT_FD payload.  The spec lists 20 bytes of fields, but
+    QEMU sends sizeof(VhostUserInflight) == 24 (tail padding) and
+    libvhost-user rejects anything else, so pad by default."""
+    b = struct.pack("<QQHH", mmap_size, mmap_offset, num_queues, queue_size)
+    return b + bytes(4) if padded else b
 
 
 def unpack_inflight(b: bytes) -> tuple[int, int, int, int]:
@@ -428,14 +435,23 @@ class VhostUserClient:
     def send_raw(self, data: bytes, fds=()) -> None:
         """Send bytes verbatim (any framing), with *fds* attached to the first chunk."""
         fds = list(fds)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
         view = memoryview(bytes(data))
         sent = self.sock.sendmsg([view], anc)
         while sent < len(view):
             sent += self.sock.send(view[sent:])
 
-    def send(self, request: int, payload: bytes = b"", fds=(), flags: int | None = None,
-             need_reply: bool = False, size: int | None = None) -> None:
+    def send(
+        self,
+        request: int,
+        payload: bytes = b"",
+        fds=(),
+        flags: int | None = None,
+        need_reply: bool = False,
+        size: int | None = None,
+    ) -> None:
         """Send one message.  *flags* overrides the header flags entirely
         (default: version 1, plus NEED_REPLY if *need_reply*); *size*
         overrides the header size field (to lie about the payload length)."""
@@ -457,7 +473,8 @@ class VhostUserClient:
             try:
                 if fds_out is not None:
                     data, anc, msg_flags, _ = self.sock.recvmsg(
-                        n - len(buf), socket.CMSG_SPACE(MAX_FDS * 4))
+                        n - len(buf), socket.CMSG_SPACE(MAX_FDS * 4)
+                    )
                     for level, typ, cdata in anc:
                         if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                             a = array.array("i")
@@ -467,8 +484,10 @@ class VhostUserClient:
                         raise VhostProtocolError("ancillary data truncated (too many fds)")
                 else:
                     data = self.sock.recv(n - len(buf))
-            except socket.timeout:
-                raise TimeoutError(f"timed out waiting for {n - len(buf)} more bytes from backend") from None
+            except TimeoutError:
+                raise TimeoutError(
+                    f"timed out waiting for {n - len(buf)} more bytes from backend"
+                ) from None
             except ConnectionResetError as e:
                 raise VhostDisconnected("backend reset the connection") from e
             if not data:
@@ -512,8 +531,38 @@ class VhostUserClient:
         except OSError:
             return False
 
-    def call(self, request: int, payload: bytes = b"", fds=(), ack: bool | None = None,
-             timeout: float | None = None):
+    def wait_disconnect(self, timeout: float = 1.0) -> bool:
+        """Wait until the backend closes the socket (discarding anything it
+        sends meanwhile); False if still connected after *timeout*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            r, _, _ = select.select([self.sock], [], [], remaining)
+            if not r:
+                return False
+            try:
+                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(MAX_FDS * 4))
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            for level, typ, cdata in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
+                    for fd in a:
+                        os.close(fd)
+            if not data:
+                return True
+
+    def call(
+        self,
+        request: int,
+        payload: bytes = b"",
+        fds=(),
+        ack: bool | None = None,
+        timeout: float | None = None,
+    ):
         """Send a request and read its reply.
 
         For requests in REPLY_REQUESTS returns the reply payload.  For others,
@@ -530,9 +579,12 @@ class VhostUserClient:
         m = self.recv_msg(timeout)
         if m.request != request:
             raise VhostProtocolError(
-                f"reply to {request_name(request)} has request {request_name(m.request)}")
+                f"reply to {request_name(request)} has request {request_name(m.request)}"
+            )
         if not m.flags & FLAG_REPLY:
-            raise VhostProtocolError(f"reply to {request_name(request)} lacks the reply flag ({m.flags:#x})")
+            raise VhostProtocolError(
+                f"reply to {request_name(request)} lacks the reply flag ({m.flags:#x})"
+            )
         if m.flags & FLAG_VERSION_MASK != VERSION:
             raise VhostProtocolError(f"reply to {request_name(request)} has version {m.flags & 3}")
         if has_reply:
@@ -581,7 +633,9 @@ class VhostUserClient:
 
     def set_mem_table(self, regions, ack: bool | None = None):
         regions = list(regions)
-        return self.call(SET_MEM_TABLE, pack_mem_table(regions), fds=[r.fd for r in regions], ack=ack)
+        return self.call(
+            SET_MEM_TABLE, pack_mem_table(regions), fds=[r.fd for r in regions], ack=ack
+        )
 
     def get_max_mem_slots(self) -> int:
         return unpack_u64(self.call(GET_MAX_MEM_SLOTS))
@@ -607,10 +661,21 @@ class VhostUserClient:
             raise VhostProtocolError(f"GET_VRING_BASE reply for ring {ridx}, asked {index}")
         return num
 
-    def set_vring_addr(self, index: int, desc_uva: int, used_uva: int, avail_uva: int,
-                       flags: int = 0, log: int = 0, ack: bool | None = None):
-        return self.call(SET_VRING_ADDR,
-                         pack_vring_addr(index, desc_uva, used_uva, avail_uva, flags, log), ack=ack)
+    def set_vring_addr(
+        self,
+        index: int,
+        desc_uva: int,
+        used_uva: int,
+        avail_uva: int,
+        flags: int = 0,
+        log: int = 0,
+        ack: bool | None = None,
+    ):
+        return self.call(
+            SET_VRING_ADDR,
+            pack_vring_addr(index, desc_uva, used_uva, avail_uva, flags, log),
+            ack=ack,
+        )
 
     def _vring_file(self, request: int, index: int, fd: int | None, ack):
         fds = () if fd is None else (fd,)
@@ -638,10 +703,21 @@ class VhostUserClient:
         fds = self.last_fds
         return size, off, (fds[0] if fds else None)
 
-    def set_inflight_fd(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
-                        queue_size: int, ack: bool | None = None):
-        return self.call(SET_INFLIGHT_FD, pack_inflight(mmap_size, mmap_offset, num_queues, queue_size),
-                         fds=(fd,), ack=ack)
+    def set_inflight_fd(
+        self,
+        fd: int,
+        mmap_size: int,
+        mmap_offset: int,
+        num_queues: int,
+        queue_size: int,
+        ack: bool | None = None,
+    ):
+        return self.call(
+            SET_INFLIGHT_FD,
+            pack_inflight(mmap_size, mmap_offset, num_queues, queue_size),
+            fds=(fd,),
+            ack=ack,
+        )
 
     def close(self) -> None:
         if self.sock.fileno() != -1:
@@ -663,16 +739,23 @@ class GuestMemory:
     The fake userspace address defaults to ``UVA_BASE + gpa``.
     """
 
-    def __init__(self, size: int, gpa: int = 0, uva: int | None = None, mmap_offset: int = 0,
-                 name: str = "vhost-client-guest"):
+    def __init__(
+        self,
+        size: int,
+        gpa: int = 0,
+        uva: int | None = None,
+        mmap_offset: int = 0,
+        name: str = "vhost-client-guest",
+    ):
         self.size = size
         self.gpa = gpa
         self.uva = UVA_BASE + gpa if uva is None else uva
         self.mmap_offset = mmap_offset  # offset into the fd where the region starts
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size + mmap_offset)
-        self._map = mmap.mmap(self.fd, size + mmap_offset, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map = mmap.mmap(
+            self.fd, size + mmap_offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self._next = 0
 
     @property
@@ -684,7 +767,9 @@ class GuestMemory:
 
     def _off(self, gpa: int, n: int) -> int:
         if not self.contains(gpa, n):
-            raise ValueError(f"gpa range {gpa:#x}+{n:#x} outside region {self.gpa:#x}+{self.size:#x}")
+            raise ValueError(
+                f"gpa range {gpa:#x}+{n:#x} outside region {self.gpa:#x}+{self.size:#x}"
+            )
         return gpa - self.gpa + self.mmap_offset
 
     def alloc(self, size: int, align: int = 16) -> int:
@@ -703,11 +788,11 @@ class GuestMemory:
 
     def read(self, gpa: int, n: int) -> bytes:
         off = self._off(gpa, n)
-        return self._map[off:off + n]
+        return self._map[off : off + n]
 
     def write(self, gpa: int, data: bytes) -> None:
         off = self._off(gpa, len(data))
-        self._map[off:off + len(data)] = bytes(data)
+        self._map[off : off + len(data)] = bytes(data)
 
     def fill(self, gpa: int, n: int, byte: int = 0) -> None:
         self.write(gpa, bytes([byte]) * n)
@@ -763,7 +848,7 @@ class GuestMemoryMap:
         return tuple(r.mark() for r in self.regions)
 
     def release(self, mark) -> None:
-        for r, m in zip(self.regions, mark):
+        for r, m in zip(self.regions, mark, strict=True):
             r.release(m)
 
     def read(self, gpa: int, n: int) -> bytes:
@@ -811,8 +896,15 @@ class Virtqueue:
     used ring (6+8*size, align 4; *used_align* may raise that).
     """
 
-    def __init__(self, mem, index: int = 0, size: int = 128, event_idx: bool = False,
-                 region: int | None = None, used_align: int = 4):
+    def __init__(
+        self,
+        mem,
+        index: int = 0,
+        size: int = 128,
+        event_idx: bool = False,
+        region: int | None = None,
+        used_align: int = 4,
+    ):
         self.mem = as_memory_map(mem)
         self.index = index
         self.size = size
@@ -908,8 +1000,10 @@ class Virtqueue:
         """Put (gpa, len, writable) buffers in an indirect table referenced by
         one ring descriptor; returns the head id."""
         bufs = list(bufs)
-        entries = [(a, n, self._chain_flags(bufs, i), i + 1 if i + 1 < len(bufs) else 0)
-                   for i, (a, n, _w) in enumerate(bufs)]
+        entries = [
+            (a, n, self._chain_flags(bufs, i), i + 1 if i + 1 < len(bufs) else 0)
+            for i, (a, n, _w) in enumerate(bufs)
+        ]
         gpa, nbytes = self.write_indirect_table(entries)
         (head,) = self.alloc_descs(1)
         self.write_desc(head, gpa, nbytes, VRING_DESC_F_INDIRECT | head_flags, 0)
@@ -991,10 +1085,13 @@ class Virtqueue:
                 break
             if (used - self.last_used_idx) & 0xFFFF > self.size:
                 raise VhostProtocolError(
-                    f"vq {self.index}: used idx jumped from {self.last_used_idx} to {used}")
+                    f"vq {self.index}: used idx jumped from {self.last_used_idx} to {used}"
+                )
             while self.last_used_idx != used:
                 slot = self.last_used_idx % self.size
-                uid, ulen = self.mem.unpack_from(USED_ELEM, self.used_gpa + 4 + USED_ELEM.size * slot)
+                uid, ulen = self.mem.unpack_from(
+                    USED_ELEM, self.used_gpa + 4 + USED_ELEM.size * slot
+                )
                 ids = self.chains.pop(uid, None)
                 if ids is None:
                     self.bad_used.append((uid, ulen))
@@ -1016,7 +1113,9 @@ class Virtqueue:
         self.notifications += 1
         return True
 
-    def wait_used(self, n: int = 1, timeout: float = 5.0, poll_interval: float = 0.05) -> list[tuple[int, int]]:
+    def wait_used(
+        self, n: int = 1, timeout: float = 5.0, poll_interval: float = 0.05
+    ) -> list[tuple[int, int]]:
         """Wait until at least *n* used elements arrived -> list of (id, len).
 
         Waits on the call eventfd, and also polls the used ring every
@@ -1028,7 +1127,8 @@ class Virtqueue:
             if remaining <= 0:
                 raise TimeoutError(
                     f"vq {self.index}: {len(got)}/{n} used elements after {timeout}s "
-                    f"(avail_idx={self.avail_idx}, used_idx={self.used_idx})")
+                    f"(avail_idx={self.avail_idx}, used_idx={self.used_idx})"
+                )
             r, _, _ = select.select([self.call_fd], [], [], min(remaining, poll_interval))
             if r:
                 self._drain_call()
@@ -1123,14 +1223,32 @@ class Request:
 class BlkDevice:
     """vhost-user-blk device driven like QEMU 7.2 vhost-user-blk-pci."""
 
-    WANTED_FEATURES = bits(F_VERSION_1, F_RING_EVENT_IDX, F_INDIRECT_DESC, BLK_F_SEG_MAX,
-                           BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_MQ, F_PROTOCOL_FEATURES)
+    WANTED_FEATURES = bits(
+        F_VERSION_1,
+        F_RING_EVENT_IDX,
+        F_INDIRECT_DESC,
+        BLK_F_SEG_MAX,
+        BLK_F_BLK_SIZE,
+        BLK_F_FLUSH,
+        BLK_F_MQ,
+        F_PROTOCOL_FEATURES,
+    )
     WANTED_PROTOCOL_FEATURES = bits(PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, PROTOCOL_F_CONFIG)
 
-    def __init__(self, path: str, queues: int = 1, queue_size: int = 128, mem_size: int = 64 << 20,
-                 features: int | None = None, protocol_features: int | None = None,
-                 regions=None, timeout: float = 5.0, use_ack: bool = True, setup: bool = True,
-                 connect_retry: float = 0.0):
+    def __init__(
+        self,
+        path: str,
+        queues: int = 1,
+        queue_size: int = 128,
+        mem_size: int = 64 << 20,
+        features: int | None = None,
+        protocol_features: int | None = None,
+        regions=None,
+        timeout: float = 5.0,
+        use_ack: bool = True,
+        setup: bool = True,
+        connect_retry: float = 0.0,
+    ):
         """*features* / *protocol_features*: exact masks to SET (default: the
         wanted set intersected with the offer).  *regions*: list of
         GuestMemory (default: one region of *mem_size* at gpa 0).
@@ -1187,7 +1305,9 @@ class BlkDevice:
             if want & bit(PROTOCOL_F_MQ):
                 self.max_queues = c.get_queue_num()
                 if self.num_queues > self.max_queues:
-                    raise VhostError(f"backend supports {self.max_queues} queues, {self.num_queues} wanted")
+                    raise VhostError(
+                        f"backend supports {self.max_queues} queues, {self.num_queues} wanted"
+                    )
         c.set_owner()
         if self.protocol_features & bit(PROTOCOL_F_CONFIG):
             self.config = BlkConfig.parse(c.get_config(0, BLK_CONFIG_SIZE))
@@ -1202,8 +1322,9 @@ class BlkDevice:
 
     def setup_queue(self, q: int, size: int | None = None, region: int | None = None) -> Virtqueue:
         size = self.queue_size if size is None else size
-        vq = Virtqueue(self.mem, q, size, event_idx=bool(self.features & bit(F_RING_EVENT_IDX)),
-                       region=region)
+        vq = Virtqueue(
+            self.mem, q, size, event_idx=bool(self.features & bit(F_RING_EVENT_IDX)), region=region
+        )
         while len(self.vqs) <= q:
             self.vqs.append(None)
         self.vqs[q] = vq
@@ -1225,9 +1346,12 @@ class BlkDevice:
         return bool(self.features >> b & 1)
 
     # -- request plumbing -----------------------------------------------------
-    def _alloc(self, size: int, align: int = 16) -> int:
+    def _recycle_scratch(self) -> None:
+        """Reuse request buffer memory once nothing is in flight."""
         if not self.inflight and self._scratch_mark is not None:
             self.mem.release(self._scratch_mark)
+
+    def _alloc(self, size: int, align: int = 16) -> int:
         return self.mem.alloc(max(size, 1), align)
 
     def _publish(self, reqs: list[Request], kick: bool) -> None:
@@ -1245,8 +1369,9 @@ class BlkDevice:
         ``(int, writable)`` -> a new zero-filled buffer of that length
         (if it is the last writable one, pre-filled with STATUS_UNSET);
         ``(gpa, len, writable)`` -> used verbatim (no allocation).
-        The status is read from the first byte of the last segment if it
-        is writable."""
+        The status is read from the last byte of the last segment if that
+        segment is writable (``Request.data`` then excludes that segment)."""
+        self._recycle_scratch()
         bufs = []
         segs = list(segments)
         for i, s in enumerate(segs):
@@ -1267,34 +1392,50 @@ class BlkDevice:
         vq = self.vqs[queue]
         if not indirect and len(bufs) > vq.num_free:
             raise RingFull(f"queue {queue}: {len(bufs)} descriptors needed, {vq.num_free} free")
-        # Allocate indirect tables from the scratch area too.
-        if indirect:
-            if not self.inflight and self._scratch_mark is not None:
-                self.mem.release(self._scratch_mark)
+        if indirect:  # the indirect table comes from the scratch area too
             head = vq.add_indirect(bufs, publish=False)
         else:
             head = vq.add_chain(bufs, publish=False)
         req = Request(queue=queue, head=head, segments=bufs)
         if bufs and bufs[-1][2] and bufs[-1][1] >= 1:
-            req.status_gpa = bufs[-1][0]
+            req.status_gpa = bufs[-1][0] + bufs[-1][1] - 1  # last device-writable byte
         first = segs[0] if segs else None
-        if first is not None and len(first) == 2 and isinstance(first[0], (bytes, bytearray)) \
-                and len(first[0]) >= BLK_REQ_HDR.size:
+        if (
+            first is not None
+            and len(first) == 2
+            and isinstance(first[0], (bytes, bytearray))
+            and len(first[0]) >= BLK_REQ_HDR.size
+        ):
             req.type, _, req.sector = BLK_REQ_HDR.unpack_from(first[0])
         self.inflight[(queue, head)] = req
         return req
 
-    def submit_raw(self, segments, queue: int = 0, indirect: bool = False, kick: bool = True,
-                   publish: bool = True) -> Request:
+    def submit_raw(
+        self,
+        segments,
+        queue: int = 0,
+        indirect: bool = False,
+        kick: bool = True,
+        publish: bool = True,
+    ) -> Request:
         """Build and publish a crafted request (see prepare_raw for *segments*)."""
         req = self.prepare_raw(segments, queue, indirect)
         if publish:
             self._publish([req], kick)
         return req
 
-    def prepare(self, type_: int, sector: int = 0, out: bytes = b"", in_len: int = 0, queue: int = 0,
-                indirect: bool = False, reserved: int = 0, seg_size: int | None = None,
-                status_len: int = 1) -> Request:
+    def prepare(
+        self,
+        type_: int,
+        sector: int = 0,
+        out: bytes = b"",
+        in_len: int = 0,
+        queue: int = 0,
+        indirect: bool = False,
+        reserved: int = 0,
+        seg_size: int | None = None,
+        status_len: int = 1,
+    ) -> Request:
         """Build a well-formed request: header, device-readable *out* data,
         *in_len* bytes of device-writable data, status byte.  *seg_size*
         splits data into descriptors of at most that many bytes."""
@@ -1302,15 +1443,24 @@ class BlkDevice:
         out = bytes(out)
         step = seg_size or max(len(out), in_len, 1)
         for off in range(0, len(out), step):
-            segs.append((out[off:off + step], False))
+            segs.append((out[off : off + step], False))
         for off in range(0, in_len, step):
             segs.append((min(step, in_len - off), True))
         if status_len:
             segs.append((status_len, True))
         return self.prepare_raw(segs, queue, indirect)
 
-    def submit(self, type_: int, sector: int = 0, out: bytes = b"", in_len: int = 0, queue: int = 0,
-               indirect: bool = False, kick: bool = True, **kw) -> Request:
+    def submit(
+        self,
+        type_: int,
+        sector: int = 0,
+        out: bytes = b"",
+        in_len: int = 0,
+        queue: int = 0,
+        indirect: bool = False,
+        kick: bool = True,
+        **kw,
+    ) -> Request:
         req = self.prepare(type_, sector, out, in_len, queue, indirect, **kw)
         self._publish([req], kick)
         return req
@@ -1323,10 +1473,14 @@ class BlkDevice:
         req.used_len = ulen
         req.segment_data = [self.mem.read(g, n) for g, n, _ in req.segments]
         if req.status_gpa is not None:
-            req.status = req.segment_data[-1][0]
-            req.data = b"".join(d for d, s in zip(req.segment_data[:-1], req.segments[:-1]) if s[2])
+            req.status = req.segment_data[-1][-1]
+            req.data = b"".join(
+                d for d, s in zip(req.segment_data[:-1], req.segments[:-1], strict=True) if s[2]
+            )
         else:
-            req.data = b"".join(d for d, s in zip(req.segment_data, req.segments) if s[2])
+            req.data = b"".join(
+                d for d, s in zip(req.segment_data, req.segments, strict=True) if s[2]
+            )
         req.done = True
 
     def poll(self) -> int:
@@ -1352,16 +1506,24 @@ class BlkDevice:
                 return reqs[0] if single else reqs
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{len(pending)} of {len(reqs)} requests not completed; first: "
-                                   f"queue {pending[0].queue} head {pending[0].head}")
+                raise TimeoutError(
+                    f"{len(pending)} of {len(reqs)} requests not completed; first: "
+                    f"queue {pending[0].queue} head {pending[0].head}"
+                )
             fds = {r.queue: self.vqs[r.queue].call_fd for r in pending}
             ready, _, _ = select.select(list(fds.values()), [], [], min(remaining, 0.05))
             for q, fd in fds.items():
                 if fd in ready:
                     self.vqs[q]._drain_call()
 
-    def submit_many(self, ops, queue: int = 0, indirect: bool = False, wait: bool = True,
-                    timeout: float | None = None) -> list[Request]:
+    def submit_many(
+        self,
+        ops,
+        queue: int = 0,
+        indirect: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[Request]:
         """Publish several requests with one avail-idx update and one kick.
 
         *ops*: iterable of (type, sector, payload): payload is bytes for
@@ -1369,25 +1531,46 @@ class BlkDevice:
         reqs = []
         for type_, sector, payload in ops:
             if isinstance(payload, int):
-                reqs.append(self.prepare(type_, sector, in_len=payload, queue=queue, indirect=indirect))
+                reqs.append(
+                    self.prepare(type_, sector, in_len=payload, queue=queue, indirect=indirect)
+                )
             else:
-                reqs.append(self.prepare(type_, sector, out=payload, queue=queue, indirect=indirect))
+                reqs.append(
+                    self.prepare(type_, sector, out=payload, queue=queue, indirect=indirect)
+                )
         self._publish(reqs, kick=True)
         if wait:
             self.wait(reqs, timeout)
         return reqs
 
     # -- block operations -----------------------------------------------------
-    def read(self, sector: int, nbytes: int, queue: int = 0, indirect: bool = False,
-             timeout: float | None = None, **kw) -> tuple[int, bytes]:
-        r = self.wait(self.submit(BLK_T_IN, sector, in_len=nbytes, queue=queue, indirect=indirect, **kw),
-                      timeout)
+    def read(
+        self,
+        sector: int,
+        nbytes: int,
+        queue: int = 0,
+        indirect: bool = False,
+        timeout: float | None = None,
+        **kw,
+    ) -> tuple[int, bytes]:
+        r = self.wait(
+            self.submit(BLK_T_IN, sector, in_len=nbytes, queue=queue, indirect=indirect, **kw),
+            timeout,
+        )
         return r.status, r.data
 
-    def write(self, sector: int, data: bytes, queue: int = 0, indirect: bool = False,
-              timeout: float | None = None, **kw) -> int:
-        return self.wait(self.submit(BLK_T_OUT, sector, out=data, queue=queue, indirect=indirect, **kw),
-                         timeout).status
+    def write(
+        self,
+        sector: int,
+        data: bytes,
+        queue: int = 0,
+        indirect: bool = False,
+        timeout: float | None = None,
+        **kw,
+    ) -> int:
+        return self.wait(
+            self.submit(BLK_T_OUT, sector, out=data, queue=queue, indirect=indirect, **kw), timeout
+        ).status
 
     def flush(self, queue: int = 0, timeout: float | None = None) -> int:
         return self.wait(self.submit(BLK_T_FLUSH, 0, queue=queue), timeout).status
@@ -1399,13 +1582,25 @@ class BlkDevice:
             raise BlkStatusError(r.status)
         return r.data.split(b"\0", 1)[0]
 
-    def discard(self, sector: int, nsectors: int, flags: int = 0, queue: int = 0,
-                timeout: float | None = None) -> int:
+    def discard(
+        self,
+        sector: int,
+        nsectors: int,
+        flags: int = 0,
+        queue: int = 0,
+        timeout: float | None = None,
+    ) -> int:
         seg = blk_discard_segment(sector, nsectors, flags)
         return self.wait(self.submit(BLK_T_DISCARD, 0, out=seg, queue=queue), timeout).status
 
-    def write_zeroes(self, sector: int, nsectors: int, unmap: bool = False, queue: int = 0,
-                     timeout: float | None = None) -> int:
+    def write_zeroes(
+        self,
+        sector: int,
+        nsectors: int,
+        unmap: bool = False,
+        queue: int = 0,
+        timeout: float | None = None,
+    ) -> int:
         seg = blk_discard_segment(sector, nsectors, BLK_WRITE_ZEROES_F_UNMAP if unmap else 0)
         return self.wait(self.submit(BLK_T_WRITE_ZEROES, 0, out=seg, queue=queue), timeout).status
 
@@ -1433,8 +1628,3 @@ class BlkDevice:
 
     def __exit__(self, *exc):
         self.close()
-
-
-__all__ = [n for n in dir() if not n.startswith("_") and n not in (
-    "annotations", "array", "collections", "errno", "mmap", "os", "select", "socket", "struct", "time",
-    "dataclass", "field")]

@@ -1,0 +1,5 @@
+import sys
+
+from blkserve.cli import main
+
+sys.exit(main())

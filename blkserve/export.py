@@ -1,0 +1,158 @@
+"""`blkserve export`: open a backing file or block device and serve it as a
+vhost-user-blk device until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import stat
+import struct
+from dataclasses import dataclass
+
+from blkserve.native import SERIAL_BYTES, Target, TargetConfig
+from blkserve.vhost.blk import SECTOR, BlkDeviceModel
+from blkserve.vhost.server import VhostUserServer
+
+log = logging.getLogger("blkserve.export")
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+MAX_QUEUES = 64
+
+
+class ExportError(Exception):
+    """A user-facing configuration error (exit code 2)."""
+
+
+@dataclass
+class ExportOptions:
+    backing: str
+    socket: str
+    queues: int = 1
+    read_only: bool = False
+    cache: str = "none"
+    serial: str | None = None
+
+
+def default_serial(path: str) -> bytes:
+    """A stable serial derived from the backing's real path (fits in 20 bytes)."""
+    digest = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()
+    return ("bs-" + digest)[:SERIAL_BYTES].encode()
+
+
+@dataclass
+class Backing:
+    fd: int
+    fd_buffered: int
+    capacity: int
+    dio_align: int
+    is_block: bool
+
+    def close(self) -> None:
+        if self.fd_buffered != self.fd:
+            os.close(self.fd_buffered)
+        os.close(self.fd)
+
+
+def open_backing(path: str, read_only: bool, cache: str) -> Backing:
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ExportError(f"backing {path}: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ExportError(f"backing {path} is neither a regular file nor a block device")
+    try:
+        fd_buffered = os.open(path, flags)
+    except OSError as e:
+        raise ExportError(f"cannot open backing {path}: {e.strerror}") from None
+    is_block = stat.S_ISBLK(st.st_mode)
+    try:
+        if is_block:
+            buf = fcntl.ioctl(fd_buffered, BLKGETSIZE64, b"\0" * 8)
+            size = struct.unpack("<Q", buf)[0]
+            sec = struct.unpack("<i", fcntl.ioctl(fd_buffered, BLKSSZGET, b"\0" * 4))[0]
+        else:
+            size = os.fstat(fd_buffered).st_size
+            sec = SECTOR
+    except OSError as e:
+        os.close(fd_buffered)
+        raise ExportError(f"cannot read the size of {path}: {e.strerror}") from None
+    capacity = size - size % SECTOR
+    if capacity == 0:
+        os.close(fd_buffered)
+        raise ExportError(f"backing {path} is smaller than one 512-byte sector")
+    if cache == "writeback":
+        return Backing(fd_buffered, fd_buffered, capacity, 0, is_block)
+    try:
+        fd = os.open(path, flags | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            os.close(fd_buffered)
+            raise ExportError(f"cannot open backing {path} with O_DIRECT: {e.strerror}") \
+                from None
+        log.warning("%s does not support O_DIRECT; serving it through the page cache", path)
+        return Backing(fd_buffered, fd_buffered, capacity, 0, is_block)
+    return Backing(fd, fd_buffered, capacity, max(sec, SECTOR), is_block)
+
+
+def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
+    """Validate options, open the backing and bind the socket (no I/O yet)."""
+    if not 1 <= opts.queues <= MAX_QUEUES:
+        raise ExportError(f"--queues must be between 1 and {MAX_QUEUES}")
+    if opts.cache not in ("none", "writeback"):
+        raise ExportError("--cache must be 'none' or 'writeback'")
+    if opts.serial is not None:
+        serial = opts.serial.encode()
+        if len(serial) > SERIAL_BYTES:
+            raise ExportError(f"--serial is longer than {SERIAL_BYTES} bytes")
+    else:
+        serial = default_serial(opts.backing)
+    backing = open_backing(opts.backing, opts.read_only, opts.cache)
+    try:
+        target = Target(TargetConfig(
+            fd=backing.fd, fd_buffered=backing.fd_buffered, capacity=backing.capacity,
+            dio_align=backing.dio_align, read_only=opts.read_only, serial=serial,
+        ))
+        model = BlkDeviceModel(capacity=backing.capacity, num_queues=opts.queues,
+                               read_only=opts.read_only)
+        server = VhostUserServer(os.path.abspath(opts.socket), model, target)
+        try:
+            server.bind()
+        except OSError as e:
+            server.close()
+            target.close()
+            raise ExportError(str(e) if e.strerror is None else e.strerror) from None
+    except BaseException:
+        backing.close()
+        raise
+    return server, backing
+
+
+async def _run(server: VhostUserServer) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving %s on %s (%d queue(s), %d bytes%s)", "vhost-user-blk", server.path,
+             server.model.num_queues, server.model.capacity,
+             ", read-only" if server.model.read_only else "")
+    await server.serve(stop)
+    log.info("stopped: in-flight I/O drained, socket removed")
+
+
+def run_export(opts: ExportOptions) -> int:
+    server, backing = prepare(opts)
+    target = server.target
+    try:
+        asyncio.run(_run(server))
+    finally:
+        server.close()
+        target.close()
+        backing.close()
+    return 0

@@ -1,0 +1,143 @@
+"""Thin Python wrapper over the C engine (blkserve._native, built by cffi).
+
+Every native call goes through _check(), which turns a negative errno into
+OSError. The wrapper owns the native handles' lifetimes; file descriptors
+passed in stay owned by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from blkserve._native import ffi, lib
+
+SERIAL_BYTES = 20
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+class GuestMemory:
+    """A table of guest memory regions mapped from the frontend's fds."""
+
+    def __init__(self) -> None:
+        out = ffi.new("bs_mem **")
+        _check(lib.bs_mem_new(out), "allocating guest memory table")
+        self._h = out[0]
+
+    @property
+    def handle(self):
+        return self._h
+
+    def add(self, fd: int, gpa: int, size: int, uva: int, mmap_offset: int) -> None:
+        _check(lib.bs_mem_add(self._h, fd, gpa, size, uva, mmap_offset),
+               f"mapping guest region gpa={gpa:#x} size={size:#x}")
+
+    def __len__(self) -> int:
+        return lib.bs_mem_count(self._h)
+
+    def close(self) -> None:
+        if self._h is not None:
+            _check(lib.bs_mem_free(self._h), "unmapping guest memory")
+            self._h = None
+
+
+@dataclass
+class TargetConfig:
+    fd: int
+    fd_buffered: int
+    capacity: int
+    dio_align: int
+    read_only: bool
+    serial: bytes
+
+
+class Target:
+    """The backing store shared by an export's queues."""
+
+    def __init__(self, cfg: TargetConfig) -> None:
+        c = ffi.new("struct bs_target_cfg *")
+        c.fd = cfg.fd
+        c.fd_buffered = cfg.fd_buffered
+        c.capacity = cfg.capacity
+        c.dio_align = cfg.dio_align
+        c.read_only = int(cfg.read_only)
+        c.serial = cfg.serial[:SERIAL_BYTES].ljust(SERIAL_BYTES, b"\0")
+        out = ffi.new("bs_target **")
+        _check(lib.bs_target_new(c, out), "configuring the backing target")
+        self._h = out[0]
+        self.config = cfg
+
+    @property
+    def handle(self):
+        return self._h
+
+    def close(self) -> None:
+        if self._h is not None:
+            lib.bs_target_free(self._h)
+            self._h = None
+
+
+@dataclass
+class VringConfig:
+    num: int
+    desc: int
+    avail: int
+    used: int
+    last_avail: int
+    kick_fd: int
+    call_fd: int
+    event_idx: bool
+
+
+STAT_FIELDS = (
+    "reqs_read", "reqs_write", "reqs_flush", "reqs_get_id", "reqs_other",
+    "bytes_read", "bytes_write", "err_ioerr", "err_unsupp", "bad_chains",
+    "io_errors", "kicks", "notifies", "inflight", "broken", "last_error",
+)
+
+
+class Queue:
+    """One virtqueue, served by its own engine thread and io_uring."""
+
+    def __init__(self, target: Target, index: int) -> None:
+        out = ffi.new("bs_queue **")
+        _check(lib.bs_queue_new(target.handle, index, out), f"creating queue {index}")
+        self._h = out[0]
+        self.index = index
+
+    def start(self, mem: GuestMemory, vc: VringConfig) -> None:
+        c = ffi.new("struct bs_vring_cfg *")
+        c.num = vc.num
+        c.desc_uva = vc.desc
+        c.avail_uva = vc.avail
+        c.used_uva = vc.used
+        c.last_avail = vc.last_avail
+        c.kick_fd = vc.kick_fd
+        c.call_fd = vc.call_fd
+        c.event_idx = int(vc.event_idx)
+        _check(lib.bs_queue_start(self._h, mem.handle, c), f"starting queue {self.index}")
+
+    def stop(self) -> int:
+        """Stop after in-flight requests complete; returns the next avail index."""
+        last = ffi.new("uint16_t *")
+        _check(lib.bs_queue_stop(self._h, last), f"stopping queue {self.index}")
+        return int(last[0])
+
+    @property
+    def running(self) -> bool:
+        return bool(lib.bs_queue_running(self._h))
+
+    def stats(self) -> dict[str, int]:
+        s = ffi.new("struct bs_queue_stats *")
+        lib.bs_queue_get_stats(self._h, s)
+        return {f: int(getattr(s, f)) for f in STAT_FIELDS}
+
+    def close(self) -> None:
+        if self._h is not None:
+            lib.bs_queue_free(self._h)
+            self._h = None

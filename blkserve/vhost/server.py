@@ -1,0 +1,415 @@
+"""vhost-user backend server: one frontend connection at a time over a unix
+socket, each message validated (protocol.check_message) before a handler of
+the dispatch table acts on it.  The data path is the C engine; this module
+only configures, starts and stops its queues."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from blkserve.native import GuestMemory, Queue, Target, VringConfig
+from blkserve.vhost import protocol as p
+from blkserve.vhost.blk import BlkDeviceModel
+from blkserve.vhost.protocol import Feature, ProtocolError, Req
+
+log = logging.getLogger("blkserve.vhost")
+
+
+@dataclass
+class VringState:
+    num: int = 0
+    addr: p.VringAddr | None = None
+    base: int = 0
+    kick: int | None = None
+    call: int | None = None
+    err: int | None = None
+    enable_msg: bool | None = None  # last SET_VRING_ENABLE, if any
+    started: bool = False
+
+    def close_fds(self) -> None:
+        for name in ("kick", "call", "err"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+
+def _replace_fd(old: int | None, new: int | None) -> int | None:
+    if old is not None:
+        os.close(old)
+    return new
+
+
+class Session:
+    """The state of one frontend connection and its message handlers."""
+
+    def __init__(self, model: BlkDeviceModel, queues: list[Queue]) -> None:
+        self.model = model
+        self.queues = queues
+        self.vrings = [VringState() for _ in queues]
+        self.features = 0
+        self.protocol_features = 0
+        self.mem: GuestMemory | None = None
+        self.handlers: dict[int, Callable] = {
+            Req.GET_FEATURES: self.get_features,
+            Req.SET_FEATURES: self.set_features,
+            Req.SET_OWNER: self.set_owner,
+            Req.RESET_OWNER: self.reset_owner,
+            Req.SET_MEM_TABLE: self.set_mem_table,
+            Req.SET_VRING_NUM: self.set_vring_num,
+            Req.SET_VRING_ADDR: self.set_vring_addr,
+            Req.SET_VRING_BASE: self.set_vring_base,
+            Req.GET_VRING_BASE: self.get_vring_base,
+            Req.SET_VRING_KICK: self.set_vring_kick,
+            Req.SET_VRING_CALL: self.set_vring_call,
+            Req.SET_VRING_ERR: self.set_vring_err,
+            Req.GET_PROTOCOL_FEATURES: self.get_protocol_features,
+            Req.SET_PROTOCOL_FEATURES: self.set_protocol_features,
+            Req.GET_QUEUE_NUM: self.get_queue_num,
+            Req.SET_VRING_ENABLE: self.set_vring_enable,
+            Req.GET_CONFIG: self.get_config,
+            Req.SET_CONFIG: self.set_config,
+        }
+
+    # ---- helpers ----
+
+    @property
+    def reply_ack(self) -> bool:
+        return bool(self.protocol_features & p.bits(p.ProtocolFeature.REPLY_ACK))
+
+    def _vring(self, index: int) -> VringState:
+        if index >= len(self.vrings):
+            raise ProtocolError(f"queue index {index} out of range (device has "
+                                f"{len(self.vrings)} queues)")
+        return self.vrings[index]
+
+    def _enabled(self, v: VringState) -> bool:
+        # Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled.
+        if not self.features & p.bits(Feature.PROTOCOL_FEATURES):
+            return v.enable_msg is not False
+        return bool(v.enable_msg)
+
+    async def _stop(self, i: int) -> None:
+        v = self.vrings[i]
+        if v.started:
+            v.base = await asyncio.to_thread(self.queues[i].stop)
+            v.started = False
+
+    def _maybe_start(self, i: int) -> None:
+        v = self.vrings[i]
+        if (v.started or self.mem is None or v.addr is None or v.num == 0
+                or v.kick is None or not self._enabled(v)):
+            return
+        vc = VringConfig(
+            num=v.num, desc=v.addr.desc, avail=v.addr.avail, used=v.addr.used,
+            last_avail=v.base, kick_fd=v.kick, call_fd=-1 if v.call is None else v.call,
+            event_idx=bool(self.features & p.bits(Feature.RING_EVENT_IDX)),
+        )
+        try:
+            self.queues[i].start(self.mem, vc)
+        except OSError as e:
+            raise ProtocolError(f"queue {i} cannot start: {e.strerror}") from None
+        v.started = True
+        log.debug("queue %d started (size %d, base %d)", i, v.num, v.base)
+
+    async def close(self) -> None:
+        """Stop every queue (in-flight I/O completes first), then unmap."""
+        for i in range(len(self.vrings)):
+            await self._stop(i)
+            self.vrings[i].close_fds()
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+
+    # ---- handlers: each gets (payload, fds) and pops the fds it keeps ----
+
+    async def get_features(self, payload: bytes, fds: list[int]) -> bytes:
+        return p.pack_u64(self.model.features)
+
+    async def set_features(self, payload: bytes, fds: list[int]) -> None:
+        value = p.decode_u64(payload)
+        extra = value & ~self.model.features
+        if extra:
+            raise ProtocolError(f"frontend acked features never offered: {extra:#x}")
+        self.features = value
+
+    async def set_owner(self, payload: bytes, fds: list[int]) -> None:
+        return None
+
+    async def reset_owner(self, payload: bytes, fds: list[int]) -> None:
+        for i in range(len(self.vrings)):
+            await self._stop(i)
+            self.vrings[i].close_fds()
+            self.vrings[i] = VringState()
+        self.features = 0
+
+    async def get_protocol_features(self, payload: bytes, fds: list[int]) -> bytes:
+        return p.pack_u64(self.model.protocol_features)
+
+    async def set_protocol_features(self, payload: bytes, fds: list[int]) -> None:
+        value = p.decode_u64(payload)
+        extra = value & ~self.model.protocol_features
+        if extra:
+            raise ProtocolError(f"frontend acked protocol features never offered: {extra:#x}")
+        self.protocol_features = value
+
+    async def get_queue_num(self, payload: bytes, fds: list[int]) -> bytes:
+        return p.pack_u64(self.model.num_queues)
+
+    async def set_mem_table(self, payload: bytes, fds: list[int]) -> None:
+        regions = p.decode_mem_table(payload)
+        mem = GuestMemory()
+        try:
+            for r in regions:
+                mem.add(fds[0], r.gpa, r.size, r.uva, r.mmap_offset)
+                os.close(fds.pop(0))
+        except OSError as e:
+            mem.close()
+            raise ProtocolError(f"memory table rejected: {e.strerror}") from None
+        # Queues hold pointers into the old table: stop them, swap, restart.
+        running = [i for i, v in enumerate(self.vrings) if v.started]
+        for i in running:
+            await self._stop(i)
+        if self.mem is not None:
+            self.mem.close()
+        self.mem = mem
+        log.info("memory table: %d region(s), %d MiB", len(regions),
+                 sum(r.size for r in regions) >> 20)
+        for i in range(len(self.vrings)):
+            self._maybe_start(i)
+
+    async def set_vring_num(self, payload: bytes, fds: list[int]) -> None:
+        index, num = p.decode_vring_state(payload)
+        v = self._vring(index)
+        if num == 0 or num > p.MAX_QUEUE_SIZE or num & (num - 1):
+            raise ProtocolError(f"queue {index}: size {num} is not a power of two "
+                                f"in 1..{p.MAX_QUEUE_SIZE}")
+        await self._stop(index)
+        v.num = num
+
+    async def set_vring_addr(self, payload: bytes, fds: list[int]) -> None:
+        addr = p.decode_vring_addr(payload)
+        v = self._vring(addr.index)
+        await self._stop(addr.index)
+        v.addr = addr
+        self._maybe_start(addr.index)
+
+    async def set_vring_base(self, payload: bytes, fds: list[int]) -> None:
+        index, num = p.decode_vring_state(payload)
+        v = self._vring(index)
+        if num > 0xFFFF:
+            raise ProtocolError(f"queue {index}: base {num} exceeds 16 bits")
+        await self._stop(index)
+        v.base = num
+
+    async def get_vring_base(self, payload: bytes, fds: list[int]) -> bytes:
+        index, _ = p.decode_vring_state(payload)
+        v = self._vring(index)
+        await self._stop(index)
+        # The ring is stopped until the frontend sends a new kick fd.
+        v.kick = _replace_fd(v.kick, None)
+        log.debug("queue %d stopped at %d", index, v.base)
+        return struct.pack("<II", index, v.base)
+
+    async def _set_vring_fd(self, payload: bytes, fds: list[int], name: str) -> None:
+        index, has_fd = p.decode_vring_fd(payload)
+        v = self._vring(index)
+        await self._stop(index)
+        setattr(v, name, _replace_fd(getattr(v, name), fds.pop() if has_fd else None))
+        self._maybe_start(index)
+
+    async def set_vring_kick(self, payload: bytes, fds: list[int]) -> None:
+        index, has_fd = p.decode_vring_fd(payload)
+        if not has_fd:
+            raise ProtocolError(f"queue {index}: polling mode (no kick fd) is not supported")
+        await self._set_vring_fd(payload, fds, "kick")
+
+    async def set_vring_call(self, payload: bytes, fds: list[int]) -> None:
+        await self._set_vring_fd(payload, fds, "call")
+
+    async def set_vring_err(self, payload: bytes, fds: list[int]) -> None:
+        index, has_fd = p.decode_vring_fd(payload)
+        v = self._vring(index)
+        v.err = _replace_fd(v.err, fds.pop() if has_fd else None)
+
+    async def set_vring_enable(self, payload: bytes, fds: list[int]) -> None:
+        index, num = p.decode_vring_state(payload)
+        v = self._vring(index)
+        if num not in (0, 1):
+            raise ProtocolError(f"queue {index}: enable value {num} is not 0 or 1")
+        v.enable_msg = bool(num)
+        if num:
+            self._maybe_start(index)
+        else:
+            await self._stop(index)
+
+    async def get_config(self, payload: bytes, fds: list[int]) -> bytes:
+        offset, size, flags, _ = p.decode_config(payload)
+        cfg = self.model.config()
+        if size == 0 or offset + size > len(cfg):
+            # An empty reply tells the frontend the read failed; the
+            # connection stays up.
+            log.warning("GET_CONFIG outside the config space (offset %d, size %d) refused",
+                        offset, size)
+            return b""
+        return p.CONFIG_HDR.pack(offset, size, flags) + cfg[offset:offset + size]
+
+    async def set_config(self, payload: bytes, fds: list[int]) -> bool:
+        offset, size, _, _ = p.decode_config(payload)
+        log.warning("SET_CONFIG (offset %d, size %d) refused: no writable config field",
+                    offset, size)
+        return False
+
+
+class VhostUserServer:
+    """Listens on a unix socket and serves one frontend at a time."""
+
+    def __init__(self, path: str, model: BlkDeviceModel, target: Target) -> None:
+        self.path = path
+        self.model = model
+        self.target = target
+        self.queues = [Queue(target, i) for i in range(model.num_queues)]
+        self._listener: socket.socket | None = None
+        self._conn_task: asyncio.Task | None = None
+        self._reported: dict[int, dict[str, int]] = {}
+
+    def bind(self) -> None:
+        """Create the listening socket; raises OSError(EADDRINUSE) if a live
+        process already listens there."""
+        if os.path.exists(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except ConnectionRefusedError:
+                os.unlink(self.path)  # stale socket from a dead process
+            except OSError as e:
+                raise OSError(e.errno, f"cannot use socket path {self.path}: {e.strerror}") \
+                    from None
+            else:
+                raise OSError(98, f"socket path {self.path} is in use by another process")
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(self.path)
+            s.listen(4)
+        except OSError:
+            s.close()
+            raise
+        s.setblocking(False)
+        self._listener = s
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        accept = asyncio.create_task(self._accept_loop())
+        monitor = asyncio.create_task(self._monitor())
+        await stop.wait()
+        accept.cancel()
+        monitor.cancel()
+        if self._conn_task is not None:
+            self._conn_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._conn_task
+        for q in self.queues:
+            await loop.run_in_executor(None, q.stop)
+        self.close()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for q in self.queues:
+            q.close()
+        self.queues = []
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            if self._conn_task is not None and not self._conn_task.done():
+                log.warning("refusing a second frontend connection: one is already served")
+                conn.close()
+                continue
+            self._conn_task = asyncio.create_task(self._serve_conn(conn))
+
+    async def _monitor(self) -> None:
+        """Log guest faults and backing errors once per burst."""
+        while True:
+            await asyncio.sleep(1.0)
+            for q in self.queues:
+                s = q.stats()
+                prev = self._reported.setdefault(q.index, dict.fromkeys(s, 0))
+                for key, what in (("bad_chains", "malformed descriptor chain(s) from the guest"),
+                                  ("io_errors", "backing-store I/O error(s)")):
+                    if s[key] > prev[key]:
+                        log.warning("queue %d: %d %s (last error: %s)", q.index,
+                                    s[key] - prev[key], what,
+                                    os.strerror(-s["last_error"]) if s["last_error"] else "-")
+                if s["broken"] and not prev["broken"]:
+                    log.error("queue %d: the guest corrupted the ring (%s); queue stopped "
+                              "until the frontend resets it", q.index,
+                              os.strerror(-s["last_error"]) if s["last_error"] else "?")
+                self._reported[q.index] = s
+
+    async def _recv(self, conn: socket.socket, n: int, fds: list[int]) -> bytes:
+        loop = asyncio.get_running_loop()
+        buf = b""
+        while len(buf) < n:
+            try:
+                data, newfds, flags, _ = socket.recv_fds(conn, n - len(buf), p.MAX_FDS)
+            except BlockingIOError:
+                fut = loop.create_future()
+                loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
+                try:
+                    await fut
+                finally:
+                    loop.remove_reader(conn.fileno())
+                continue
+            fds.extend(newfds)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError(f"more than {p.MAX_FDS} file descriptors attached")
+            if not data:
+                raise EOFError
+            buf += data
+        return buf
+
+    async def _serve_conn(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        session = Session(self.model, self.queues)
+        log.info("frontend connected")
+        try:
+            while True:
+                fds: list[int] = []
+                try:
+                    hdr = p.parse_header(await self._recv(conn, p.HEADER.size, fds))
+                    payload = await self._recv(conn, hdr.size, fds) if hdr.size else b""
+                    spec = p.check_message(hdr, payload, len(fds))
+                    result = await session.handlers[hdr.request](payload, fds)
+                finally:
+                    for fd in fds:  # whatever a handler did not keep
+                        os.close(fd)
+                if spec.reply:
+                    await loop.sock_sendall(conn, p.pack_reply(hdr.request, result))
+                elif hdr.need_reply and session.reply_ack:
+                    status = 1 if result is False else 0
+                    await loop.sock_sendall(conn, p.pack_reply(hdr.request, p.pack_u64(status)))
+        except EOFError:
+            log.info("frontend disconnected")
+        except ProtocolError as e:
+            log.error("dropping frontend connection: %s", e)
+        except OSError as e:
+            log.error("frontend connection failed: %s", e)
+        finally:
+            await session.close()
+            conn.close()
