@@ -9,6 +9,8 @@
  * it wants it. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdlib.h>
@@ -49,8 +51,6 @@ struct bs_queue {
     int signalled_valid;
     int ctl_fd;
     struct io_uring ring;
-    uint64_t kick_buf;
-    uint64_t ctl_buf;
     struct slot *slots;
     int nslots;
     int free_head;
@@ -59,6 +59,10 @@ struct bs_queue {
     int starved;
 
     pthread_t thread;
+    /* Serialises start/stop/free: a control path may be asked to stop a
+     * queue from two threads (a cancelled stop still running, and the
+     * shutdown path).  Never taken by the queue thread itself. */
+    pthread_mutex_t ctl_lock;
     int running;
     sem_t started;
     int start_err;
@@ -99,14 +103,26 @@ static struct io_uring_sqe *get_sqe(struct bs_queue *q)
     return sqe;
 }
 
-static int arm_read(struct bs_queue *q, int fd, uint64_t *buf, uint64_t ud)
+/* Wait for an eventfd through the ring.  A poll, not a read: an io_uring
+ * read of an eventfd was seen to consume the count without completing
+ * (kernel 6.18), which lost stop requests.  The counter is reset with a
+ * non-blocking read(2) after the poll fires: one syscall per wake-up, not
+ * per request. */
+static int arm_poll(struct bs_queue *q, int fd, uint64_t ud)
 {
     struct io_uring_sqe *sqe = get_sqe(q);
     if (!sqe)
         return -EBUSY;
-    io_uring_prep_read(sqe, fd, buf, sizeof(*buf), 0);
+    io_uring_prep_poll_add(sqe, fd, POLLIN);
     io_uring_sqe_set_data64(sqe, ud);
     return 0;
+}
+
+static void eventfd_drain(int fd)
+{
+    uint64_t v;
+    ssize_t n = read(fd, &v, sizeof(v));
+    (void)n;   /* EAGAIN: already drained; the value itself is meaningless */
 }
 
 static void push_used(struct bs_queue *q, uint16_t head, uint32_t len)
@@ -352,7 +368,7 @@ static int ring_init(struct bs_queue *q)
 {
     unsigned entries = (unsigned)q->nslots + 8;
     static const unsigned flag_sets[] = {
-        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN,
         IORING_SETUP_COOP_TASKRUN,
         0,
     };
@@ -375,9 +391,9 @@ static void *queue_thread(void *arg)
 
     ret = ring_init(q);
     if (ret == 0) {
-        ret = arm_read(q, q->kick_fd, &q->kick_buf, UD_KICK);
+        ret = arm_poll(q, q->kick_fd, UD_KICK);
         if (ret == 0)
-            ret = arm_read(q, q->ctl_fd, &q->ctl_buf, UD_CTL);
+            ret = arm_poll(q, q->ctl_fd, UD_CTL);
         if (ret)
             io_uring_queue_exit(&q->ring);
     }
@@ -410,7 +426,8 @@ static void *queue_thread(void *arg)
             if (ud == UD_KICK) {
                 BS_STAT_ADD(q->st.kicks, 1);
                 kicked = 1;
-                if (arm_read(q, q->kick_fd, &q->kick_buf, UD_KICK))
+                eventfd_drain(q->kick_fd);
+                if (arm_poll(q, q->kick_fd, UD_KICK))
                     mark_broken(q, -EBUSY);
             } else if (ud == UD_CTL) {
                 q->stopping = 1;
@@ -436,11 +453,12 @@ int bs_queue_new(bs_target *t, int index, bs_queue **out)
     q->target = t;
     q->index = index;
     q->ctl_fd = -1;
+    pthread_mutex_init(&q->ctl_lock, NULL);
     *out = q;
     return 0;
 }
 
-int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)
+static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)
 {
     int ret;
 
@@ -451,6 +469,10 @@ int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)
     ret = bs_vring_map(&q->vr, mem, cfg);
     if (ret)
         return ret;
+    /* The kick counter is reset with read(2) after each poll: never block. */
+    int fl = fcntl(cfg->kick_fd, F_GETFL);
+    if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(cfg->kick_fd, F_SETFL, fl | O_NONBLOCK) < 0))
+        return -errno;
     q->mem = mem;
     q->kick_fd = cfg->kick_fd;
     q->call_fd = cfg->call_fd;
@@ -505,7 +527,15 @@ err_slots:
     return ret;
 }
 
-int bs_queue_stop(bs_queue *q, uint16_t *last_avail)
+int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)
+{
+    pthread_mutex_lock(&q->ctl_lock);
+    int ret = queue_start_locked(q, mem, cfg);
+    pthread_mutex_unlock(&q->ctl_lock);
+    return ret;
+}
+
+static int queue_stop_locked(bs_queue *q, uint16_t *last_avail)
 {
     if (!q->running) {
         if (last_avail)
@@ -527,9 +557,17 @@ int bs_queue_stop(bs_queue *q, uint16_t *last_avail)
     return 0;
 }
 
+int bs_queue_stop(bs_queue *q, uint16_t *last_avail)
+{
+    pthread_mutex_lock(&q->ctl_lock);
+    int ret = queue_stop_locked(q, last_avail);
+    pthread_mutex_unlock(&q->ctl_lock);
+    return ret;
+}
+
 int bs_queue_running(bs_queue *q)
 {
-    return q->running;
+    return __atomic_load_n(&q->running, __ATOMIC_RELAXED);
 }
 
 int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out)
@@ -543,5 +581,6 @@ void bs_queue_free(bs_queue *q)
     if (!q)
         return;
     bs_queue_stop(q, NULL);
+    pthread_mutex_destroy(&q->ctl_lock);
     free(q);
 }

@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -204,9 +205,13 @@ def _ensure_host_tools() -> None:
         return
     pkgs = sorted({TOOL_PACKAGES[p] for p in missing})
     if os.geteuid() != 0:
-        raise GuestUnavailable(f"host tools missing for the guest image: {missing} (install {pkgs})")
-    res = _run(["apt-get", "install", "-y", "--no-install-recommends", *pkgs],
-               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        raise GuestUnavailable(
+            f"host tools missing for the guest image: {missing} (install {pkgs})"
+        )
+    res = _run(
+        ["apt-get", "install", "-y", "--no-install-recommends", *pkgs],
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
     if res.returncode != 0:
         raise GuestError(f"apt-get install {pkgs} failed:\n{res.stdout}{res.stderr}")
     still = [p for p in missing if not os.path.exists(p)]
@@ -234,11 +239,11 @@ def _elf_sections(data: bytes) -> dict[str, bytes]:
         sh_name, _type, _flags, _addr, sh_offset, sh_size = struct.unpack_from("<IIQQQQ", data, off)
         headers.append((sh_name, sh_offset, sh_size))
     _, str_off, str_size = headers[e_shstrndx]
-    strtab = data[str_off:str_off + str_size]
+    strtab = data[str_off : str_off + str_size]
     out = {}
     for sh_name, sh_offset, sh_size in headers:
-        name = strtab[sh_name:strtab.index(b"\0", sh_name)].decode()
-        out[name] = data[sh_offset:sh_offset + sh_size]
+        name = strtab[sh_name : strtab.index(b"\0", sh_name)].decode()
+        out[name] = data[sh_offset : sh_offset + sh_size]
     return out
 
 
@@ -251,9 +256,10 @@ def _elf_interp(path: Path) -> str | None:
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
     for i in range(e_phnum):
         p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, e_phoff + i * e_phentsize)
+            "<IIQQQQ", data, e_phoff + i * e_phentsize
+        )
         if p_type == 3:  # PT_INTERP
-            return data[p_offset:p_offset + p_filesz].rstrip(b"\0").decode()
+            return data[p_offset : p_offset + p_filesz].rstrip(b"\0").decode()
     return None
 
 
@@ -264,6 +270,7 @@ def _read_module(path: Path) -> bytes:
         return path.read_bytes()
     if name.endswith(".ko.xz"):
         import lzma
+
         return lzma.decompress(path.read_bytes())
     if name.endswith(".ko.gz"):
         return gzip.decompress(path.read_bytes())
@@ -292,7 +299,11 @@ def _resolve_modules(moddir: Path) -> tuple[list[tuple[str, bytes]], dict]:
     builtin = set()
     bfile = moddir / "modules.builtin"
     if bfile.exists():
-        builtin = {_modname(Path(line.strip()).name) for line in bfile.read_text().splitlines() if line.strip()}
+        builtin = {
+            _modname(Path(line.strip()).name)
+            for line in bfile.read_text().splitlines()
+            if line.strip()
+        }
     index = {}
     for p in (moddir / "kernel").rglob("*.ko*"):
         index[_modname(p.name)] = p
@@ -383,7 +394,21 @@ class _Cpio:
     def _hdr(self, name: str, mode: int, size: int, nlink=1, rdevmajor=0, rdevminor=0, mtime=0):
         self.ino += 1
         namez = name.encode() + b"\0"
-        fields = (self.ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdevmajor, rdevminor, len(namez), 0)
+        fields = (
+            self.ino,
+            mode,
+            0,
+            0,
+            nlink,
+            mtime,
+            size,
+            0,
+            0,
+            rdevmajor,
+            rdevminor,
+            len(namez),
+            0,
+        )
         hdr = b"070701" + b"".join(b"%08X" % v for v in fields)
         self.f.write(hdr + namez)
         self.f.write(b"\0" * ((-(len(hdr) + len(namez))) % 4))
@@ -434,10 +459,26 @@ class _Cpio:
 
 
 def _write_initramfs(path: Path, modules: list[tuple[str, bytes]]) -> dict:
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
+    ):
         c = _Cpio(gz)
-        for d in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "proc", "sys", "dev", "tmp", "run",
-                  "mnt", "root", "etc", "var"):
+        for d in (
+            "usr/bin",
+            "usr/sbin",
+            "usr/lib",
+            "usr/lib64",
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "run",
+            "mnt",
+            "root",
+            "etc",
+            "var",
+        ):
             c.dir(d)
         for top, target in _USR_MERGED.items():
             c.symlink(top, target)
@@ -499,12 +540,16 @@ def _build_into(tmp: Path, name: str, version: str) -> dict:
         vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
         if not vmlinuz:
             raise GuestError(f"no /boot/vmlinuz-* in {deb.name}")
-        krel = vmlinuz[0].name[len("vmlinuz-"):]
+        krel = vmlinuz[0].name[len("vmlinuz-") :]
         config = (root / "boot" / f"config-{krel}").read_text()
-        missing = [opt for opt in REQUIRED_BUILTIN_CONFIG if not re.search(rf"^{opt}=y$", config, re.M)]
+        missing = [
+            opt for opt in REQUIRED_BUILTIN_CONFIG if not re.search(rf"^{opt}=y$", config, re.M)
+        ]
         if missing:
             raise GuestError(f"kernel {krel} lacks built-in {missing}")
-        moddir = next(p for p in (root / "lib/modules" / krel, root / "usr/lib/modules" / krel) if p.is_dir())
+        moddir = next(
+            p for p in (root / "lib/modules" / krel, root / "usr/lib/modules" / krel) if p.is_dir()
+        )
         modules, report = _resolve_modules(moddir)
         shutil.copyfile(vmlinuz[0], tmp / "vmlinuz")
         extra = _write_initramfs(tmp / "initrd.gz", modules)
@@ -527,8 +572,15 @@ def _build_into(tmp: Path, name: str, version: str) -> dict:
 
 def _image_from_dir(d: Path) -> GuestImage:
     m = json.loads((d / "manifest.json").read_text())
-    return GuestImage(kernel=d / "vmlinuz", initrd=d / "initrd.gz", directory=d, package=m["package"],
-                      version=m["version"], kernel_release=m["kernel_release"], modules=tuple(m["modules"]))
+    return GuestImage(
+        kernel=d / "vmlinuz",
+        initrd=d / "initrd.gz",
+        directory=d,
+        package=m["package"],
+        version=m["version"],
+        kernel_release=m["kernel_release"],
+        modules=tuple(m["modules"]),
+    )
 
 
 def _image_dirname(name: str, version: str) -> str:
@@ -536,44 +588,61 @@ def _image_dirname(name: str, version: str) -> str:
     return f"{safe}_{_recipe_hash()}"
 
 
+def _cached_images(cache: Path) -> list[Path]:
+    """Complete images built with the current recipe, oldest first."""
+    suffix = "_" + _recipe_hash()
+    found = [
+        d
+        for d in cache.glob("linux-image-*")
+        if d.name.endswith(suffix) and (d / "manifest.json").exists()
+    ]
+    return sorted(found, key=lambda d: d.stat().st_mtime)
+
+
 def build_guest_image(cache_dir: str | os.PathLike | None = None) -> GuestImage:
     """Build (or reuse) the guest kernel + initramfs.
 
     Safe against concurrent callers: builds under an flock, into a temporary
-    directory that is renamed into place when complete.
+    directory that is renamed into place when complete. When apt cannot
+    provide the kernel (offline), the newest compatible cached image is used.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    for tool in ("apt-get", "dpkg-deb", "ldd"):
-        if not shutil.which(tool):
-            raise GuestUnavailable(f"{tool} not installed (needed to build the guest image)")
 
     try:
         name, version = _find_kernel_package()
     except GuestUnavailable:
-        # Offline / no apt sources: fall back to any image built earlier.
-        existing = sorted((d for d in cache.glob("linux-image-*") if (d / "manifest.json").exists()),
-                          key=lambda d: d.stat().st_mtime)
-        if existing:
-            return _image_from_dir(existing[-1])
+        if cached := _cached_images(cache):
+            return _image_from_dir(cached[-1])
         raise
 
     final = cache / _image_dirname(name, version)
     if (final / "manifest.json").exists():
         return _image_from_dir(final)
 
+    for tool in ("apt-get", "dpkg-deb", "ldd"):
+        if not shutil.which(tool):
+            raise GuestUnavailable(f"{tool} not installed (needed to build the guest image)")
     with open(cache / ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "manifest.json").exists():  # someone else built it meanwhile
             return _image_from_dir(final)
         _ensure_host_tools()
-        for stale in cache.glob(".build-*"):
+        for stale in cache.glob(".build-*"):  # leftovers of killed builds
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
         try:
             _build_into(tmp, name, version)
             os.chmod(tmp, 0o755)
             os.replace(tmp, final)
+        except GuestError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if cached := _cached_images(cache):
+                warnings.warn(
+                    f"guest image build failed, using cached {cached[-1].name}: {e}", stacklevel=2
+                )
+                return _image_from_dir(cached[-1])
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -590,8 +659,12 @@ def short_socket_dir(prefix: str = "bs-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def wait_for_socket(path: str | os.PathLike, timeout: float, proc: subprocess.Popen | None = None,
-                    connect: bool = False) -> None:
+def wait_for_socket(
+    path: str | os.PathLike,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+    connect: bool = False,
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
@@ -616,6 +689,11 @@ def socket_accepts(path: str | os.PathLike) -> bool:
         s.close()
 
 
+def _qopt(value) -> str:
+    """Escape a value for QEMU's comma-separated option syntax."""
+    return str(value).replace(",", ",,")
+
+
 def _tail(path: Path, limit: int = 8000) -> str:
     try:
         data = path.read_bytes()
@@ -632,12 +710,23 @@ def _tail(path: Path, limit: int = 8000) -> str:
 class BackendProcess:
     """A process serving vhost-user on a unix socket; context manager."""
 
-    def __init__(self, argv: list[str], socket_path: str | os.PathLike, log_path: str | os.PathLike | None = None,
-                 start_timeout: float = 30.0, env: dict | None = None, cwd: str | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        argv: list[str],
+        socket_path: str | os.PathLike,
+        log_path: str | os.PathLike | None = None,
+        start_timeout: float = 30.0,
+        env: dict | None = None,
+        cwd: str | None = None,
+        name: str | None = None,
+    ):
         self.argv = [str(a) for a in argv]
         self.socket_path = Path(socket_path)
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mktemp(prefix="backend-", suffix=".log"))
+        self.log_path = (
+            Path(log_path)
+            if log_path
+            else Path(tempfile.mkdtemp(prefix="backend-log-")) / "backend.log"
+        )
         self.start_timeout = start_timeout
         self.env = env
         self.cwd = cwd
@@ -647,14 +736,22 @@ class BackendProcess:
     def start(self) -> BackendProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+        )
         try:
             wait_for_socket(self.socket_path, self.start_timeout, self.proc)
         except GuestError as e:
             self.stop()
-            raise GuestError(f"{self.name} failed to start: {e}\nargv: {self.argv}\n--- log ---\n"
-                             f"{_tail(self.log_path)}") from None
+            raise GuestError(
+                f"{self.name} failed to start: {e}\nargv: {self.argv}\n--- log ---\n"
+                f"{_tail(self.log_path)}"
+            ) from None
         return self
 
     def alive(self) -> bool:
@@ -690,23 +787,46 @@ class StorageDaemon(BackendProcess):
     refuses io_uring (e.g. seccomp in containers).
     """
 
-    def __init__(self, image: str | os.PathLike, socket_path: str | os.PathLike, num_queues: int = 1,
-                 writable: bool = True, aio: str = "auto", cache_direct: bool = True,
-                 logical_block_size: int | None = None, log_path=None, extra_args: list[str] = ()):
+    def __init__(
+        self,
+        image: str | os.PathLike,
+        socket_path: str | os.PathLike,
+        num_queues: int = 1,
+        writable: bool = True,
+        aio: str = "auto",
+        cache_direct: bool = True,
+        logical_block_size: int | None = None,
+        log_path=None,
+        extra_args: list[str] = (),
+    ):
         binary = shutil.which("qemu-storage-daemon")
         if not binary:
             raise GuestUnavailable("qemu-storage-daemon not installed")
         self.image, self.num_queues, self.writable = Path(image), num_queues, writable
-        self.aio, self.cache_direct, self.lbs, self.extra = aio, cache_direct, logical_block_size, list(extra_args)
+        self.aio, self.cache_direct, self.lbs, self.extra = (
+            aio,
+            cache_direct,
+            logical_block_size,
+            list(extra_args),
+        )
         self._binary = binary
-        super().__init__(self._argv("io_uring" if aio == "auto" else aio), socket_path, log_path,
-                         name="qemu-storage-daemon")
+        self.socket_path = Path(socket_path)
+        super().__init__(
+            self._argv("io_uring" if aio == "auto" else aio),
+            socket_path,
+            log_path,
+            name="qemu-storage-daemon",
+        )
 
     def _argv(self, aio: str) -> list[str]:
-        blockdev = (f"driver=file,node-name=file0,filename={self.image},"
-                    f"cache.direct={'on' if self.cache_direct else 'off'},aio={aio}")
-        export = (f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={self.socket_path},"
-                  f"writable={'on' if self.writable else 'off'},num-queues={self.num_queues}")
+        blockdev = (
+            f"driver=file,node-name=file0,filename={_qopt(self.image)},"
+            f"cache.direct={'on' if self.cache_direct else 'off'},aio={aio}"
+        )
+        export = (
+            f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={_qopt(self.socket_path)},"
+            f"writable={'on' if self.writable else 'off'},num-queues={self.num_queues}"
+        )
         if self.lbs:
             export += f",logical-block-size={self.lbs}"
         return [self._binary, "--blockdev", blockdev, "--export", export, *self.extra]
@@ -786,10 +906,22 @@ class Guest:
     device_add; see ``qmp()`` / ``qmp_path``.
     """
 
-    def __init__(self, disks=(), *, image: GuestImage | None = None, smp: int = 2, mem: str = "512M",
-                 num_queues: int = 1, device_props: dict | None = None, hotplug_ports: int = 0,
-                 extra_args: list[str] = (), log_dir: str | os.PathLike | None = None,
-                 boot_timeout: float = 180.0, accel: str = "tcg", cmdline_extra: str = ""):
+    def __init__(
+        self,
+        disks=(),
+        *,
+        image: GuestImage | None = None,
+        smp: int = 2,
+        mem: str = "512M",
+        num_queues: int = 1,
+        device_props: dict | None = None,
+        hotplug_ports: int = 0,
+        extra_args: list[str] = (),
+        log_dir: str | os.PathLike | None = None,
+        boot_timeout: float = 180.0,
+        accel: str = "tcg",
+        cmdline_extra: str = "",
+    ):
         self.qemu = shutil.which("qemu-system-x86_64")
         if not self.qemu:
             raise GuestUnavailable("qemu-system-x86_64 not installed")
@@ -824,23 +956,52 @@ class Guest:
     def argv(self) -> list[str]:
         img = self.image
         args = [
-            self.qemu, "-accel", self.accel, "-machine", "q35", "-cpu", "max",
-            "-m", self.mem, "-smp", str(self.smp),
-            "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
-            "-kernel", str(img.kernel), "-initrd", str(img.initrd),
-            "-append", f"{KERNEL_CMDLINE} {self.cmdline_extra}".strip(),
-            "-object", f"memory-backend-memfd,id=mem,size={self.mem},share=on",
-            "-numa", "node,memdev=mem",
-            "-chardev", f"file,id=con0,path={self.console_log}",
-            "-serial", "chardev:con0",
-            "-chardev", f"socket,id=ser1,path={self.serial_path},server=on,wait=on",
-            "-serial", "chardev:ser1",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            self.qemu,
+            "-accel",
+            self.accel,
+            "-machine",
+            "q35",
+            "-cpu",
+            "max",
+            "-m",
+            self.mem,
+            "-smp",
+            str(self.smp),
+            "-nographic",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-kernel",
+            str(img.kernel),
+            "-initrd",
+            str(img.initrd),
+            "-append",
+            f"{KERNEL_CMDLINE} {self.cmdline_extra}".strip(),
+            "-object",
+            f"memory-backend-memfd,id=mem,size={self.mem},share=on",
+            "-numa",
+            "node,memdev=mem",
+            "-chardev",
+            f"file,id=con0,path={_qopt(self.console_log)}",
+            "-serial",
+            "chardev:con0",
+            "-chardev",
+            f"socket,id=ser1,path={_qopt(self.serial_path)},server=on,wait=on",
+            "-serial",
+            "chardev:ser1",
+            "-qmp",
+            f"unix:{_qopt(self.qmp_path)},server=on,wait=off",
         ]
         for i, disk in enumerate(self.disks):
-            props = {"num-queues": disk.num_queues or self.num_queues, **self.device_props, **disk.props}
-            dev = f"vhost-user-blk-pci,id=vd{i},chardev=c{i}" + "".join(f",{k}={v}" for k, v in props.items())
-            args += ["-chardev", f"socket,id=c{i},path={disk.socket}", "-device", dev]
+            props = {
+                "num-queues": disk.num_queues or self.num_queues,
+                **self.device_props,
+                **disk.props,
+            }
+            dev = f"vhost-user-blk-pci,id=vd{i},chardev=c{i}" + "".join(
+                f",{k}={v}" for k, v in props.items()
+            )
+            args += ["-chardev", f"socket,id=c{i},path={_qopt(disk.socket)}", "-device", dev]
         for i, pid in enumerate(self.hotplug_port_ids):
             args += ["-device", f"pcie-root-port,id={pid},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
         return args + self.extra_args
@@ -851,14 +1012,17 @@ class Guest:
         argv = self.argv()
         (self.log_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
         self._qemu_log_f = open(self.qemu_log, "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._qemu_log_f,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._qemu_log_f, stderr=subprocess.STDOUT
+        )
         try:
             wait_for_socket(self.serial_path, 30, self.proc)
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._sock.connect(str(self.serial_path))
             self._shell_log_f = open(self.shell_log, "wb")
-            self._reader = threading.Thread(target=self._read_loop, daemon=True, name="guest-serial")
+            self._reader = threading.Thread(
+                target=self._read_loop, daemon=True, name="guest-serial"
+            )
             self._reader.start()
             t0 = time.monotonic()
             self._wait_for(READY_MARKER, 0, self.boot_timeout)
@@ -915,7 +1079,9 @@ class Guest:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise GuestTimeout(f"guest did not power off within {timeout}s\n{self.diagnostics()}") from None
+            raise GuestTimeout(
+                f"guest did not power off within {timeout}s\n{self.diagnostics()}"
+            ) from None
         finally:
             self.kill()
 
@@ -926,7 +1092,9 @@ class Guest:
         parts.append("--- qemu.log ---\n" + _tail(self.qemu_log, 4000))
         parts.append("--- console (ttyS0) ---\n" + _tail(self.console_log, 8000))
         with self._cond:
-            parts.append("--- shell (ttyS1) ---\n" + bytes(self._buf[-4000:]).decode(errors="replace"))
+            parts.append(
+                "--- shell (ttyS1) ---\n" + bytes(self._buf[-4000:]).decode(errors="replace")
+            )
         return "\n".join(parts)
 
     # -- serial shell ------------------------------------------------------
@@ -981,9 +1149,11 @@ class Guest:
         tok = uuid.uuid4().hex[:16]
         # Markers are split in the command text so an echo of the command
         # could never be mistaken for the marker itself.
-        script = (f"printf '%s%s\\n' __BS_B_ {tok}__\n"
-                  f"{{\n{cmd}\n}} </dev/null\n"
-                  f"printf '\\n%s%s:%s\\n' __BS_E_ {tok}__ \"$?\"\n")
+        script = (
+            f"printf '%s%s\\n' __BS_B_ {tok}__\n"
+            f"{{\n{cmd}\n}} </dev/null\n"
+            f"printf '\\n%s%s:%s\\n' __BS_E_ {tok}__ \"$?\"\n"
+        )
         with self._cond:
             start = len(self._buf)
         self._send(script.encode())
@@ -996,10 +1166,11 @@ class Guest:
             with self._cond:
                 partial = bytes(self._buf[start:]).decode(errors="replace")
             self._interrupt()
-            raise GuestTimeout(f"guest command timed out after {timeout}s: {cmd}\n--- output so far ---\n"
-                               f"{partial}") from None
+            raise GuestTimeout(
+                f"guest command timed out after {timeout}s: {cmd}\n--- output so far ---\n{partial}"
+            ) from None
         with self._cond:
-            out = bytes(self._buf[b + len(begin):m.start()])
+            out = bytes(self._buf[b + len(begin) : m.start()])
         return int(m.group(1)), out.decode(errors="replace").replace("\r\n", "\n")
 
     def _interrupt(self):
@@ -1021,9 +1192,12 @@ class Guest:
     def wait_for_block_device(self, name: str = "vda", timeout: float = 60.0) -> None:
         """Wait until /dev/NAME exists in the guest."""
         tries = int(timeout * 10)
-        self.check(f"( i=0; while [ ! -b /dev/{name} ]; do i=$((i+1)); "
-                   f"if [ $i -gt {tries} ]; then echo 'no /dev/{name}'; ls /dev; exit 1; fi; "
-                   f"sleep 0.1; done )", timeout=timeout + 30)
+        self.check(
+            f"( i=0; while [ ! -b /dev/{name} ]; do i=$((i+1)); "
+            f"if [ $i -gt {tries} ]; then echo 'no /dev/{name}'; ls /dev; exit 1; fi; "
+            f"sleep 0.1; done )",
+            timeout=timeout + 30,
+        )
 
     # -- QMP ---------------------------------------------------------------
 

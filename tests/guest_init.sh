@@ -32,7 +32,7 @@ echo "init: modules loaded, starting control shell on ttyS1" >/dev/console
 while :; do
     setsid sh -c '
         exec </dev/ttyS1 >/dev/ttyS1 2>&1
-        stty -echo -icanon min 1 time 0 -icrnl -ixon -ixoff -opost isig
+        stty -echo icanon -ixon -ixoff -opost isig
         export PS1="" PS2=""
         echo "BLKSERVE_GUEST""_READY"
         exec sh -i

@@ -278,6 +278,7 @@ class VhostUserServer:
         self.queues = [Queue(target, i) for i in range(model.num_queues)]
         self._listener: socket.socket | None = None
         self._conn_task: asyncio.Task | None = None
+        self._closing = False  # the served connection is being torn down
         self._reported: dict[int, dict[str, int]] = {}
 
     def bind(self) -> None:
@@ -300,9 +301,9 @@ class VhostUserServer:
         try:
             s.bind(self.path)
             s.listen(4)
-        except OSError:
+        except OSError as e:
             s.close()
-            raise
+            raise OSError(e.errno, f"cannot listen on {self.path}: {e.strerror}") from None
         s.setblocking(False)
         self._listener = s
 
@@ -314,9 +315,10 @@ class VhostUserServer:
         accept.cancel()
         monitor.cancel()
         if self._conn_task is not None:
+            # One cancel: the connection's cleanup then runs to its end
+            # (stopping queues waits for their in-flight requests).
             self._conn_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._conn_task
+            await asyncio.wait([self._conn_task])
         for q in self.queues:
             await loop.run_in_executor(None, q.stop)
         self.close()
@@ -337,9 +339,14 @@ class VhostUserServer:
         while True:
             conn, _ = await loop.sock_accept(self._listener)
             if self._conn_task is not None and not self._conn_task.done():
-                log.warning("refusing a second frontend connection: one is already served")
-                conn.close()
-                continue
+                if not self._closing:
+                    log.warning("refusing a second frontend connection: one is already served")
+                    conn.close()
+                    continue
+                # The previous frontend is gone and its queues are draining
+                # (e.g. QEMU reconnecting after a restart): serve the new
+                # one as soon as they have stopped.
+                await asyncio.wait([self._conn_task])
             self._conn_task = asyncio.create_task(self._serve_conn(conn))
 
     async def _monitor(self) -> None:
@@ -387,6 +394,7 @@ class VhostUserServer:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         session = Session(self.model, self.queues)
+        self._closing = False
         log.info("frontend connected")
         try:
             while True:
@@ -411,5 +419,9 @@ class VhostUserServer:
         except OSError as e:
             log.error("frontend connection failed: %s", e)
         finally:
-            await session.close()
-            conn.close()
+            self._closing = True
+            try:
+                await session.close()
+            finally:
+                conn.close()
+                self._closing = False

@@ -1,0 +1,376 @@
+"""`blkserve export` as a real process, driven by the Python vhost-user
+frontend of tests/vhost_client.py (itself proven against qemu-storage-daemon
+in test_vhost_client_qsd.py): protocol, I/O, errors, malformed input,
+reconnects, signals and CLI errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vhost_client as vc  # noqa: E402
+
+IMG_SIZE = 64 << 20
+SECTORS = IMG_SIZE // 512
+
+
+class Export:
+    def __init__(self, img: Path, sock: str, proc: subprocess.Popen, log: Path):
+        self.img, self.sock, self.proc, self.log = img, sock, proc, log
+
+    def device(self, **kw) -> vc.BlkDevice:
+        kw.setdefault("queues", 2)
+        kw.setdefault("connect_retry", 2.0)
+        return vc.BlkDevice(self.sock, **kw)
+
+    def image(self, sector: int, n: int) -> bytes:
+        with open(self.img, "rb") as f:
+            f.seek(sector * 512)
+            return f.read(n)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def logtext(self) -> str:
+        return self.log.read_text()
+
+
+def start_export(tmp_path: Path, *args: str, size: int = IMG_SIZE) -> Export:
+    img = tmp_path / "disk.img"
+    if not img.exists():
+        with open(img, "wb") as f:
+            f.truncate(size)
+    sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+    log = tmp_path / "export.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blkserve", "export", str(img), "--socket", sock, *args],
+        stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+    )
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"export did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return Export(img, sock, proc, log)
+
+
+def stop_export(e: Export) -> int:
+    if e.proc.poll() is None:
+        e.proc.send_signal(signal.SIGTERM)
+        try:
+            return e.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            e.proc.kill()
+            raise
+    return e.proc.returncode
+
+
+@pytest.fixture
+def export(tmp_path):
+    e = start_export(tmp_path, "--queues", "2")
+    yield e
+    rc = stop_export(e)
+    assert rc == 0, e.logtext()
+
+
+@pytest.fixture
+def dev(export):
+    d = export.device()
+    yield d
+    d.close()
+
+
+def test_handshake_and_config(dev):
+    names = set(vc.decode_features(dev.features))
+    for want in ("VERSION_1", "RING_EVENT_IDX", "INDIRECT_DESC", "BLK_F_SEG_MAX",
+                 "BLK_F_BLK_SIZE", "BLK_F_FLUSH", "BLK_F_MQ"):
+        assert any(want in n for n in names), (want, names)
+    assert dev.max_queues == 2
+    assert dev.config.capacity == SECTORS
+    assert dev.config.num_queues == 2
+    assert dev.config.blk_size == 512
+    assert dev.config.seg_max == 126
+
+
+def test_partial_config_reads(dev):
+    """Frontends read the config space in pieces; any in-range window works."""
+    full = dev.client.get_config(0, 60)
+    assert dev.client.get_config(0, 8) == full[:8]
+    assert dev.client.get_config(34, 2) == full[34:36]
+    # outside the config space: an empty answer, and the connection stays up
+    for offset, size in ((0, 4096 - 12), (200, 8), (90, 8)):
+        assert dev.client.call(vc.GET_CONFIG, vc.pack_config(offset, bytes(size))) == b""
+    assert dev.read(0, 512)[0] == vc.BLK_S_OK
+
+
+@pytest.mark.parametrize("size", [512, 4096, 65536, 128 << 10])
+def test_write_read_both_queues(export, dev, size):
+    for q in (0, 1):
+        sector = 1000 + q * 512
+        data = os.urandom(size)
+        assert dev.write(sector, data, queue=q) == vc.BLK_S_OK
+        status, back = dev.read(sector, size, queue=q)
+        assert status == vc.BLK_S_OK and back == data
+        assert export.image(sector, size) == data
+
+
+def test_indirect_and_segmented(dev):
+    data = os.urandom(64 << 10)
+    assert dev.write(4096, data, indirect=True, seg_size=4096) == vc.BLK_S_OK
+    status, back = dev.read(4096, len(data), indirect=True, seg_size=512)
+    assert status == vc.BLK_S_OK and back == data
+
+
+def test_batches(dev):
+    blocks = {i: os.urandom(4096) for i in range(32)}
+    reqs = dev.submit_many([(vc.BLK_T_OUT, 8 * i, b) for i, b in blocks.items()],
+                           indirect=True)
+    assert [r.status for r in reqs] == [vc.BLK_S_OK] * 32
+    reqs = dev.submit_many([(vc.BLK_T_IN, 8 * i, 4096) for i in blocks], queue=1,
+                           indirect=True)
+    assert [r.data for r in reqs] == list(blocks.values())
+
+
+def test_flush_get_id_and_last_avail(dev):
+    assert dev.flush() == vc.BLK_S_OK
+    serial = dev.get_id()
+    assert serial.startswith(b"bs-") and len(serial.rstrip(b"\0")) == 20
+    assert dev.get_id() == serial  # stable
+    assert dev.read(0, 512, queue=1)[0] == vc.BLK_S_OK
+    assert dev.get_vring_base(1) == 1
+    assert dev.get_vring_base(0) == 3
+
+
+def test_error_statuses(dev):
+    assert dev.read(SECTORS, 512)[0] == vc.BLK_S_IOERR           # past the end
+    assert dev.read(SECTORS - 1, 1024)[0] == vc.BLK_S_IOERR      # straddles the end
+    assert dev.read(2**64 - 1, 512)[0] == vc.BLK_S_IOERR         # sector*512 overflows
+    assert dev.write(SECTORS, b"x" * 512) == vc.BLK_S_IOERR
+    assert dev.wait(dev.submit(77, 0, in_len=512)).status == vc.BLK_S_UNSUPP
+    # a device-writable data buffer on a write, a readable one on a read
+    r = dev.submit_raw([(vc.blk_header(vc.BLK_T_OUT), False), (512, True), (1, True)])
+    assert dev.wait(r).status == vc.BLK_S_IOERR
+    r = dev.submit_raw([(vc.blk_header(vc.BLK_T_IN), False), (b"\0" * 512, False), (1, True)])
+    assert dev.wait(r).status == vc.BLK_S_IOERR
+    r = dev.submit_raw([(vc.blk_header(vc.BLK_T_IN)[:8], False), (1, True)])
+    assert dev.wait(r).status == vc.BLK_S_IOERR                     # short header
+    assert dev.read(0, 512)[0] == vc.BLK_S_OK
+
+
+def test_bad_chains_complete_empty_and_queue_keeps_serving(export, dev):
+    # buffer outside guest memory: completed with used len 0, logged
+    vq = dev.vqs[0]
+    hdr = dev.mem.alloc(16)
+    dev.mem.write(hdr, vc.blk_header(vc.BLK_T_IN))
+    st = dev.mem.alloc(1)
+    a, b, c = vq.alloc_descs(3)
+    vq.add_raw_descriptors([
+        (a, hdr, 16, vc.VRING_DESC_F_NEXT, b),
+        (b, 0xDEAD_0000_0000, 512, vc.VRING_DESC_F_NEXT | vc.VRING_DESC_F_WRITE, c),
+        (c, st, 1, vc.VRING_DESC_F_WRITE, 0),
+    ], head=a)
+    vq.kick()
+    assert vq.wait_used(1)[0] == (a, 0)
+    (a,) = vq.alloc_descs(1)
+    vq.add_raw_descriptors([(a, dev.mem.alloc(16), 16, vc.VRING_DESC_F_NEXT, a)])  # loop
+    vq.kick()
+    assert vq.wait_used(1)[0][1] == 0
+    assert dev.read(0, 512)[0] == vc.BLK_S_OK
+    deadline = time.monotonic() + 5
+    while "malformed descriptor chain" not in export.logtext():
+        assert time.monotonic() < deadline, export.logtext()
+        time.sleep(0.2)
+
+
+def _kick_without_fd(d):
+    d.client.send(vc.SET_VRING_KICK, vc.pack_vring_file(0, has_fd=True))
+
+
+def _call_with_two_fds(d):
+    d.client.send(vc.SET_VRING_CALL, vc.pack_vring_file(0),
+                  fds=(d.vqs[0].call_fd, d.vqs[1].call_fd))
+
+
+def _mem_region_larger_than_fd(d):
+    region = vc.pack_mem_region(0, 1 << 40, 0x7F00_0000_0000)
+    d.client.send(vc.SET_MEM_TABLE, struct.pack("<II", 1, 0) + region, fds=(d.mem.fds[0],))
+
+
+MALFORMED = {
+    "oversized_payload": lambda d: d.client.send(vc.GET_FEATURES, bytes(8192)),
+    "truncated_payload": lambda d: d.client.send(vc.SET_VRING_NUM, b"\0" * 3),
+    "unknown_request": lambda d: d.client.send(99),
+    "bad_version": lambda d: d.client.send_raw(vc.HDR.pack(vc.GET_FEATURES, 2, 0)),
+    "kick_without_fd": _kick_without_fd,
+    "call_with_two_fds": _call_with_two_fds,
+    "queue_index_out_of_range": lambda d: d.client.send(
+        vc.SET_VRING_NUM, vc.pack_vring_state(7, 128)),
+    "queue_size_not_power_of_two": lambda d: d.client.send(
+        vc.SET_VRING_NUM, vc.pack_vring_state(0, 100)),
+    "queue_size_too_big": lambda d: d.client.send(
+        vc.SET_VRING_NUM, vc.pack_vring_state(0, 65536)),
+    "features_never_offered": lambda d: d.client.send(
+        vc.SET_FEATURES, vc.pack_u64(1 << 63)),
+    "mem_region_larger_than_fd": _mem_region_larger_than_fd,
+}
+
+
+@pytest.mark.parametrize("attack", list(MALFORMED), ids=list(MALFORMED))
+def test_malformed_input_drops_connection_not_process(export, attack):
+    d = export.device()
+    try:
+        assert d.write(0, b"\x5a" * 512) == vc.BLK_S_OK
+        MALFORMED[attack](d)
+        assert d.client.wait_disconnect(3.0), "malformed input was not rejected"
+    finally:
+        d.close()
+    assert export.alive()
+    d = export.device()  # a fresh connection is served normally
+    try:
+        status, data = d.read(0, 512)
+        assert status == vc.BLK_S_OK and data == b"\x5a" * 512
+    finally:
+        d.close()
+
+
+def test_ring_corruption_stops_only_that_queue(export):
+    d = export.device()
+    try:
+        d.vqs[1].publish(d.queue_size + 1)  # a head index beyond the ring
+        d.vqs[1].kick()
+        req = d.submit(vc.BLK_T_IN, 0, in_len=512, queue=1)
+        with pytest.raises(TimeoutError):
+            d.wait(req, timeout=0.5)
+        assert d.read(0, 512, queue=0)[0] == vc.BLK_S_OK  # the other queue serves
+    finally:
+        d.close()
+    deadline = time.monotonic() + 5
+    while "corrupted the ring" not in export.logtext():
+        assert time.monotonic() < deadline, export.logtext()
+        time.sleep(0.2)
+    d = export.device()  # a new connection resets the device
+    try:
+        assert d.read(0, 512, queue=1)[0] == vc.BLK_S_OK
+    finally:
+        d.close()
+
+
+def test_second_frontend_refused_while_one_is_served(export, dev):
+    c = vc.VhostUserClient(export.sock, timeout=2.0)
+    try:
+        assert c.wait_disconnect(3.0)
+    finally:
+        c.close()
+    assert dev.read(0, 512)[0] == vc.BLK_S_OK
+
+
+def test_reconnect_after_disconnect_with_io_in_flight(export):
+    d = export.device()
+    d.submit_many([(vc.BLK_T_OUT, 8 * i, os.urandom(4096)) for i in range(16)],
+                  indirect=True, wait=False)
+    d.close()  # vanish with requests possibly in flight
+    for _ in range(3):
+        d = export.device()
+        try:
+            data = os.urandom(4096)
+            assert d.write(64, data) == vc.BLK_S_OK
+            assert d.read(64, 4096) == (vc.BLK_S_OK, data)
+        finally:
+            d.close()
+    assert export.alive()
+
+
+def test_read_only_export(tmp_path):
+    e = start_export(tmp_path, "--read-only", "--serial", "my-disk-01")
+    try:
+        d = e.device(queues=1)
+        try:
+            assert d.offered_features >> vc.BLK_F_RO & 1
+            assert d.write(0, b"\xff" * 512) == vc.BLK_S_IOERR
+            assert d.read(0, 512) == (vc.BLK_S_OK, b"\0" * 512)
+            assert d.flush() == vc.BLK_S_OK
+            assert d.get_id().rstrip(b"\0") == b"my-disk-01"
+        finally:
+            d.close()
+        assert e.image(0, 512) == b"\0" * 512
+    finally:
+        assert stop_export(e) == 0
+
+
+def test_writeback_cache_and_block_count(tmp_path):
+    e = start_export(tmp_path, "--cache", "writeback", size=(8 << 20) + 100)
+    try:
+        d = e.device(queues=1)
+        try:
+            assert d.capacity == (8 << 20) // 512  # rounded down to whole sectors
+            data = os.urandom(1536)
+            assert d.write(3, data) == vc.BLK_S_OK
+            assert d.read(3, 1536) == (vc.BLK_S_OK, data)
+        finally:
+            d.close()
+    finally:
+        assert stop_export(e) == 0
+
+
+def test_sigterm_drains_and_removes_socket(tmp_path):
+    e = start_export(tmp_path)
+    d = e.device(queues=1)
+    reqs = d.submit_many([(vc.BLK_T_OUT, 8 * i, b"\x11" * 4096) for i in range(16)],
+                         indirect=True, wait=False)
+    e.proc.send_signal(signal.SIGTERM)
+    assert e.proc.wait(10) == 0
+    assert not os.path.exists(e.sock)
+    d.poll()
+    d.close()
+    assert "socket removed" in e.logtext()
+    # every request the backend acknowledged reached the file
+    for i, r in enumerate(reqs):
+        if r.done and r.status == vc.BLK_S_OK:
+            assert e.image(8 * i, 4096) == b"\x11" * 4096
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blkserve", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, export):
+    img = tmp_path / "x.img"
+    img.write_bytes(b"\0" * 4096)
+    cases = [
+        (["export", str(tmp_path / "missing.img"), "--socket", str(tmp_path / "a.sock")],
+         "No such file"),
+        (["export", str(img), "--socket", export.sock], "in use"),
+        (["export", str(tmp_path), "--socket", str(tmp_path / "b.sock")],
+         "neither a regular file nor a block device"),
+        (["export", str(img), "--socket", str(tmp_path / "c.sock"), "--queues", "0"],
+         "--queues"),
+        (["export", str(img), "--socket", str(tmp_path / "d.sock"), "--serial", "x" * 21],
+         "--serial"),
+        (["export", str(img), "--socket", "/nonexistent-dir/e.sock"], "No such file"),
+    ]
+    for args, msg in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    r = run_cli("export", str(img))  # argparse: missing --socket
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_help_lists_options():
+    r = run_cli("export", "--help")
+    assert r.returncode == 0
+    for opt in ("--socket", "--queues", "--read-only", "--cache", "--serial"):
+        assert opt in r.stdout
