@@ -268,6 +268,11 @@ class Session:
         return False
 
 
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class VhostUserServer:
     """Listens on a unix socket and serves one frontend at a time."""
 
@@ -376,7 +381,7 @@ class VhostUserServer:
                 data, newfds, flags, _ = socket.recv_fds(conn, n - len(buf), p.MAX_FDS)
             except BlockingIOError:
                 fut = loop.create_future()
-                loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
+                loop.add_reader(conn.fileno(), _wake, fut)
                 try:
                     await fut
                 finally:
