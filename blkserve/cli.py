@@ -16,6 +16,7 @@ def _export(args: argparse.Namespace) -> int:
         return run_export(ExportOptions(
             backing=args.backing, socket=args.socket, queues=args.queues,
             read_only=args.read_only, cache=args.cache, serial=args.serial,
+            block_size=args.block_size,
         ))
     except ExportError as e:
         print(f"blkserve export: error: {e}", file=sys.stderr)
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--serial", metavar="STR",
                     help="disk serial returned by GET_ID, at most 20 bytes (default: "
                          "derived from the backing's real path)")
+    ex.add_argument("--block-size", type=int, choices=(512, 4096), metavar="512|4096",
+                    help="logical block size offered to the guest (default: the backing "
+                         "device's logical block size; 512 for files)")
     ex.set_defaults(func=_export)
     return parser
 

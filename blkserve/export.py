@@ -15,13 +15,17 @@ import struct
 from dataclasses import dataclass
 
 from blkserve.native import SERIAL_BYTES, Target, TargetConfig
-from blkserve.vhost.blk import SECTOR, BlkDeviceModel
+from blkserve.vhost.blk import SECTOR, BlkDeviceModel, Topology
 from blkserve.vhost.server import VhostUserServer
 
 log = logging.getLogger("blkserve.export")
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
+BLKIOMIN = 0x1278
+BLKIOOPT = 0x1279
+BLKALIGNOFF = 0x127A
+BLKPBSZGET = 0x127B
 MAX_QUEUES = 64
 
 
@@ -37,6 +41,7 @@ class ExportOptions:
     read_only: bool = False
     cache: str = "none"
     serial: str | None = None
+    block_size: int | None = None
 
 
 def default_serial(path: str) -> bytes:
@@ -52,6 +57,8 @@ class Backing:
     capacity: int
     dio_align: int
     is_block: bool
+    logical_block: int = SECTOR
+    topology: Topology = Topology()
 
     def close(self) -> None:
         if self.fd_buffered != self.fd:
@@ -74,12 +81,22 @@ def open_backing(path: str, read_only: bool, cache: str) -> Backing:
     is_block = stat.S_ISBLK(st.st_mode)
     try:
         if is_block:
-            buf = fcntl.ioctl(fd_buffered, BLKGETSIZE64, b"\0" * 8)
-            size = struct.unpack("<Q", buf)[0]
-            sec = struct.unpack("<i", fcntl.ioctl(fd_buffered, BLKSSZGET, b"\0" * 4))[0]
+            size = _ioctl_int(fd_buffered, BLKGETSIZE64, "<Q")
+            sec = _ioctl_int(fd_buffered, BLKSSZGET, "<i")
+            topo = Topology(
+                physical_block=_ioctl_int(fd_buffered, BLKPBSZGET, "<I"),
+                alignment_offset=max(_ioctl_int(fd_buffered, BLKALIGNOFF, "<i"), 0),
+                io_min=_ioctl_int(fd_buffered, BLKIOMIN, "<I"),
+                io_opt=_ioctl_int(fd_buffered, BLKIOOPT, "<I"),
+                discard_granularity=_sysfs_discard_granularity(st.st_rdev) or sec,
+            )
         else:
             size = os.fstat(fd_buffered).st_size
             sec = SECTOR
+            # A file's allocation unit is its filesystem block: writes below
+            # it read-modify-write, and holes are punched in whole blocks.
+            blk = max(st.st_blksize, SECTOR)
+            topo = Topology(physical_block=blk, io_min=blk, discard_granularity=blk)
     except OSError as e:
         os.close(fd_buffered)
         raise ExportError(f"cannot read the size of {path}: {e.strerror}") from None
@@ -88,7 +105,7 @@ def open_backing(path: str, read_only: bool, cache: str) -> Backing:
         os.close(fd_buffered)
         raise ExportError(f"backing {path} is smaller than one 512-byte sector")
     if cache == "writeback":
-        return Backing(fd_buffered, fd_buffered, capacity, 0, is_block)
+        return Backing(fd_buffered, fd_buffered, capacity, 0, is_block, sec, topo)
     try:
         fd = os.open(path, flags | os.O_DIRECT)
     except OSError as e:
@@ -97,8 +114,21 @@ def open_backing(path: str, read_only: bool, cache: str) -> Backing:
             raise ExportError(f"cannot open backing {path} with O_DIRECT: {e.strerror}") \
                 from None
         log.warning("%s does not support O_DIRECT; serving it through the page cache", path)
-        return Backing(fd_buffered, fd_buffered, capacity, 0, is_block)
-    return Backing(fd, fd_buffered, capacity, max(sec, SECTOR), is_block)
+        return Backing(fd_buffered, fd_buffered, capacity, 0, is_block, sec, topo)
+    return Backing(fd, fd_buffered, capacity, max(sec, SECTOR), is_block, sec, topo)
+
+
+def _ioctl_int(fd: int, req: int, fmt: str) -> int:
+    return struct.unpack(fmt, fcntl.ioctl(fd, req, b"\0" * struct.calcsize(fmt)))[0]
+
+
+def _sysfs_discard_granularity(rdev: int) -> int:
+    path = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/queue/discard_granularity"
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
 
 
 def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
@@ -107,6 +137,8 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
         raise ExportError(f"--queues must be between 1 and {MAX_QUEUES}")
     if opts.cache not in ("none", "writeback"):
         raise ExportError("--cache must be 'none' or 'writeback'")
+    if opts.block_size not in (None, 512, 4096):
+        raise ExportError("--block-size must be 512 or 4096")
     if opts.serial is not None:
         serial = opts.serial.encode()
         if len(serial) > SERIAL_BYTES:
@@ -115,12 +147,22 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
         serial = default_serial(opts.backing)
     backing = open_backing(opts.backing, opts.read_only, opts.cache)
     try:
+        block_size = opts.block_size or (4096 if backing.logical_block == 4096 else SECTOR)
+        if block_size < backing.logical_block:
+            log.warning("--block-size %d is below the backing's %d-byte logical block: "
+                        "unaligned guest I/O goes through the page cache", block_size,
+                        backing.logical_block)
+        capacity = backing.capacity - backing.capacity % block_size
+        if capacity == 0:
+            raise ExportError(f"backing {opts.backing} is smaller than one block")
         target = Target(TargetConfig(
-            fd=backing.fd, fd_buffered=backing.fd_buffered, capacity=backing.capacity,
+            fd=backing.fd, fd_buffered=backing.fd_buffered, capacity=capacity,
             dio_align=backing.dio_align, read_only=opts.read_only, serial=serial,
+            block_size=block_size, is_block_device=backing.is_block,
         ))
-        model = BlkDeviceModel(capacity=backing.capacity, num_queues=opts.queues,
-                               read_only=opts.read_only)
+        model = BlkDeviceModel(capacity=capacity, num_queues=opts.queues,
+                               read_only=opts.read_only, blk_size=block_size,
+                               topology=backing.topology)
         server = VhostUserServer(os.path.abspath(opts.socket), model, target)
         try:
             server.bind()

@@ -37,6 +37,10 @@ class GuestMemory:
         _check(lib.bs_mem_add(self._h, fd, gpa, size, uva, mmap_offset),
                f"mapping guest region gpa={gpa:#x} size={size:#x}")
 
+    def remove(self, gpa: int, size: int, uva: int) -> None:
+        _check(lib.bs_mem_remove(self._h, gpa, size, uva),
+               f"removing guest region gpa={gpa:#x} size={size:#x}")
+
     def __len__(self) -> int:
         return lib.bs_mem_count(self._h)
 
@@ -54,6 +58,26 @@ class TargetConfig:
     dio_align: int
     read_only: bool
     serial: bytes
+    block_size: int = 512
+    is_block_device: bool = False
+    writethrough: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    seg_max: int
+    size_max: int
+    max_discard_sectors: int
+    max_discard_seg: int
+    max_write_zeroes_sectors: int
+    max_write_zeroes_seg: int
+
+
+def limits() -> Limits:
+    """The request limits the engine enforces (advertised in the config space)."""
+    out = ffi.new("struct bs_limits *")
+    lib.bs_get_limits(out)
+    return Limits(**{f: int(getattr(out, f)) for f in Limits.__dataclass_fields__})
 
 
 class Target:
@@ -66,6 +90,9 @@ class Target:
         c.capacity = cfg.capacity
         c.dio_align = cfg.dio_align
         c.read_only = int(cfg.read_only)
+        c.block_size = cfg.block_size
+        c.is_block_device = int(cfg.is_block_device)
+        c.writethrough = int(cfg.writethrough)
         c.serial = cfg.serial[:SERIAL_BYTES].ljust(SERIAL_BYTES, b"\0")
         out = ffi.new("bs_target **")
         _check(lib.bs_target_new(c, out), "configuring the backing target")
@@ -75,6 +102,9 @@ class Target:
     @property
     def handle(self):
         return self._h
+
+    def set_writethrough(self, on: bool) -> None:
+        lib.bs_target_set_writethrough(self._h, int(on))
 
     def close(self) -> None:
         if self._h is not None:
@@ -95,8 +125,9 @@ class VringConfig:
 
 
 STAT_FIELDS = (
-    "reqs_read", "reqs_write", "reqs_flush", "reqs_get_id", "reqs_other",
-    "bytes_read", "bytes_write", "err_ioerr", "err_unsupp", "bad_chains",
+    "reqs_read", "reqs_write", "reqs_flush", "reqs_get_id", "reqs_discard",
+    "reqs_write_zeroes", "reqs_other", "bytes_read", "bytes_write", "bytes_discard",
+    "bytes_write_zeroes", "err_ioerr", "err_unsupp", "bad_chains",
     "io_errors", "kicks", "notifies", "inflight", "broken", "last_error",
 )
 

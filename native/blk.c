@@ -55,12 +55,59 @@ static void fail(struct bs_blk_req *r, uint8_t status)
     r->status = status;
 }
 
+/* [sector*512, +len) inside the disk and aligned to its logical block. */
 static int range_ok(const struct bs_target_cfg *t, uint64_t sector, uint64_t len)
 {
+    uint64_t bs = t->block_size ? t->block_size : BS_SECTOR;
     /* sector * 512 may overflow: compare in sectors first. */
     if (sector > t->capacity / BS_SECTOR)
         return 0;
+    if ((sector * BS_SECTOR) % bs || len % bs)
+        return 0;
     return len <= t->capacity - sector * BS_SECTOR;
+}
+
+struct dwz_seg {
+    uint64_t sector;
+    uint32_t num_sectors;
+    uint32_t flags;
+};
+
+/* DISCARD / WRITE_ZEROES: an array of segments after the header. */
+static void parse_dwz(const struct bs_target_cfg *t, struct bs_chain *c,
+                      int first, int count, uint64_t len, struct bs_blk_req *r)
+{
+    int discard = r->type == BS_BLK_T_DISCARD;
+    struct dwz_seg segs[BS_MAX_DWZ_SEG];
+    size_t nseg = len / sizeof(segs[0]);
+
+    if (c->in_len != 0 || t->read_only || len % sizeof(segs[0]) || nseg == 0 ||
+        nseg > BS_MAX_DWZ_SEG)
+        return;     /* IOERR */
+    /* One copy out of guest memory, then only the copy is looked at. */
+    iov_gather(&c->iov[first], count, segs, len);
+    for (size_t i = 0; i < nseg; i++) {
+        const struct dwz_seg seg = segs[i];
+        if (seg.flags & ~(uint32_t)BS_BLK_WZ_F_UNMAP ||
+            (discard && (seg.flags & BS_BLK_WZ_F_UNMAP))) {
+            fail(r, BS_BLK_S_UNSUPP);
+            return;
+        }
+        uint64_t bytes = (uint64_t)seg.num_sectors * BS_SECTOR;
+        if (seg.num_sectors > BS_MAX_DWZ_SECTORS || !range_ok(t, seg.sector, bytes)) {
+            fail(r, BS_BLK_S_IOERR);
+            return;
+        }
+        if (bytes == 0)
+            continue;
+        struct bs_range *rg = &r->ranges[r->nranges++];
+        rg->offset = seg.sector * BS_SECTOR;
+        rg->len = bytes;
+        rg->unmap = !!(seg.flags & BS_BLK_WZ_F_UNMAP);
+        r->len += bytes;
+    }
+    r->op = r->nranges ? (discard ? BS_OP_DISCARD : BS_OP_WRITE_ZEROES) : BS_OP_NONE;
+    r->status = BS_BLK_S_OK;
 }
 
 void bs_blk_parse(const struct bs_target_cfg *t, struct bs_chain *c,
@@ -115,6 +162,10 @@ void bs_blk_parse(const struct bs_target_cfg *t, struct bs_chain *c,
             return;
         }
         r->op = BS_OP_FLUSH;
+        return;
+    case BS_BLK_T_DISCARD:
+    case BS_BLK_T_WRITE_ZEROES:
+        parse_dwz(t, c, out_first, out_count, out_data, r);
         return;
     case BS_BLK_T_GET_ID: {
         size_t n = iov_scatter(&c->iov[c->nout], c->niov - c->nout, t->serial,

@@ -19,10 +19,23 @@ typedef struct bs_queue bs_queue;
 struct bs_target_cfg {
     int fd;                 /* main fd (O_DIRECT when cache=none)            */
     int fd_buffered;        /* same file without O_DIRECT, for unaligned I/O */
-    uint64_t capacity;      /* bytes, a multiple of 512                      */
+    uint64_t capacity;      /* bytes, a multiple of block_size               */
     uint32_t dio_align;     /* buffer/offset alignment O_DIRECT needs; 0=n/a */
+    uint32_t block_size;    /* logical block size offered: 512 or 4096       */
     int read_only;
+    int is_block_device;    /* discard/zeroing semantics of fallocate differ */
+    int writethrough;       /* initial cache mode: every write made durable  */
     unsigned char serial[20]; /* VIRTIO_BLK_T_GET_ID answer, zero-padded    */
+};
+
+/* Request limits the engine enforces; the config space advertises them. */
+struct bs_limits {
+    uint32_t seg_max;
+    uint32_t size_max;
+    uint32_t max_discard_sectors;
+    uint32_t max_discard_seg;
+    uint32_t max_write_zeroes_sectors;
+    uint32_t max_write_zeroes_seg;
 };
 
 struct bs_vring_cfg {
@@ -41,9 +54,13 @@ struct bs_queue_stats {
     uint64_t reqs_write;
     uint64_t reqs_flush;
     uint64_t reqs_get_id;
+    uint64_t reqs_discard;
+    uint64_t reqs_write_zeroes;
     uint64_t reqs_other;
     uint64_t bytes_read;
     uint64_t bytes_write;
+    uint64_t bytes_discard;
+    uint64_t bytes_write_zeroes;
     uint64_t err_ioerr;      /* requests answered VIRTIO_BLK_S_IOERR         */
     uint64_t err_unsupp;     /* requests answered VIRTIO_BLK_S_UNSUPP        */
     uint64_t bad_chains;     /* malformed descriptor chains (guest fault)    */
@@ -62,12 +79,19 @@ int bs_mem_new(bs_mem **out);
  * overlaps another region, or the table is full. */
 int bs_mem_add(bs_mem *m, int fd, uint64_t gpa, uint64_t size, uint64_t uva,
                uint64_t mmap_offset);
+/* Unmap the region exactly matching [gpa, gpa+size) at uva: -ENOENT if none.
+ * Like bs_mem_free, -EBUSY while a running queue uses the table. */
+int bs_mem_remove(bs_mem *m, uint64_t gpa, uint64_t size, uint64_t uva);
 int bs_mem_count(bs_mem *m);
 /* -EBUSY while a running queue still uses the table. */
 int bs_mem_free(bs_mem *m);
 
 /* ---- backing target ---- */
+void bs_get_limits(struct bs_limits *out);
 int bs_target_new(const struct bs_target_cfg *cfg, bs_target **out);
+/* Switch write cache mode at run time (the guest's config-space WCE write):
+ * writethrough=1 makes each write durable (RWF_DSYNC) before its status. */
+void bs_target_set_writethrough(bs_target *t, int writethrough);
 void bs_target_free(bs_target *t);
 
 /* ---- queues ---- */

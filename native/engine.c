@@ -10,6 +10,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
@@ -31,6 +32,8 @@ struct slot {
     uint16_t head;
     int fd;                  /* fd the I/O goes to */
     uint64_t done;           /* bytes transferred so far (short I/O) */
+    int cur;                 /* discard / write-zeroes: range in progress */
+    int fallback;            /* ... and whether its fallback mode is tried */
     int free_next;
 };
 
@@ -72,18 +75,35 @@ struct bs_queue {
 
 /* ---- target ---- */
 
+void bs_get_limits(struct bs_limits *out)
+{
+    out->seg_max = BS_SEG_MAX;
+    out->size_max = BS_SIZE_MAX;
+    out->max_discard_sectors = BS_MAX_DWZ_SECTORS;
+    out->max_discard_seg = BS_MAX_DWZ_SEG;
+    out->max_write_zeroes_sectors = BS_MAX_DWZ_SECTORS;
+    out->max_write_zeroes_seg = BS_MAX_DWZ_SEG;
+}
+
 int bs_target_new(const struct bs_target_cfg *cfg, bs_target **out)
 {
-    if (cfg->fd < 0 || cfg->capacity % BS_SECTOR)
+    uint32_t bs = cfg->block_size ? cfg->block_size : BS_SECTOR;
+    if (cfg->fd < 0 || (bs != 512 && bs != 4096) || cfg->capacity % bs)
         return -EINVAL;
     bs_target *t = calloc(1, sizeof(*t));
     if (!t)
         return -ENOMEM;
     t->cfg = *cfg;
+    t->cfg.block_size = bs;
     if (t->cfg.fd_buffered < 0)
         t->cfg.fd_buffered = cfg->fd;
     *out = t;
     return 0;
+}
+
+void bs_target_set_writethrough(bs_target *t, int writethrough)
+{
+    __atomic_store_n(&t->cfg.writethrough, !!writethrough, __ATOMIC_RELAXED);
 }
 
 void bs_target_free(bs_target *t)
@@ -147,6 +167,8 @@ static void count_req(struct bs_queue *q, const struct bs_blk_req *r)
     case BS_BLK_T_OUT: BS_STAT_ADD(q->st.reqs_write, 1); break;
     case BS_BLK_T_FLUSH: BS_STAT_ADD(q->st.reqs_flush, 1); break;
     case BS_BLK_T_GET_ID: BS_STAT_ADD(q->st.reqs_get_id, 1); break;
+    case BS_BLK_T_DISCARD: BS_STAT_ADD(q->st.reqs_discard, 1); break;
+    case BS_BLK_T_WRITE_ZEROES: BS_STAT_ADD(q->st.reqs_write_zeroes, 1); break;
     default: BS_STAT_ADD(q->st.reqs_other, 1); break;
     }
 }
@@ -161,6 +183,10 @@ static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
             BS_STAT_ADD(q->st.bytes_read, r->len);
         else if (r->op == BS_OP_WRITE)
             BS_STAT_ADD(q->st.bytes_write, r->len);
+        else if (r->op == BS_OP_DISCARD)
+            BS_STAT_ADD(q->st.bytes_discard, r->len);
+        else if (r->op == BS_OP_WRITE_ZEROES)
+            BS_STAT_ADD(q->st.bytes_write_zeroes, r->len);
     } else if (status == BS_BLK_S_IOERR) {
         BS_STAT_ADD(q->st.err_ioerr, 1);
     } else {
@@ -186,7 +212,22 @@ static int dio_aligned(const struct bs_target_cfg *t, const struct bs_blk_req *r
     return 1;
 }
 
-/* Queue the SQE for a slot's read/write/flush at its current progress. */
+/* fallocate mode for the current discard / write-zeroes range.  Files and
+ * block devices both take these: on a block device PUNCH_HOLE zeroes by
+ * unmapping (no fallback to writing), ZERO_RANGE zeroes without unmapping. */
+static int dwz_mode(const struct bs_blk_req *r, const struct slot *s)
+{
+    const int punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+    const int zero = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+    if (r->op == BS_OP_DISCARD)
+        return punch;
+    /* write zeroes: unmapping allowed -> punch first; either way the other
+     * mode is the fallback (tmpfs has no ZERO_RANGE, some devices no unmap) */
+    int prefer_punch = r->ranges[s->cur].unmap;
+    return (prefer_punch ^ s->fallback) ? punch : zero;
+}
+
+/* Queue the SQE for a slot's operation at its current progress. */
 static int submit_io(struct bs_queue *q, struct slot *s)
 {
     struct bs_blk_req *r = &s->req;
@@ -199,10 +240,18 @@ static int submit_io(struct bs_queue *q, struct slot *s)
         io_uring_prep_readv(sqe, s->fd, iov, r->iov_count, r->offset + s->done);
         break;
     case BS_OP_WRITE:
-        io_uring_prep_writev(sqe, s->fd, iov, r->iov_count, r->offset + s->done);
+        io_uring_prep_writev2(sqe, s->fd, iov, r->iov_count, r->offset + s->done,
+                              __atomic_load_n(&q->target->cfg.writethrough,
+                                              __ATOMIC_RELAXED) ? RWF_DSYNC : 0);
         break;
     case BS_OP_FLUSH:
         io_uring_prep_fsync(sqe, s->fd, IORING_FSYNC_DATASYNC);
+        break;
+    case BS_OP_DISCARD:
+    case BS_OP_WRITE_ZEROES:
+        io_uring_prep_fallocate(sqe, s->fd, dwz_mode(r, s),
+                                (off_t)r->ranges[s->cur].offset,
+                                (off_t)r->ranges[s->cur].len);
         break;
     default:
         return -EINVAL;
@@ -221,6 +270,8 @@ static void start_request(struct bs_queue *q, uint16_t head)
     q->free_head = s->free_next;
     s->head = head;
     s->done = 0;
+    s->cur = 0;
+    s->fallback = 0;
     ret = bs_vring_chain(&q->vr, q->mem, head, &s->chain);
     if (ret == 0)
         bs_blk_parse(t, &s->chain, &s->req);
@@ -327,6 +378,30 @@ static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res)
             return;
         res = -EIO;
     }
+    if (res == -EINVAL && s->fd != q->target->cfg.fd_buffered &&
+        (r->op == BS_OP_READ || r->op == BS_OP_WRITE)) {
+        /* O_DIRECT refused the alignment (a backing with a larger logical
+         * block than we assumed): redo it through the page cache. */
+        s->fd = q->target->cfg.fd_buffered;
+        if (submit_io(q, s) == 0)
+            return;
+    }
+    if (r->op == BS_OP_DISCARD || r->op == BS_OP_WRITE_ZEROES) {
+        if ((res == -EOPNOTSUPP || res == -EINVAL) && !s->fallback &&
+            r->op == BS_OP_WRITE_ZEROES) {
+            s->fallback = 1;
+            if (submit_io(q, s) == 0)
+                return;
+        }
+        if (res == -EOPNOTSUPP && r->op == BS_OP_DISCARD)
+            res = 0;    /* discard is advisory */
+        if (res >= 0 && ++s->cur < r->nranges) {
+            s->fallback = 0;
+            if (submit_io(q, s) == 0)
+                return;
+            res = -EIO;
+        }
+    }
     if (res < 0) {
         BS_STAT_ADD(q->st.io_errors, 1);
         __atomic_store_n(&q->st.last_error, res, __ATOMIC_RELAXED);
@@ -334,7 +409,8 @@ static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res)
         complete(q, s, BS_BLK_S_IOERR);
         return;
     }
-    if (r->op != BS_OP_FLUSH && res > 0 && s->done + (uint64_t)res < r->len) {
+    int rw = r->op == BS_OP_READ || r->op == BS_OP_WRITE;
+    if (rw && res > 0 && s->done + (uint64_t)res < r->len) {
         /* Short transfer: advance the iovecs and go on from there. */
         size_t skip = (size_t)res;
         s->done += (uint64_t)res;
@@ -354,7 +430,7 @@ static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res)
         res = -EIO;
     }
     q->inflight--;
-    if (r->op != BS_OP_FLUSH && res == 0 && s->done < r->len) {
+    if (rw && res == 0 && s->done < r->len) {
         /* EOF inside the capacity: the backing shrank under us. */
         BS_STAT_ADD(q->st.io_errors, 1);
         __atomic_store_n(&q->st.last_error, -EIO, __ATOMIC_RELAXED);

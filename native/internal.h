@@ -21,6 +21,9 @@
 #define BS_MAX_IOV 192         /* header + data + status, plus region splits */
 #define BS_MAX_SLOTS 1024      /* requests in flight per queue             */
 #define BS_SECTOR 512ULL
+#define BS_MAX_DWZ_SEG 32      /* discard / write-zeroes segments per request */
+#define BS_MAX_DWZ_SECTORS (1u << 22)  /* per segment: 2 GiB */
+#define BS_SIZE_MAX (4u << 20) /* bytes per data segment we advertise */
 
 /* Relaxed stat update: each counter has a single writer (its queue thread). */
 #define BS_STAT_ADD(field, v) \
@@ -122,6 +125,9 @@ static inline int bs_vring_need_event(uint16_t event, uint16_t new_idx,
 #define BS_BLK_T_OUT 1
 #define BS_BLK_T_FLUSH 4
 #define BS_BLK_T_GET_ID 8
+#define BS_BLK_T_DISCARD 11
+#define BS_BLK_T_WRITE_ZEROES 13
+#define BS_BLK_WZ_F_UNMAP 1
 #define BS_BLK_S_OK 0
 #define BS_BLK_S_IOERR 1
 #define BS_BLK_S_UNSUPP 2
@@ -132,6 +138,15 @@ enum bs_op {
     BS_OP_READ,
     BS_OP_WRITE,
     BS_OP_FLUSH,
+    BS_OP_DISCARD,
+    BS_OP_WRITE_ZEROES,
+};
+
+/* One range of a discard / write-zeroes request, in bytes. */
+struct bs_range {
+    uint64_t offset;
+    uint64_t len;
+    int unmap;
 };
 
 /* What the engine must do for one request, decided from the chain alone. */
@@ -145,6 +160,8 @@ struct bs_blk_req {
     int iov_first;          /* data iovecs: c->iov[iov_first .. +iov_count) */
     int iov_count;
     uint32_t used_len;      /* bytes written into writable buffers on success */
+    int nranges;            /* discard / write-zeroes */
+    struct bs_range ranges[BS_MAX_DWZ_SEG];
 };
 
 /* Parse and validate one request against the target.  Fills r; never fails:
@@ -155,7 +172,7 @@ void bs_blk_parse(const struct bs_target_cfg *t, struct bs_chain *c,
                   struct bs_blk_req *r);
 
 struct bs_target {
-    struct bs_target_cfg cfg;
+    struct bs_target_cfg cfg;   /* cfg.writethrough is read atomically */
 };
 
 #endif

@@ -46,20 +46,41 @@ int bs_mem_add(bs_mem *m, int fd, uint64_t gpa, uint64_t size, uint64_t uva,
             ranges_overlap(uva, size, m->r[i].uva, m->r[i].size))
             return -EINVAL;
     }
-    /* Map from offset 0 so the mmap offset needs no page alignment; the
-     * length covers exactly what the fd has (checked above). */
-    void *base = mmap(NULL, end, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    /* Map from offset 0 so the mmap offset needs no page alignment.  The
+     * length covers what the region needs, rounded up to the fd's block
+     * size (the huge page size on hugetlbfs, which refuses partial pages)
+     * as long as the file has that much: never past its end (SIGBUS). */
+    uint64_t map_len = end;
+    uint64_t blk = st.st_blksize > 0 ? (uint64_t)st.st_blksize : 4096;
+    if (map_len % blk && map_len - map_len % blk + blk <= (uint64_t)st.st_size)
+        map_len = map_len - map_len % blk + blk;
+    void *base = mmap(NULL, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (base == MAP_FAILED)
         return -errno;
-    madvise(base, end, MADV_DONTDUMP);
+    madvise(base, map_len, MADV_DONTDUMP);
     struct bs_region *r = &m->r[m->nregions++];
     r->gpa = gpa;
     r->size = size;
     r->uva = uva;
     r->map_base = base;
-    r->map_len = end;
+    r->map_len = map_len;
     r->hva = (uint8_t *)base + mmap_offset;
     return 0;
+}
+
+int bs_mem_remove(bs_mem *m, uint64_t gpa, uint64_t size, uint64_t uva)
+{
+    if (__atomic_load_n(&m->users, __ATOMIC_ACQUIRE) > 0)
+        return -EBUSY;
+    for (int i = 0; i < m->nregions; i++) {
+        struct bs_region *r = &m->r[i];
+        if (r->gpa == gpa && r->size == size && r->uva == uva) {
+            munmap(r->map_base, r->map_len);
+            m->r[i] = m->r[--m->nregions];
+            return 0;
+        }
+    }
+    return -ENOENT;
 }
 
 int bs_mem_count(bs_mem *m)

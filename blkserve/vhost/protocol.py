@@ -23,6 +23,8 @@ MAX_PAYLOAD = 4096
 MAX_FDS = 8
 # Regions a SET_MEM_TABLE may carry (VHOST_MEMORY_BASELINE_NREGIONS).
 MAX_MEM_REGIONS = 8
+# Memory slots offered with CONFIGURE_MEM_SLOTS (the engine's table size).
+MAX_MEM_SLOTS = 32
 MAX_QUEUE_SIZE = 32768
 VRING_NOFD = 1 << 8
 VRING_IDX_MASK = 0xFF
@@ -194,6 +196,10 @@ SPECS: dict[int, Spec] = {
     Req.SET_VRING_ENABLE: Spec(8, 0),
     Req.GET_CONFIG: Spec(None, 0, reply=True),
     Req.SET_CONFIG: Spec(None, 0),
+    Req.GET_MAX_MEM_SLOTS: Spec(0, 0, reply=True),
+    Req.ADD_MEM_REG: Spec(40, 1),
+    # QEMU sends REM_MEM_REG without an fd; the spec's text has one: take either.
+    Req.REM_MEM_REG: Spec(40, "0or1"),
 }
 
 
@@ -210,6 +216,8 @@ def check_message(hdr: Header, payload: bytes, nfds: int) -> Spec:
         want = 0 if decode_u64(payload) & VRING_NOFD else 1
     elif spec.fds == "regions":
         want = decode_mem_table_count(payload)
+    elif spec.fds == "0or1":
+        want = min(nfds, 1)
     else:
         want = int(spec.fds)
     if nfds != want:
@@ -296,6 +304,16 @@ def decode_mem_table(payload: bytes) -> list[MemRegion]:
         if a.gpa + a.size > b.gpa:
             raise ProtocolError("memory regions overlap")
     return regions
+
+
+def decode_single_region(payload: bytes) -> MemRegion:
+    """ADD_MEM_REG / REM_MEM_REG: u64 padding, then one region."""
+    if len(payload) != 8 + MEM_REGION.size:
+        raise ProtocolError(f"single memory region payload of {len(payload)} bytes")
+    r = MemRegion(*MEM_REGION.unpack_from(payload, 8))
+    if r.size == 0 or r.gpa + r.size > 2**64 or r.uva + r.size > 2**64:
+        raise ProtocolError("memory region has an invalid range")
+    return r
 
 
 CONFIG_HDR = struct.Struct("<III")

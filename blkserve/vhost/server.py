@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from blkserve.native import GuestMemory, Queue, Target, VringConfig
 from blkserve.vhost import protocol as p
-from blkserve.vhost.blk import BlkDeviceModel
+from blkserve.vhost.blk import OFF_WCE, BlkDeviceModel
 from blkserve.vhost.protocol import Feature, ProtocolError, Req
 
 log = logging.getLogger("blkserve.vhost")
@@ -50,9 +50,14 @@ def _replace_fd(old: int | None, new: int | None) -> int | None:
 class Session:
     """The state of one frontend connection and its message handlers."""
 
-    def __init__(self, model: BlkDeviceModel, queues: list[Queue]) -> None:
+    def __init__(self, model: BlkDeviceModel, queues: list[Queue], target: Target) -> None:
         self.model = model
         self.queues = queues
+        self.target = target
+        # A new connection is a device reset: the write cache mode returns
+        # to its default.
+        self.writeback = model.default_writeback
+        target.set_writethrough(not self.writeback)
         self.vrings = [VringState() for _ in queues]
         self.features = 0
         self.protocol_features = 0
@@ -76,6 +81,9 @@ class Session:
             Req.SET_VRING_ENABLE: self.set_vring_enable,
             Req.GET_CONFIG: self.get_config,
             Req.SET_CONFIG: self.set_config,
+            Req.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
+            Req.ADD_MEM_REG: self.add_mem_reg,
+            Req.REM_MEM_REG: self.rem_mem_reg,
         }
 
     # ---- helpers ----
@@ -163,6 +171,14 @@ class Session:
     async def get_queue_num(self, payload: bytes, fds: list[int]) -> bytes:
         return p.pack_u64(self.model.num_queues)
 
+    async def _stop_all(self) -> None:
+        for i in range(len(self.vrings)):
+            await self._stop(i)
+
+    def _start_all(self) -> None:
+        for i in range(len(self.vrings)):
+            self._maybe_start(i)
+
     async def set_mem_table(self, payload: bytes, fds: list[int]) -> None:
         regions = p.decode_mem_table(payload)
         mem = GuestMemory()
@@ -174,16 +190,44 @@ class Session:
             mem.close()
             raise ProtocolError(f"memory table rejected: {e.strerror}") from None
         # Queues hold pointers into the old table: stop them, swap, restart.
-        running = [i for i, v in enumerate(self.vrings) if v.started]
-        for i in running:
-            await self._stop(i)
+        await self._stop_all()
         if self.mem is not None:
             self.mem.close()
         self.mem = mem
         log.info("memory table: %d region(s), %d MiB", len(regions),
                  sum(r.size for r in regions) >> 20)
-        for i in range(len(self.vrings)):
-            self._maybe_start(i)
+        self._start_all()
+
+    async def get_max_mem_slots(self, payload: bytes, fds: list[int]) -> bytes:
+        return p.pack_u64(p.MAX_MEM_SLOTS)
+
+    async def add_mem_reg(self, payload: bytes, fds: list[int]) -> None:
+        r = p.decode_single_region(payload)
+        # Memory hotplug is rare: quiesce the queues rather than make the
+        # hot path's region lookup safe against concurrent updates.
+        await self._stop_all()
+        if self.mem is None:
+            self.mem = GuestMemory()
+        try:
+            self.mem.add(fds[0], r.gpa, r.size, r.uva, r.mmap_offset)
+        except OSError as e:
+            raise ProtocolError(f"memory region rejected: {e.strerror}") from None
+        log.info("memory region added: gpa %#x, %d MiB (%d slot(s) in use)", r.gpa,
+                 r.size >> 20, len(self.mem))
+        self._start_all()
+
+    async def rem_mem_reg(self, payload: bytes, fds: list[int]) -> None:
+        r = p.decode_single_region(payload)
+        if self.mem is None:
+            raise ProtocolError("REM_MEM_REG before any memory was added")
+        await self._stop_all()
+        try:
+            self.mem.remove(r.gpa, r.size, r.uva)
+        except OSError as e:
+            raise ProtocolError(f"cannot remove memory region gpa {r.gpa:#x}: "
+                                f"{e.strerror}") from None
+        log.info("memory region removed: gpa %#x (%d slot(s) in use)", r.gpa, len(self.mem))
+        self._start_all()
 
     async def set_vring_num(self, payload: bytes, fds: list[int]) -> None:
         index, num = p.decode_vring_state(payload)
@@ -252,7 +296,7 @@ class Session:
 
     async def get_config(self, payload: bytes, fds: list[int]) -> bytes:
         offset, size, flags, _ = p.decode_config(payload)
-        cfg = self.model.config()
+        cfg = self.model.config(self.writeback)
         if size == 0 or offset + size > len(cfg):
             # An empty reply tells the frontend the read failed; the
             # connection stays up.
@@ -262,10 +306,19 @@ class Session:
         return p.CONFIG_HDR.pack(offset, size, flags) + cfg[offset:offset + size]
 
     async def set_config(self, payload: bytes, fds: list[int]) -> bool:
-        offset, size, _, _ = p.decode_config(payload)
-        log.warning("SET_CONFIG (offset %d, size %d) refused: no writable config field",
-                    offset, size)
-        return False
+        offset, size, _, data = p.decode_config(payload)
+        # The only writable field is the write cache enable byte, and only
+        # once VIRTIO_BLK_F_CONFIG_WCE was negotiated.
+        if (offset, size) != (OFF_WCE, 1) or data[0] > 1 or \
+                not self.features & p.bits(Feature.BLK_CONFIG_WCE):
+            log.warning("SET_CONFIG (offset %d, size %d) refused: only the write cache "
+                        "byte (offset %d) is writable", offset, size, OFF_WCE)
+            return False
+        self.writeback = bool(data[0])
+        self.target.set_writethrough(not self.writeback)
+        log.info("guest switched the write cache to %s",
+                 "writeback" if self.writeback else "writethrough")
+        return True
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -398,7 +451,7 @@ class VhostUserServer:
     async def _serve_conn(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
-        session = Session(self.model, self.queues)
+        session = Session(self.model, self.queues, self.target)
         self._closing = False
         log.info("frontend connected")
         try:
@@ -430,3 +483,10 @@ class VhostUserServer:
             finally:
                 conn.close()
                 self._closing = False
+            for q in self.queues:
+                st = q.stats()
+                log.info("queue %d: %d requests served so far (%d read, %d write, %d flush, "
+                         "%d discard, %d write-zeroes)", q.index,
+                         sum(v for k, v in st.items() if k.startswith("reqs_")),
+                         st["reqs_read"], st["reqs_write"], st["reqs_flush"],
+                         st["reqs_discard"], st["reqs_write_zeroes"])

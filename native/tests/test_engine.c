@@ -423,6 +423,112 @@ static void test_setup_validation(void)
     drv_fini(&d);
 }
 
+/* A discard / write-zeroes request with nseg segments. */
+static struct req submit_dwz(struct drv *d, uint32_t type, const uint64_t *sectors,
+                             const uint32_t *nums, const uint32_t *flags, int nseg)
+{
+    struct req r = submit(d, type, 0, 16 * (uint32_t)nseg, 0);
+    for (int i = 0; i < nseg; i++) {
+        uint8_t *p = gp(d, r.data + 16 * (uint64_t)i);
+        memcpy(p, &sectors[i], 8);
+        memcpy(p + 8, &nums[i], 4);
+        memcpy(p + 12, &flags[i], 4);
+    }
+    return r;
+}
+
+static int all_bytes(int fd, uint64_t off, size_t len, uint8_t v)
+{
+    uint8_t buf[8192];
+    while (len) {
+        size_t k = len < sizeof(buf) ? len : sizeof(buf);
+        if (pread(fd, buf, k, (off_t)off) != (ssize_t)k)
+            return 0;
+        for (size_t i = 0; i < k; i++)
+            if (buf[i] != v)
+                return 0;
+        off += k;
+        len -= k;
+    }
+    return 1;
+}
+
+static void test_discard_write_zeroes(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    uint8_t ones[65536];
+    memset(ones, 0xee, sizeof(ones));
+    CHECK(pwrite(d.backing, ones, sizeof(ones), 0) == (ssize_t)sizeof(ones));
+    CHECK(drv_start(&d, 1) == 0);
+    uint64_t s1[] = { 0, 16 }; uint32_t n1[] = { 8, 8 }; uint32_t f0[] = { 0, 0 };
+    struct req r1 = submit_dwz(&d, BS_BLK_T_DISCARD, s1, n1, f0, 2);     /* 2 segments */
+    uint64_t s2[] = { 32 }; uint32_t n2[] = { 8 }; uint32_t fu[] = { BS_BLK_WZ_F_UNMAP };
+    struct req r2 = submit_dwz(&d, BS_BLK_T_WRITE_ZEROES, s2, n2, fu, 1); /* with unmap */
+    uint64_t s3[] = { 48 }; uint32_t n3[] = { 8 };
+    struct req r3 = submit_dwz(&d, BS_BLK_T_WRITE_ZEROES, s3, n3, f0, 1); /* no unmap */
+    struct req r4 = submit_dwz(&d, BS_BLK_T_DISCARD, s3, n3, fu, 1);      /* unmap on discard */
+    uint32_t fx[] = { 4 };
+    struct req r5 = submit_dwz(&d, BS_BLK_T_WRITE_ZEROES, s3, n3, fx, 1); /* unknown flag */
+    uint64_t s6[] = { CAP / 512 - 4 };
+    struct req r6 = submit_dwz(&d, BS_BLK_T_DISCARD, s6, n3, f0, 1);      /* past the end */
+    struct req r7 = submit(&d, BS_BLK_T_DISCARD, 0, 24, 0);               /* not 16*n bytes */
+    kick(&d);
+    CHECK(wait_used(&d, 7) == 0);
+    CHECK(status_of(&d, &r1) == BS_BLK_S_OK);
+    CHECK(status_of(&d, &r2) == BS_BLK_S_OK);
+    CHECK(status_of(&d, &r3) == BS_BLK_S_OK);
+    CHECK(status_of(&d, &r4) == BS_BLK_S_UNSUPP);
+    CHECK(status_of(&d, &r5) == BS_BLK_S_UNSUPP);
+    CHECK(status_of(&d, &r6) == BS_BLK_S_IOERR);
+    CHECK(status_of(&d, &r7) == BS_BLK_S_IOERR);
+    CHECK(all_bytes(d.backing, 0, 4096, 0));
+    CHECK(all_bytes(d.backing, 4096, 4096, 0xee));
+    CHECK(all_bytes(d.backing, 8192, 4096, 0));
+    CHECK(all_bytes(d.backing, 16384, 4096, 0));
+    CHECK(all_bytes(d.backing, 24576, 4096, 0));
+    CHECK(all_bytes(d.backing, 28672, 65536 - 28672, 0xee));
+    struct bs_queue_stats st;
+    bs_queue_get_stats(d.q, &st);
+    CHECK(st.reqs_discard == 4 && st.reqs_write_zeroes == 3);
+    CHECK(st.bytes_discard == 8192 && st.bytes_write_zeroes == 8192);
+    drv_fini(&d);
+}
+
+static void test_block_size_4k_and_writethrough(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    bs_target_free(d.tgt);
+    bs_queue_free(d.q);
+    d.cfg.block_size = 4096;
+    d.cfg.writethrough = 1;
+    CHECK(bs_target_new(&d.cfg, &d.tgt) == 0);
+    CHECK(bs_queue_new(d.tgt, 0, &d.q) == 0);
+    CHECK(drv_start(&d, 0) == 0);
+    struct req a = submit(&d, BS_BLK_T_OUT, 8, 4096, 0);   /* aligned */
+    struct req b = submit(&d, BS_BLK_T_OUT, 1, 4096, 0);   /* offset not 4k aligned */
+    struct req c = submit(&d, BS_BLK_T_IN, 8, 512, 1);     /* length not 4k */
+    kick(&d);
+    CHECK(wait_used(&d, 3) == 0);
+    CHECK(status_of(&d, &a) == BS_BLK_S_OK);
+    CHECK(status_of(&d, &b) == BS_BLK_S_IOERR);
+    CHECK(status_of(&d, &c) == BS_BLK_S_IOERR);
+    bs_target_set_writethrough(d.tgt, 0);
+    struct req e = submit(&d, BS_BLK_T_OUT, 16, 8192, 0);
+    kick(&d);
+    CHECK(wait_used(&d, 4) == 0);
+    CHECK(status_of(&d, &e) == BS_BLK_S_OK);
+    struct bs_target_cfg bad = d.cfg;
+    bs_target *t2;
+    bad.block_size = 1024;
+    CHECK(bs_target_new(&bad, &t2) == -EINVAL);
+    bad.block_size = 4096;
+    bad.capacity = 4096 + 512;
+    CHECK(bs_target_new(&bad, &t2) == -EINVAL);
+    drv_fini(&d);
+}
+
 int main(void)
 {
     test_rw_roundtrip();
@@ -430,6 +536,8 @@ int main(void)
     test_indirect_and_batch();
     test_read_only();
     test_setup_validation();
+    test_discard_write_zeroes();
+    test_block_size_4k_and_writethrough();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
