@@ -374,3 +374,179 @@ def test_help_lists_options():
     assert r.returncode == 0
     for opt in ("--socket", "--queues", "--read-only", "--cache", "--serial"):
         assert opt in r.stdout
+
+
+# ---- the complete device (issue 3): config space, discard, write zeroes,
+# write cache, block size, memory of every kind ----
+
+def test_config_space_is_truthful(export, dev):
+    c = dev.config
+    blksize = os.stat(export.img).st_blksize
+    assert c.size_max == 4 << 20 and c.seg_max == 126 and c.blk_size == 512
+    assert 512 << c.physical_block_exp == blksize  # the file's allocation unit
+    assert c.min_io_size == blksize // 512 and c.alignment_offset == 0
+    assert c.writeback == 1
+    assert c.max_discard_sectors == 1 << 22 and c.max_discard_seg == 32
+    assert c.discard_sector_alignment == blksize // 512
+    assert c.max_write_zeroes_sectors == 1 << 22 and c.max_write_zeroes_seg == 32
+    assert c.write_zeroes_may_unmap == 1
+    for bit in (vc.BLK_F_DISCARD, vc.BLK_F_WRITE_ZEROES, vc.BLK_F_TOPOLOGY,
+                vc.BLK_F_CONFIG_WCE, vc.BLK_F_SIZE_MAX):
+        assert dev.offered_features >> bit & 1, bit
+
+
+def test_discard_and_write_zeroes_read_back_zeroes(export, dev):
+    data = b"\xa5" * (1 << 20)
+    assert dev.write(0, data) == vc.BLK_S_OK
+    os.sync()
+    before = os.stat(export.img).st_blocks
+    assert dev.discard(0, 1024) == vc.BLK_S_OK                  # first 512 KiB
+    assert dev.read(0, 1 << 19) == (vc.BLK_S_OK, bytes(1 << 19))
+    assert os.stat(export.img).st_blocks < before               # a real hole
+    assert dev.write_zeroes(1024, 256, unmap=True) == vc.BLK_S_OK
+    assert dev.write_zeroes(1280, 256, unmap=False) == vc.BLK_S_OK
+    assert dev.read(1024, 1 << 18) == (vc.BLK_S_OK, bytes(1 << 18))
+    assert dev.read(1536, 512) == (vc.BLK_S_OK, b"\xa5" * 512)  # untouched
+    # multi-segment, in one request
+    segs = vc.blk_discard_segment(1536, 8) + vc.blk_discard_segment(1600, 8)
+    r = dev.wait(dev.submit(vc.BLK_T_DISCARD, 0, out=segs))
+    assert r.status == vc.BLK_S_OK
+    assert dev.read(1600, 4096) == (vc.BLK_S_OK, bytes(4096))
+    # rejected: unmap flag on discard, unknown flag, range past the end, too many segments
+    assert dev.discard(0, 8, flags=1) == vc.BLK_S_UNSUPP
+    assert dev.write_zeroes(0, 8) == vc.BLK_S_OK
+    seg = vc.blk_discard_segment(0, 8, 2)
+    assert dev.wait(dev.submit(vc.BLK_T_WRITE_ZEROES, 0, out=seg)).status == vc.BLK_S_UNSUPP
+    assert dev.discard(SECTORS - 4, 8) == vc.BLK_S_IOERR
+    many = b"".join(vc.blk_discard_segment(i * 8, 8) for i in range(33))
+    assert dev.wait(dev.submit(vc.BLK_T_DISCARD, 0, out=many)).status == vc.BLK_S_IOERR
+
+
+def test_guest_switches_write_cache(export):
+    dev = export.device(features=vc.BlkDevice.WANTED_FEATURES | vc.bit(vc.BLK_F_CONFIG_WCE))
+    assert dev.client.get_config(32, 1) == b"\x01"
+    assert dev.client.set_config(32, b"\x00", ack=True) == 0
+    assert dev.client.get_config(32, 1) == b"\x00"
+    data = os.urandom(8192)
+    assert dev.write(40, data) == vc.BLK_S_OK  # writethrough: RWF_DSYNC
+    assert dev.read(40, 8192) == (vc.BLK_S_OK, data)
+    assert dev.client.set_config(32, b"\x01", ack=True) == 0
+    with pytest.raises(vc.VhostAckError):
+        dev.client.set_config(0, b"\0" * 8, ack=True)  # capacity is not writable
+    assert dev.client.get_config(0, 8) == struct.pack("<Q", SECTORS)
+    dev.close()
+    # without CONFIG_WCE negotiated the byte is read-only
+    dev = export.device()
+    with pytest.raises(vc.VhostAckError):
+        dev.client.set_config(32, b"\x00", ack=True)
+    dev.close()
+
+
+def test_block_size_4096(tmp_path):
+    e = start_export(tmp_path, "--block-size", "4096")
+    try:
+        d = e.device(queues=1)
+        try:
+            assert d.config.blk_size == 4096
+            data = os.urandom(8192)
+            assert d.write(8, data) == vc.BLK_S_OK
+            assert d.read(8, 8192) == (vc.BLK_S_OK, data)
+            assert d.write(1, data) == vc.BLK_S_IOERR           # not 4 KiB aligned
+            assert d.read(8, 512)[0] == vc.BLK_S_IOERR
+        finally:
+            d.close()
+    finally:
+        assert stop_export(e) == 0
+
+
+def test_memory_slots_add_and_remove(export):
+    pf = vc.bits(vc.PROTOCOL_F_MQ, vc.PROTOCOL_F_REPLY_ACK, vc.PROTOCOL_F_CONFIG,
+                 vc.PROTOCOL_F_CONFIGURE_MEM_SLOTS)
+    regions = [vc.GuestMemory(8 << 20, gpa=0), vc.GuestMemory(8 << 20, gpa=0x4000_0000)]
+    d = export.device(regions=regions, protocol_features=pf, setup=False)
+    try:
+        d.negotiate()
+        assert d.client.get_max_mem_slots() == 32
+        for r in d.mem.regions:
+            assert d.client.add_mem_reg(r, ack=True) == 0
+        for q in range(2):
+            d.setup_queue(q)
+        data = os.urandom(4096)
+        assert d.write(8, data) == vc.BLK_S_OK
+        # hot-add a third region while the queues run, do I/O from it
+        extra = vc.GuestMemory(4 << 20, gpa=0x8000_0000)
+        assert d.client.add_mem_reg(extra, ack=True) == 0
+        assert d.client.rem_mem_reg(regions[1], ack=True) == 0
+        assert d.read(8, 4096, queue=1) == (vc.BLK_S_OK, data)
+        # removing a region that is not there ends the connection, not the export
+        d.client.send(vc.REM_MEM_REG, vc.pack_single_mem_region(regions[1]))
+        assert d.client.wait_disconnect(3.0)
+        extra.close()
+    finally:
+        d.close()
+    assert export.alive()
+
+
+def _reserve_hugepages(size_kb: int, count: int) -> int | None:
+    """Grow the huge page pool to count pages; returns the previous size to
+    restore, or None if the pool cannot hold that many."""
+    path = f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/nr_hugepages"
+    try:
+        with open(path) as f:
+            have = int(f.read())
+        if have < count:
+            with open(path, "w") as f:
+                f.write(str(count))
+        with open(path) as f:
+            if int(f.read()) >= count:
+                return have
+        _set_hugepages(size_kb, have)
+    except OSError:
+        pass
+    return None
+
+
+def _set_hugepages(size_kb: int, count: int) -> None:
+    with open(f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/nr_hugepages", "w") as f:
+        f.write(str(count))
+
+
+@pytest.mark.parametrize("page_kb, flag", [
+    (2048, getattr(os, "MFD_HUGE_2MB", 21 << 26)),
+    (1 << 20, getattr(os, "MFD_HUGE_1GB", 30 << 26)),
+], ids=["2M", "1G"])
+def test_hugetlbfs_guest_memory(export, page_kb, flag, request):
+    page = page_kb << 10
+    previous = _reserve_hugepages(page_kb, 2)
+    if previous is None:
+        pytest.skip(f"the kernel could not reserve 2 huge pages of {page_kb} kB "
+                    "(hugetlbfs pool not growable)")
+    request.addfinalizer(lambda: _set_hugepages(page_kb, previous))
+    # one huge page of guest RAM at a huge-page-aligned offset into its fd,
+    # as hugepage-backed frontends send it
+    regions = [vc.GuestMemory(page, gpa=page * 4, mmap_offset=page,
+                              memfd_flags=os.MFD_HUGETLB | flag)]
+    d = export.device(regions=regions)
+    try:
+        data = os.urandom(64 << 10)
+        assert d.write(0, data) == vc.BLK_S_OK
+        assert d.read(0, len(data), queue=1) == (vc.BLK_S_OK, data)
+    finally:
+        d.close()
+    assert export.alive()
+
+
+def test_file_backed_guest_memory(export, tmp_path):
+    """Regions backed by a plain file (memory-backend-file), not a memfd."""
+    d = export.device(setup=False)
+    try:
+        d.negotiate()
+        path = tmp_path / "ram"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, 1 << 20)
+        region = vc.pack_mem_region(0x1000_0000, 1 << 20, 0x7E00_0000_0000, 0)
+        d.client.call(vc.SET_MEM_TABLE, struct.pack("<II", 1, 0) + region, fds=[fd], ack=True)
+        os.close(fd)
+        assert d.client.is_connected(0.2)
+    finally:
+        d.close()

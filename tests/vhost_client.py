@@ -746,12 +746,15 @@ class GuestMemory:
         uva: int | None = None,
         mmap_offset: int = 0,
         name: str = "vhost-client-guest",
+        memfd_flags: int = 0,
     ):
+        """*memfd_flags*: extra memfd_create flags, e.g. os.MFD_HUGETLB |
+        os.MFD_HUGE_2MB for hugetlbfs-backed guest RAM."""
         self.size = size
         self.gpa = gpa
         self.uva = UVA_BASE + gpa if uva is None else uva
         self.mmap_offset = mmap_offset  # offset into the fd where the region starts
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | memfd_flags)
         os.ftruncate(self.fd, size + mmap_offset)
         self._map = mmap.mmap(
             self.fd, size + mmap_offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
