@@ -11,7 +11,7 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
-SOURCES = ["mem.c", "virtq.c", "blk.c", "engine.c"]
+SOURCES = ["mem.c", "virtq.c", "blk.c", "engine.c", "bench.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef((NATIVE / "blkserve_native.h").read_text())

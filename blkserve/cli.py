@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from blkserve import __version__
+from blkserve import __version__, bench
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="logical block size offered to the guest (default: the backing "
                          "device's logical block size; 512 for files)")
     ex.set_defaults(func=_export)
+    bench.add_parser(sub)
     return parser
 
 

@@ -118,10 +118,11 @@ class VringConfig:
     desc: int
     avail: int
     used: int
-    last_avail: int
+    base: int
     kick_fd: int
     call_fd: int
     event_idx: bool
+    packed: bool = False
 
 
 STAT_FIELDS = (
@@ -147,15 +148,17 @@ class Queue:
         c.desc_uva = vc.desc
         c.avail_uva = vc.avail
         c.used_uva = vc.used
-        c.last_avail = vc.last_avail
+        c.base = vc.base
         c.kick_fd = vc.kick_fd
         c.call_fd = vc.call_fd
         c.event_idx = int(vc.event_idx)
+        c.packed = int(vc.packed)
         _check(lib.bs_queue_start(self._h, mem.handle, c), f"starting queue {self.index}")
 
     def stop(self) -> int:
-        """Stop after in-flight requests complete; returns the next avail index."""
-        last = ffi.new("uint16_t *")
+        """Stop after in-flight requests complete; returns the ring base
+        (what GET_VRING_BASE answers)."""
+        last = ffi.new("uint32_t *")
         _check(lib.bs_queue_stop(self._h, last), f"stopping queue {self.index}")
         return int(last[0])
 

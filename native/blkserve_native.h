@@ -39,14 +39,17 @@ struct bs_limits {
 };
 
 struct bs_vring_cfg {
-    uint32_t num;           /* queue size: power of two, 1..32768            */
-    uint64_t desc_uva;      /* frontend virtual addresses of the rings       */
-    uint64_t avail_uva;
-    uint64_t used_uva;
-    uint16_t last_avail;    /* SET_VRING_BASE                                */
+    uint32_t num;           /* queue size: 1..32768, a power of two if split */
+    uint64_t desc_uva;      /* frontend virtual addresses of the rings; for  */
+    uint64_t avail_uva;     /* a packed ring: descriptor ring, driver event  */
+    uint64_t used_uva;      /* area (avail) and device event area (used)     */
+    uint32_t base;          /* SET_VRING_BASE: split: next avail index;      */
+                            /* packed: avail pos | wrap<<15, and the same  */
+                            /* for the used side in the upper 16 bits      */
     int kick_fd;            /* eventfd the frontend kicks                    */
     int call_fd;            /* eventfd we signal, or -1                      */
     int event_idx;          /* VIRTIO_RING_F_EVENT_IDX negotiated            */
+    int packed;             /* VIRTIO_F_RING_PACKED negotiated               */
 };
 
 struct bs_queue_stats {
@@ -98,9 +101,98 @@ void bs_target_free(bs_target *t);
 int bs_queue_new(bs_target *t, int index, bs_queue **out);
 /* Validate the ring against mem and start the queue's thread. */
 int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg);
-/* Stop popping, wait for in-flight requests, join the thread.  *last_avail
- * receives the index GET_VRING_BASE must return.  No-op if not running. */
-int bs_queue_stop(bs_queue *q, uint16_t *last_avail);
+/* Stop popping, wait for in-flight requests, join the thread.  *base
+ * receives what GET_VRING_BASE must return (same encoding as
+ * bs_vring_cfg.base).  No-op if not running. */
+int bs_queue_stop(bs_queue *q, uint32_t *base);
 int bs_queue_running(bs_queue *q);
 int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out);
 void bs_queue_free(bs_queue *q);
+
+/* ==== bs_bench: vhost-user-blk frontend load generator (native/bench.c) ====
+ * Owned by `blkserve bench`; independent of the engine above.  Lifecycle:
+ * bs_bench_new -> bs_bench_connect -> bs_bench_setup -> bs_bench_run (blocks
+ * for the whole run; bs_bench_stop from another thread ends it early) ->
+ * bs_bench_get_stats -> bs_bench_free.  On failure bs_bench_error() gives a
+ * sentence saying what went wrong (also after a failed bs_bench_new, whose
+ * handle must still be freed). */
+typedef struct bs_bench bs_bench;
+
+enum bs_bench_rw {
+    BS_BENCH_READ = 0,
+    BS_BENCH_WRITE = 1,
+    BS_BENCH_RANDREAD = 2,
+    BS_BENCH_RANDWRITE = 3,
+    BS_BENCH_RANDRW = 4
+};
+
+struct bs_bench_cfg {
+    const char *socket_path;  /* copied by bs_bench_new                    */
+    uint32_t rw;              /* enum bs_bench_rw                          */
+    uint32_t rwmix_read;      /* randrw: percentage of reads               */
+    uint32_t bs;              /* bytes per request, multiple of 512        */
+    uint32_t iodepth;         /* requests in flight per queue              */
+    uint32_t queues;
+    int32_t verify;           /* write a per-sector pattern, check reads    */
+    int32_t indirect;         /* one indirect descriptor per request        */
+    uint64_t size;            /* bytes of the device to use; 0 = capacity  */
+    uint64_t runtime_ns;      /* measured time                             */
+    uint64_t ramp_ns;         /* unmeasured warm-up before it              */
+    uint64_t poll_ns;         /* busy-poll the used ring before sleeping   */
+    uint64_t timeout_ns;      /* no completion for this long: fail; 0=30 s */
+    uint64_t seed;            /* 0: pick one                               */
+};
+
+struct bs_bench_info {
+    uint64_t offered_features;
+    uint64_t offered_protocol_features;
+    uint64_t features;           /* acked                                  */
+    uint64_t protocol_features;  /* acked                                  */
+    uint64_t capacity;           /* bytes, from the device config          */
+    uint64_t size;               /* bytes used by the run                  */
+    uint64_t seed;
+    uint32_t max_queues;
+    uint32_t queue_size;
+    uint32_t blk_size;
+    uint32_t size_max;           /* 0 if the device sets no limit          */
+    int32_t event_idx;
+    int32_t indirect;
+    int32_t reply_ack;
+};
+
+struct bs_bench_stats {
+    uint64_t ios;                /* completed inside the measured window   */
+    uint64_t ios_read;
+    uint64_t ios_write;
+    uint64_t bytes;
+    uint64_t elapsed_ns;         /* the measured window                    */
+    uint64_t errors;             /* io_errors + verify_errors, all passes  */
+    uint64_t io_errors;          /* status byte other than VIRTIO_BLK_S_OK */
+    uint64_t verify_errors;      /* requests whose data had a bad sector   */
+    int64_t first_bad_offset;    /* byte offset of the first error, or -1  */
+    uint64_t lat_min_ns;
+    uint64_t lat_mean_ns;
+    uint64_t lat_p50_ns;
+    uint64_t lat_p90_ns;
+    uint64_t lat_p99_ns;
+    uint64_t lat_p999_ns;
+    uint64_t lat_max_ns;
+    uint64_t kicks;              /* kick eventfd writes                    */
+    uint64_t calls;              /* call eventfd wake-ups                  */
+    uint64_t sleeps;             /* waits that blocked in poll(2)          */
+    uint64_t rescue_kicks;       /* kicks re-sent after 1 ms without progress */
+    uint64_t ios_all;            /* run phase incl. ramp and final drain   */
+    uint64_t wait_ns;            /* time spent polling or sleeping for completions */
+};
+
+int bs_bench_new(const struct bs_bench_cfg *cfg, bs_bench **out);
+int bs_bench_connect(bs_bench *b);
+int bs_bench_setup(bs_bench *b);
+int bs_bench_get_info(bs_bench *b, struct bs_bench_info *out);
+int bs_bench_run(bs_bench *b);
+void bs_bench_stop(bs_bench *b);
+/* queue -1: all queues together */
+int bs_bench_get_stats(bs_bench *b, int32_t queue, struct bs_bench_stats *out);
+int bs_bench_error(bs_bench *b, char *buf, uint32_t len);
+void bs_bench_free(bs_bench *b);
+/* ==== end bs_bench ==== */

@@ -32,6 +32,7 @@ struct slot {
     uint16_t head;
     int fd;                  /* fd the I/O goes to */
     uint64_t done;           /* bytes transferred so far (short I/O) */
+    uint16_t ndesc;          /* ring descriptors the chain spans (packed) */
     int cur;                 /* discard / write-zeroes: range in progress */
     int fallback;            /* ... and whether its fallback mode is tried */
     int free_next;
@@ -47,8 +48,11 @@ struct bs_queue {
     int kick_fd;
     int call_fd;
     int event_idx;
-    uint16_t last_avail;
-    uint16_t used_idx;
+    uint16_t last_avail;     /* split: free-running; packed: ring position */
+    int avail_wrap;          /* packed: driver ring wrap counter */
+    uint16_t used_pos;       /* packed: next used descriptor position */
+    int used_wrap;           /* packed: device ring wrap counter */
+    uint16_t used_idx;       /* free-running count of used descriptors */
     uint16_t published;      /* used->idx as we last wrote it */
     uint16_t signalled_used;
     int signalled_valid;
@@ -145,12 +149,31 @@ static void eventfd_drain(int fd)
     (void)n;   /* EAGAIN: already drained; the value itself is meaningless */
 }
 
-static void push_used(struct bs_queue *q, uint16_t head, uint32_t len)
+static void push_used(struct bs_queue *q, const struct slot *s, uint32_t len)
 {
-    struct bs_vring_used_elem *e = &q->vr.used->ring[q->used_idx & (q->vr.num - 1)];
-    e->id = head;
-    e->len = len;
-    q->used_idx++;
+    if (!q->vr.packed) {
+        struct bs_vring_used_elem *e = &q->vr.used->ring[q->used_idx & (q->vr.num - 1)];
+        e->id = s->head;
+        e->len = len;
+        q->used_idx++;
+        return;
+    }
+    /* Packed: write the used descriptor in place (used_pos < num), flags
+     * last so the driver never sees a half-written one; the position then
+     * skips the rest of the chain's descriptors. */
+    struct bs_pdesc *d = &q->vr.pdesc[q->used_pos];
+    d->id = s->head;
+    d->len = len;
+    __atomic_store_n(&d->flags,
+                     (uint16_t)(q->used_wrap ? BS_PDESC_F_AVAIL | BS_PDESC_F_USED : 0),
+                     __ATOMIC_RELEASE);
+    uint32_t pos = (uint32_t)q->used_pos + s->ndesc;
+    if (pos >= q->vr.num) {
+        pos -= q->vr.num;
+        q->used_wrap ^= 1;
+    }
+    q->used_pos = (uint16_t)pos;
+    q->used_idx = (uint16_t)(q->used_idx + s->ndesc);
 }
 
 static void slot_put(struct bs_queue *q, struct slot *s)
@@ -194,7 +217,7 @@ static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
     }
     /* safe: status_ptr was derived from a checked writable descriptor */
     *r->status_ptr = status;
-    push_used(q, s->head, status == BS_BLK_S_OK ? r->used_len : 1);
+    push_used(q, s, status == BS_BLK_S_OK ? r->used_len : 1);
     slot_put(q, s);
 }
 
@@ -260,19 +283,22 @@ static int submit_io(struct bs_queue *q, struct slot *s)
     return 0;
 }
 
-/* Pop, validate and start one request. */
-static void start_request(struct bs_queue *q, uint16_t head)
+static struct slot *slot_take(struct bs_queue *q)
 {
-    const struct bs_target_cfg *t = &q->target->cfg;
     struct slot *s = &q->slots[q->free_head];
-    int ret;
-
     q->free_head = s->free_next;
-    s->head = head;
     s->done = 0;
     s->cur = 0;
     s->fallback = 0;
-    ret = bs_vring_chain(&q->vr, q->mem, head, &s->chain);
+    s->ndesc = 1;
+    return s;
+}
+
+/* Validate and start one popped request whose chain walk returned ret. */
+static void start_request(struct bs_queue *q, struct slot *s, int ret)
+{
+    const struct bs_target_cfg *t = &q->target->cfg;
+
     if (ret == 0)
         bs_blk_parse(t, &s->chain, &s->req);
     if (ret || !s->req.status_ptr) {
@@ -280,7 +306,7 @@ static void start_request(struct bs_queue *q, uint16_t head)
          * guest gets its descriptors back, and count the fault. */
         BS_STAT_ADD(q->st.bad_chains, 1);
         __atomic_store_n(&q->st.last_error, ret ? ret : -EINVAL, __ATOMIC_RELAXED);
-        push_used(q, head, 0);
+        push_used(q, s, 0);
         slot_put(q, s);
         return;
     }
@@ -329,7 +355,9 @@ static void drain_avail(struct bs_queue *q)
                 mark_broken(q, -EINVAL);
                 return;
             }
-            start_request(q, head);
+            struct slot *s = slot_take(q);
+            s->head = head;
+            start_request(q, s, bs_vring_chain(vr, q->mem, head, &s->chain));
         }
         if (!q->event_idx)
             return;
@@ -342,6 +370,61 @@ static void drain_avail(struct bs_queue *q)
     }
 }
 
+/* Packed ring: pop every available chain.  Our device event area always
+ * says ENABLE, so every new buffer comes with a kick and there is no
+ * re-check race to close. */
+static void drain_packed(struct bs_queue *q)
+{
+    struct bs_vring *vr = &q->vr;
+
+    q->starved = 0;
+    while (bs_vring_packed_avail(vr, q->last_avail, q->avail_wrap)) {
+        if (q->free_head < 0) {
+            q->starved = 1;
+            return;
+        }
+        struct slot *s = slot_take(q);
+        int ret = bs_vring_packed_chain(vr, q->mem, q->last_avail, &s->chain, &s->head,
+                                        &s->ndesc);
+        if (s->ndesc == 0) {
+            slot_put(q, s);
+            mark_broken(q, ret);   /* a chain with no end: nothing to complete */
+            return;
+        }
+        uint32_t pos = (uint32_t)q->last_avail + s->ndesc;
+        if (pos >= vr->num) {
+            pos -= vr->num;
+            q->avail_wrap ^= 1;
+        }
+        q->last_avail = (uint16_t)pos;
+        start_request(q, s, ret);
+    }
+}
+
+/* Does the packed driver event area ask for a notification for used
+ * descriptors [old, now) (free-running counts)? */
+static int packed_wants_notify(struct bs_queue *q, uint16_t old, uint16_t now)
+{
+    struct bs_pevent ev;
+    ev.flags = __atomic_load_n(&q->vr.driver_evt->flags, __ATOMIC_RELAXED) & 3;
+    if (ev.flags == BS_RING_EVENT_ENABLE)
+        return 1;
+    if (ev.flags != BS_RING_EVENT_DESC || !q->event_idx)
+        return 0;
+    ev.off_wrap = __atomic_load_n(&q->vr.driver_evt->off_wrap, __ATOMIC_RELAXED);
+    /* Turn the (position, wrap) the driver named into a free-running count
+     * by its distance from where we are now (both in [0, 2*num)). */
+    int num = (int)q->vr.num;
+    int cur = q->used_pos + (q->used_wrap ? num : 0);
+    int evp = (ev.off_wrap & 0x7fff) + ((ev.off_wrap >> 15) ? num : 0);
+    int diff = cur - evp;
+    if (diff > num)
+        diff -= 2 * num;
+    else if (diff <= -num)
+        diff += 2 * num;
+    return bs_vring_need_event((uint16_t)(now - diff), now, old);
+}
+
 static void publish_used(struct bs_queue *q)
 {
     struct bs_vring *vr = &q->vr;
@@ -351,10 +434,13 @@ static void publish_used(struct bs_queue *q)
 
     if (now == q->published && q->signalled_valid)
         return;
-    __atomic_store_n(&vr->used->idx, now, __ATOMIC_RELEASE);
+    if (!vr->packed)
+        __atomic_store_n(&vr->used->idx, now, __ATOMIC_RELEASE);
     q->published = now;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (q->event_idx) {
+    if (vr->packed) {
+        notify = !q->signalled_valid || packed_wants_notify(q, old, now);
+    } else if (q->event_idx) {
         uint16_t ev = __atomic_load_n(&vr->avail->ring[vr->num], __ATOMIC_RELAXED);
         notify = !q->signalled_valid || bs_vring_need_event(ev, now, old);
     } else {
@@ -480,8 +566,12 @@ static void *queue_thread(void *arg)
 
     for (;;) {
         int broken = __atomic_load_n(&q->st.broken, __ATOMIC_RELAXED);
-        if (!q->stopping && !broken && (kicked || (q->starved && q->free_head >= 0)))
-            drain_avail(q);
+        if (!q->stopping && !broken && (kicked || (q->starved && q->free_head >= 0))) {
+            if (q->vr.packed)
+                drain_packed(q);
+            else
+                drain_avail(q);
+        }
         kicked = 0;
         publish_used(q);
         __atomic_store_n(&q->st.inflight, (uint64_t)q->inflight, __ATOMIC_RELAXED);
@@ -553,8 +643,22 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     q->kick_fd = cfg->kick_fd;
     q->call_fd = cfg->call_fd;
     q->event_idx = !!cfg->event_idx;
-    q->last_avail = cfg->last_avail;
-    q->used_idx = __atomic_load_n(&q->vr.used->idx, __ATOMIC_ACQUIRE);
+    if (q->vr.packed) {
+        /* SET_VRING_BASE of a packed ring (as QEMU sends it): the avail
+         * position | wrap << 15, and the used one likewise << 16 */
+        q->last_avail = cfg->base & 0x7fff;
+        q->avail_wrap = (cfg->base >> 15) & 1;
+        q->used_pos = (cfg->base >> 16) & 0x7fff;
+        q->used_wrap = (cfg->base >> 31) & 1;
+        if (q->last_avail >= cfg->num || q->used_pos >= cfg->num)
+            return -EINVAL;
+        q->used_idx = 0;
+        __atomic_store_n(&q->vr.device_evt->flags, (uint16_t)BS_RING_EVENT_ENABLE,
+                         __ATOMIC_RELEASE);
+    } else {
+        q->last_avail = (uint16_t)cfg->base;
+        q->used_idx = __atomic_load_n(&q->vr.used->idx, __ATOMIC_ACQUIRE);
+    }
     q->published = q->used_idx;
     q->signalled_valid = 0;
     q->stopping = 0;
@@ -611,11 +715,20 @@ int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)
     return ret;
 }
 
-static int queue_stop_locked(bs_queue *q, uint16_t *last_avail)
+/* What GET_VRING_BASE reports (the encoding of bs_vring_cfg.base). */
+static uint32_t ring_base(const bs_queue *q)
+{
+    if (q->vr.packed)
+        return (uint32_t)(q->last_avail | (q->avail_wrap ? 0x8000u : 0)) |
+               (uint32_t)(q->used_pos | (q->used_wrap ? 0x8000u : 0)) << 16;
+    return q->last_avail;
+}
+
+static int queue_stop_locked(bs_queue *q, uint32_t *last_avail)
 {
     if (!q->running) {
         if (last_avail)
-            *last_avail = q->last_avail;
+            *last_avail = ring_base(q);
         return 0;
     }
     if (eventfd_write(q->ctl_fd, 1) < 0)
@@ -629,11 +742,11 @@ static int queue_stop_locked(bs_queue *q, uint16_t *last_avail)
     free(q->slots);
     q->slots = NULL;
     if (last_avail)
-        *last_avail = q->last_avail;
+        *last_avail = ring_base(q);
     return 0;
 }
 
-int bs_queue_stop(bs_queue *q, uint16_t *last_avail)
+int bs_queue_stop(bs_queue *q, uint32_t *last_avail)
 {
     pthread_mutex_lock(&q->ctl_lock);
     int ret = queue_stop_locked(q, last_avail);

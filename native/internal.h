@@ -87,11 +87,36 @@ struct bs_vring_used {
     struct bs_vring_used_elem ring[]; /* num entries, then avail_event */
 };
 
+/* Packed virtqueue (virtio 1.1 section 2.8). */
+#define BS_PDESC_F_AVAIL (1 << 7)
+#define BS_PDESC_F_USED (1 << 15)
+#define BS_RING_EVENT_ENABLE 0
+#define BS_RING_EVENT_DISABLE 1
+#define BS_RING_EVENT_DESC 2
+
+struct bs_pdesc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t id;
+    uint16_t flags;
+};
+
+struct bs_pevent {
+    uint16_t off_wrap;
+    uint16_t flags;
+};
+
 struct bs_vring {
     uint32_t num;
+    int packed;
+    /* split */
     struct bs_vring_desc *desc;
     struct bs_vring_avail *avail;
     struct bs_vring_used *used;
+    /* packed */
+    struct bs_pdesc *pdesc;
+    struct bs_pevent *driver_evt;   /* written by the driver */
+    struct bs_pevent *device_evt;   /* written by us */
 };
 
 /* A request's buffers in guest memory: the first nout iovecs are
@@ -104,6 +129,10 @@ struct bs_chain {
     struct iovec iov[BS_MAX_IOV];
 };
 
+/* Append one descriptor's buffer to c (readable ones must come first). */
+int bs_add_buffer(const struct bs_mem *m, struct bs_chain *c,
+                  const struct bs_vring_desc *d);
+
 /* Map the rings of cfg through m.  -EINVAL on a bad size or alignment,
  * -EFAULT if a ring is not entirely inside one guest memory region. */
 int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
@@ -113,6 +142,17 @@ int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
  * -EFAULT: a buffer outside guest memory; -E2BIG: too many segments. */
 int bs_vring_chain(const struct bs_vring *vr, const struct bs_mem *m,
                    uint16_t head, struct bs_chain *c);
+
+/* Packed ring: is the descriptor at pos available for wrap counter wrap? */
+int bs_vring_packed_avail(const struct bs_vring *vr, uint16_t pos, int wrap);
+/* Walk the packed chain starting at pos (available, checked by the caller).
+ * *ndesc receives how many ring descriptors it spans and *id its buffer id,
+ * both valid even when the buffers are bad (-EINVAL/-EFAULT/-E2BIG), so the
+ * chain can still be completed.  *ndesc is 0 if the chain's extent cannot
+ * be known (it runs over the whole ring): the ring is then broken. */
+int bs_vring_packed_chain(const struct bs_vring *vr, const struct bs_mem *m,
+                          uint16_t pos, struct bs_chain *c, uint16_t *id,
+                          uint16_t *ndesc);
 
 static inline int bs_vring_need_event(uint16_t event, uint16_t new_idx,
                                       uint16_t old_idx)

@@ -7,12 +7,32 @@
 
 #include "internal.h"
 
+static int map_packed(struct bs_vring *vr, const struct bs_mem *m,
+                      const struct bs_vring_cfg *cfg)
+{
+    if ((cfg->desc_uva & 15) || (cfg->avail_uva & 3) || (cfg->used_uva & 3))
+        return -EINVAL;
+    vr->pdesc = bs_mem_uva(m, cfg->desc_uva, 16ULL * cfg->num);
+    vr->driver_evt = bs_mem_uva(m, cfg->avail_uva, sizeof(struct bs_pevent));
+    vr->device_evt = bs_mem_uva(m, cfg->used_uva, sizeof(struct bs_pevent));
+    if (!vr->pdesc || !vr->driver_evt || !vr->device_evt)
+        return -EFAULT;
+    return 0;
+}
+
 int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
                  const struct bs_vring_cfg *cfg)
 {
     uint32_t num = cfg->num;
 
-    if (num == 0 || num > BS_MAX_QUEUE_SIZE || (num & (num - 1)))
+    memset(vr, 0, sizeof(*vr));
+    if (num == 0 || num > BS_MAX_QUEUE_SIZE)
+        return -EINVAL;
+    vr->num = num;
+    vr->packed = !!cfg->packed;
+    if (vr->packed)
+        return map_packed(vr, m, cfg);
+    if (num & (num - 1))
         return -EINVAL;
     if ((cfg->desc_uva & 15) || (cfg->avail_uva & 1) || (cfg->used_uva & 3))
         return -EINVAL;
@@ -21,7 +41,6 @@ int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
     uint64_t desc_sz = 16ULL * num;
     uint64_t avail_sz = 4 + 2ULL * num + 2;
     uint64_t used_sz = 4 + 8ULL * num + 2;
-    vr->num = num;
     vr->desc = bs_mem_uva(m, cfg->desc_uva, desc_sz);
     vr->avail = bs_mem_uva(m, cfg->avail_uva, avail_sz);
     vr->used = bs_mem_uva(m, cfg->used_uva, used_sz);
@@ -30,7 +49,7 @@ int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
     return 0;
 }
 
-static int add_buffer(const struct bs_mem *m, struct bs_chain *c,
+int bs_add_buffer(const struct bs_mem *m, struct bs_chain *c,
                       const struct bs_vring_desc *d)
 {
     int writable = !!(d->flags & BS_VRING_DESC_F_WRITE);
@@ -86,7 +105,7 @@ static int walk(const struct bs_mem *m, const struct bs_vring_desc *table,
                 return -EFAULT;
             return walk(m, it, d.len / sizeof(struct bs_vring_desc), 0, 0, c);
         }
-        ret = add_buffer(m, c, &d);
+        ret = bs_add_buffer(m, c, &d);
         if (ret)
             return ret;
         if (!(d.flags & BS_VRING_DESC_F_NEXT))
@@ -103,4 +122,68 @@ int bs_vring_chain(const struct bs_vring *vr, const struct bs_mem *m,
     c->out_len = 0;
     c->in_len = 0;
     return walk(m, vr->desc, vr->num, head, 1, c);
+}
+
+int bs_vring_packed_avail(const struct bs_vring *vr, uint16_t pos, int wrap)
+{
+    /* safe: pos < num, checked by the caller's position arithmetic */
+    uint16_t flags = __atomic_load_n(&vr->pdesc[pos].flags, __ATOMIC_ACQUIRE);
+    return !!(flags & BS_PDESC_F_AVAIL) == !!wrap && !!(flags & BS_PDESC_F_USED) != !!wrap;
+}
+
+int bs_vring_packed_chain(const struct bs_vring *vr, const struct bs_mem *m,
+                          uint16_t pos, struct bs_chain *c, uint16_t *id,
+                          uint16_t *ndesc)
+{
+    int err = 0;
+
+    c->niov = 0;
+    c->nout = 0;
+    c->out_len = 0;
+    c->in_len = 0;
+    *ndesc = 0;
+    /* The chain is the run of ring descriptors linked by NEXT; its extent
+     * must be known even if a buffer is bad, so keep walking on errors. */
+    for (uint32_t n = 0; n < vr->num; n++) {
+        struct bs_pdesc d;
+        /* safe: pos < num always (wrapped below) */
+        memcpy(&d, (const void *)&vr->pdesc[pos], sizeof(d));
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        if (d.flags & BS_VRING_DESC_F_INDIRECT) {
+            /* only as the sole descriptor of its chain */
+            if (n != 0 || (d.flags & BS_VRING_DESC_F_NEXT)) {
+                err = err ? err : -EINVAL;
+            } else if (d.len == 0 || d.len % sizeof(struct bs_pdesc) ||
+                       d.len / sizeof(struct bs_pdesc) > BS_MAX_QUEUE_SIZE) {
+                err = -EINVAL;
+            } else {
+                const struct bs_pdesc *t = bs_mem_gpa(m, d.addr, d.len);
+                if (!t) {
+                    err = -EFAULT;
+                } else {
+                    /* indirect entries follow each other; NEXT is ignored */
+                    for (uint32_t i = 0; i < d.len / sizeof(*t) && !err; i++) {
+                        struct bs_pdesc e;
+                        memcpy(&e, (const void *)&t[i], sizeof(e));
+                        if (e.flags & BS_VRING_DESC_F_INDIRECT) {
+                            err = -EINVAL;
+                            break;
+                        }
+                        struct bs_vring_desc sd = { e.addr, e.len, e.flags, 0 };
+                        err = bs_add_buffer(m, c, &sd);
+                    }
+                }
+            }
+        } else if (!err) {
+            struct bs_vring_desc sd = { d.addr, d.len, d.flags, 0 };
+            err = bs_add_buffer(m, c, &sd);
+        }
+        *id = d.id;
+        pos = (uint16_t)((uint32_t)pos + 1 == vr->num ? 0 : pos + 1);
+        if (!(d.flags & BS_VRING_DESC_F_NEXT)) {
+            *ndesc = (uint16_t)(n + 1);
+            return err;
+        }
+    }
+    return -EINVAL;     /* NEXT all around the ring: extent unknown */
 }

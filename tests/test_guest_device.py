@@ -73,18 +73,26 @@ def exports(tmp_path_factory):
     rw = export(rw_img, sockdir / "rw.sock", work / "rw.log", "--queues", "2",
                 "--serial", SERIAL)
     ro = export(ro_img, sockdir / "ro.sock", work / "ro.log", "--read-only")
+    pk_img = work / "packed.img"
+    with open(pk_img, "wb") as f:
+        f.truncate(256 << 20)
+    pk = export(pk_img, sockdir / "pk.sock", work / "pk.log", "--queues", "2")
     try:
-        yield Exports(rw, ro, rw_img, ro_img, _sha256(ro_img))
+        ex = Exports(rw, ro, rw_img, ro_img, _sha256(ro_img))
+        ex.packed = pk
+        yield ex
     finally:
         rw.stop()
         ro.stop()
+        pk.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _boot(exports: Exports, image, log_dir: Path) -> g.Guest:
     return g.Guest(
         [g.Disk(exports.rw.socket_path, num_queues=2),
-         g.Disk(exports.ro.socket_path, num_queues=1)],
+         g.Disk(exports.ro.socket_path, num_queues=1),
+         g.Disk(exports.packed.socket_path, num_queues=2, props={"packed": "on"})],
         image=image, smp=2, mem="512M", log_dir=log_dir,
     )
 
@@ -95,6 +103,7 @@ def vm(exports, guest_image, tmp_path_factory):
     with guest:
         guest.wait_for_block_device("vda")
         guest.wait_for_block_device("vdb")
+        guest.wait_for_block_device("vdc")
         yield guest
 
 
@@ -127,6 +136,23 @@ def test_two_queues_two_vcpus_fio_verify(vm, exports):
         "--cpus_allowed=0,1 --cpus_allowed_policy=split --verify=crc32c --do_verify=1 "
         "--verify_fatal=1 --group_reporting", timeout=300)
     assert "err= 0" in out or "err=0" in out, out
+
+
+def test_packed_virtqueues_fio_verify(vm, exports):
+    """vdc is a vhost-user-blk-pci with packed=on: the guest negotiates
+    VIRTIO_F_RING_PACKED and all I/O goes through packed rings."""
+    feats = vm.check("cat /sys/block/vdc/device/features").strip()
+    assert feats[34] == "1", feats  # VIRTIO_F_RING_PACKED
+    for bs in ("512", "4k", "64k"):
+        out = vm.check(
+            f"/usr/bin/fio --name=pk{bs} --filename=/dev/vdc --direct=1 --ioengine=libaio "
+            f"--rw=randwrite --bs={bs} --iodepth=16 --size=8M --numjobs=2 "
+            "--offset_increment=32M --cpus_allowed=0,1 --cpus_allowed_policy=split "
+            "--verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting", timeout=300)
+        assert "err= 0" in out or "err=0" in out, out
+    vm.check("/sbin/blkdiscard -o 0 -l $((4<<20)) /dev/vdc")
+    assert sha_of(vm, "/dev/vdc", 0, 4) == ZERO_4M
+    assert exports.packed.alive()
 
 
 def test_blkdiscard_and_zeroout_read_back_zeroes(vm, exports):

@@ -51,6 +51,7 @@ class BlkDeviceModel:
             Feature.BLK_FLUSH,
             Feature.BLK_CONFIG_WCE,
             Feature.BLK_MQ,
+            Feature.RING_PACKED,
         )
         if self.read_only:
             f |= bits(Feature.BLK_RO)

@@ -92,6 +92,10 @@ class Session:
     def reply_ack(self) -> bool:
         return bool(self.protocol_features & p.bits(p.ProtocolFeature.REPLY_ACK))
 
+    @property
+    def packed(self) -> bool:
+        return bool(self.features & p.bits(Feature.RING_PACKED))
+
     def _vring(self, index: int) -> VringState:
         if index >= len(self.vrings):
             raise ProtocolError(f"queue index {index} out of range (device has "
@@ -117,8 +121,9 @@ class Session:
             return
         vc = VringConfig(
             num=v.num, desc=v.addr.desc, avail=v.addr.avail, used=v.addr.used,
-            last_avail=v.base, kick_fd=v.kick, call_fd=-1 if v.call is None else v.call,
+            base=v.base, kick_fd=v.kick, call_fd=-1 if v.call is None else v.call,
             event_idx=bool(self.features & p.bits(Feature.RING_EVENT_IDX)),
+            packed=self.packed,
         )
         try:
             self.queues[i].start(self.mem, vc)
@@ -232,8 +237,10 @@ class Session:
     async def set_vring_num(self, payload: bytes, fds: list[int]) -> None:
         index, num = p.decode_vring_state(payload)
         v = self._vring(index)
-        if num == 0 or num > p.MAX_QUEUE_SIZE or num & (num - 1):
-            raise ProtocolError(f"queue {index}: size {num} is not a power of two "
+        # Split rings need a power of two; packed rings take any size.
+        if num == 0 or num > p.MAX_QUEUE_SIZE or (num & (num - 1) and not self.packed):
+            raise ProtocolError(f"queue {index}: size {num} is not "
+                                f"{'' if self.packed else 'a power of two '}"
                                 f"in 1..{p.MAX_QUEUE_SIZE}")
         await self._stop(index)
         v.num = num
@@ -248,7 +255,9 @@ class Session:
     async def set_vring_base(self, payload: bytes, fds: list[int]) -> None:
         index, num = p.decode_vring_state(payload)
         v = self._vring(index)
-        if num > 0xFFFF:
+        # A split ring's base is a 16-bit index; a packed ring's carries the
+        # avail position and wrap counter, and the used ones in bits 16-31.
+        if num > 0xFFFF and not self.packed:
             raise ProtocolError(f"queue {index}: base {num} exceeds 16 bits")
         await self._stop(index)
         v.base = num

@@ -12,8 +12,9 @@
  * Input format (little-endian, missing bytes read as zero), see
  * native/fuzz/gen_corpus.py which writes the seeds:
  *   u8  flags   bits 0-1: regions-1 (3 -> 1); bit 2: regions GPA-contiguous;
- *               bit 3: read-only target; bit 4: regions UVA-contiguous
- *   u64 capacity (rounded down to a sector)
+ *               bit 3: read-only target; bit 4: regions UVA-contiguous;
+ *               bit 5: 4096-byte logical blocks (else 512)
+ *   u64 capacity (rounded down to a logical block)
  *   u8  log2 of the queue size (low 4 bits)
  *   u16 head
  *   3 x { u64 gpa; u32 size (low 16 bits + 1); u64 uva; u16 mmap_offset }
@@ -177,6 +178,8 @@ static void check_req(const struct guest *g, const struct bs_target_cfg *t,
                       const struct bs_chain *before, const struct bs_chain *c,
                       const struct bs_blk_req *r)
 {
+    uint64_t bs = t->block_size ? t->block_size : BS_SECTOR;
+
     CHECK(c->niov >= 0 && c->niov <= before->niov);
     CHECK(c->nout == before->nout && c->nout <= c->niov);
     if (before->in_len == 0) {
@@ -212,21 +215,36 @@ static void check_req(const struct guest *g, const struct bs_target_cfg *t,
             CHECK(r->used_len == 1);
         }
         CHECK(r->len > 0 && r->len % BS_SECTOR == 0 && r->len <= UINT32_MAX);
-        CHECK(r->offset % BS_SECTOR == 0);
+        CHECK(r->offset % bs == 0 && r->len % bs == 0);
         CHECK(r->offset <= t->capacity && r->len <= t->capacity - r->offset);
         CHECK(iov_sum(&c->iov[r->iov_first], r->iov_count) == r->len);
         for (int i = r->iov_first; i < r->iov_first + r->iov_count; i++) {
             CHECK(c->iov[i].iov_len > 0);
             CHECK(region_of(g, c->iov[i].iov_base, c->iov[i].iov_len) >= 0);
-            /* The status byte is never also a data byte. */
-            CHECK(!((uint8_t *)c->iov[i].iov_base <= r->status_ptr &&
-                    r->status_ptr < (uint8_t *)c->iov[i].iov_base + c->iov[i].iov_len));
+            /* (Data buffers may alias the status byte or each other: the
+             * guest chose the addresses, and it only hurts the guest.) */
             touch(c->iov[i].iov_base, c->iov[i].iov_len);
         }
         break;
     case BS_OP_FLUSH:
         CHECK(!t->read_only);
         break;
+    case BS_OP_DISCARD:
+    case BS_OP_WRITE_ZEROES: {
+        uint64_t sum = 0;
+        CHECK(!t->read_only && before->in_len == 1 && r->used_len == 1);
+        CHECK(r->nranges >= 1 && r->nranges <= BS_MAX_DWZ_SEG);
+        for (int i = 0; i < r->nranges; i++) {
+            const struct bs_range *rg = &r->ranges[i];
+            CHECK(rg->len > 0 && rg->len <= (uint64_t)BS_MAX_DWZ_SECTORS * BS_SECTOR);
+            CHECK(rg->offset % bs == 0 && rg->len % bs == 0);
+            CHECK(rg->offset <= t->capacity && rg->len <= t->capacity - rg->offset);
+            CHECK(!rg->unmap || r->op == BS_OP_WRITE_ZEROES);
+            sum += rg->len;
+        }
+        CHECK(sum == r->len);
+        break;
+    }
     default:
         CHECK(!"unknown op");
     }
@@ -253,7 +271,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t flags = (uint8_t)take(&cur, 1);
     int nreg = 1 + (flags & 3) % 3;
     t.read_only = !!(flags & 8);
-    t.capacity = take(&cur, 8) & ~(BS_SECTOR - 1);
+    t.block_size = flags & 32 ? 4096 : 512;
+    t.capacity = take(&cur, 8) & ~((uint64_t)t.block_size - 1);
     memcpy(t.serial, "fuzz-serial", 11);
     vc.num = 1u << (take(&cur, 1) & 15);
     uint16_t head = (uint16_t)take(&cur, 2);

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
-T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+WZ_UNMAP = 1
 CAPACITY = 1 << 20
 UVA = 0x7F00_0000_0000
 
@@ -43,6 +44,7 @@ class Guest:
     head: int = 0
     read_only: bool = False
     gpa_contiguous: bool = False
+    block_4k: bool = False
     # (region, uva offset) of desc, avail, used
     rings: tuple = ((0, DESC), (0, AVAIL), (0, USED))
     writes: list[tuple[int, int, bytes]] = field(default_factory=list)
@@ -65,6 +67,7 @@ class Guest:
         flags = len(self.regions) - 1
         flags |= 4 if self.gpa_contiguous else 0
         flags |= 8 if self.read_only else 0
+        flags |= 32 if self.block_4k else 0
         out = struct.pack("<BQBH", flags, self.capacity, self.log2_num, self.head)
         regions = self.regions + [Region(0, 1, 0, 0)] * (3 - len(self.regions))
         for r in regions:
@@ -101,6 +104,13 @@ def indirect(type_: int, length: int = 4096) -> Guest:
     return g
 
 
+def discard_like(type_: int, segs: list[tuple[int, int, int]]) -> Guest:
+    """DISCARD / WRITE_ZEROES: header, then (sector, num_sectors, flags) segments."""
+    g = request(type_, sector=0, length=16 * len(segs), data_flags=0)
+    g.put(DATA, b"".join(struct.pack("<QII", *seg) for seg in segs))
+    return g
+
+
 def seeds() -> dict[str, Guest]:
     s: dict[str, Guest] = {}
     s["read"] = request(T_IN)
@@ -118,6 +128,14 @@ def seeds() -> dict[str, Guest]:
     s["flush_read_only"].read_only = True
     s["write_with_writable_data"] = request(T_OUT, data_flags=WRITE)
     s["read_with_readable_data"] = request(T_IN, data_flags=0)
+    s["discard"] = discard_like(T_DISCARD, [(0, 8, 0), (64, 16, 0)])
+    s["write_zeroes_unmap"] = discard_like(T_WRITE_ZEROES, [(8, 8, WZ_UNMAP)])
+    s["discard_with_unmap"] = discard_like(T_DISCARD, [(8, 8, WZ_UNMAP)])
+    s["write_zeroes_zero_sectors"] = discard_like(T_WRITE_ZEROES, [(8, 0, 0)])
+    s["read_4k_block"] = request(T_IN, sector=8)
+    s["read_4k_block"].block_4k = True
+    s["write_4k_block_misaligned"] = request(T_OUT, sector=1)
+    s["write_4k_block_misaligned"].block_4k = True
     s["indirect_read"] = indirect(T_IN)
     s["indirect_write"] = indirect(T_OUT, 8192)
 

@@ -91,7 +91,7 @@ static int drv_start_at(struct drv *d, int event_idx, uint16_t last_avail)
     struct bs_vring_cfg vc = {
         .num = QSZ, .desc_uva = UVA_BASE + d->desc_gpa,
         .avail_uva = UVA_BASE + d->avail_gpa, .used_uva = UVA_BASE + d->used_gpa,
-        .last_avail = last_avail, .kick_fd = d->kick, .call_fd = d->call,
+        .base = last_avail, .kick_fd = d->kick, .call_fd = d->call,
         .event_idx = event_idx,
     };
     return bs_queue_start(d->q, d->mem, &vc);
@@ -214,7 +214,7 @@ static void test_rw_roundtrip(void)
 
     uint64_t n;
     CHECK(read(d.call, &n, 8) == 8);  /* the driver was notified */
-    uint16_t last = 0;
+    uint32_t last = 0;
     CHECK(bs_queue_stop(d.q, &last) == 0);
     CHECK(last == 4);
     struct bs_queue_stats st;
@@ -411,7 +411,7 @@ static void test_setup_validation(void)
     /* a running queue pins the memory table */
     CHECK(drv_start(&d, 0) == 0);
     CHECK(bs_mem_free(d.mem) == -EBUSY);
-    uint16_t last = 99;
+    uint32_t last = 99;
     CHECK(bs_queue_stop(d.q, &last) == 0);
     CHECK(last == 0);
     /* restart from the saved index continues where it stopped */
