@@ -206,6 +206,35 @@ def _mem_region_larger_than_fd(d):
     d.client.send(vc.SET_MEM_TABLE, struct.pack("<II", 1, 0) + region, fds=(d.mem.fds[0],))
 
 
+def _vring_addr_outside_memory(d):
+    d.client.send(vc.SET_VRING_ADDR, vc.pack_vring_addr(0, 0x10, 0x20, 0x30))
+    d.client.send(vc.SET_VRING_KICK, vc.pack_vring_file(0), fds=(d.vqs[0].kick_fd,))
+
+
+def _too_many_regions(d):
+    regions = b"".join(vc.pack_mem_region(i << 20, 1 << 20, 0x7000_0000_0000 + (i << 20))
+                       for i in range(9))
+    d.client.send(vc.SET_MEM_TABLE, struct.pack("<II", 9, 0) + regions,
+                  fds=[d.mem.fds[0]] * 8)
+
+
+def _too_many_slots(d):
+    fd = os.memfd_create("slot")
+    os.ftruncate(fd, 4096)
+    try:
+        for i in range(40):
+            d.client.send(vc.ADD_MEM_REG, struct.pack("<Q", 0) + vc.pack_mem_region(
+                (1 << 32) + (i << 20), 4096, 0x6000_0000_0000 + (i << 20)), fds=(fd,))
+    except (vc.VhostDisconnected, OSError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def _config_write_truncated(d):
+    d.client.send(vc.SET_CONFIG, struct.pack("<III", 32, 8, 0) + b"\0")
+
+
 MALFORMED = {
     "oversized_payload": lambda d: d.client.send(vc.GET_FEATURES, bytes(8192)),
     "truncated_payload": lambda d: d.client.send(vc.SET_VRING_NUM, b"\0" * 3),
@@ -222,6 +251,14 @@ MALFORMED = {
     "features_never_offered": lambda d: d.client.send(
         vc.SET_FEATURES, vc.pack_u64(1 << 63)),
     "mem_region_larger_than_fd": _mem_region_larger_than_fd,
+    "vring_addr_outside_memory": _vring_addr_outside_memory,
+    "more_regions_than_advertised": _too_many_regions,
+    "more_slots_than_advertised": _too_many_slots,
+    "config_write_truncated": _config_write_truncated,
+    "reply_flag_from_frontend": lambda d: d.client.send_raw(
+        vc.HDR.pack(vc.GET_FEATURES, vc.VERSION | vc.FLAG_REPLY, 0)),
+    "vring_fd_reserved_bits": lambda d: d.client.send(
+        vc.SET_VRING_CALL, vc.pack_u64(1 << 40 | vc.VRING_NOFD)),
 }
 
 
