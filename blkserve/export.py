@@ -42,6 +42,7 @@ class ExportOptions:
     cache: str = "none"
     serial: str | None = None
     block_size: int | None = None
+    poll_us: int = 0
 
 
 def default_serial(path: str) -> bytes:
@@ -137,6 +138,8 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
         raise ExportError(f"--queues must be between 1 and {MAX_QUEUES}")
     if opts.cache not in ("none", "writeback"):
         raise ExportError("--cache must be 'none' or 'writeback'")
+    if not 0 <= opts.poll_us <= 1_000_000:
+        raise ExportError("--poll-us must be between 0 and 1000000")
     if opts.block_size not in (None, 512, 4096):
         raise ExportError("--block-size must be 512 or 4096")
     if opts.serial is not None:
@@ -158,7 +161,7 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
         target = Target(TargetConfig(
             fd=backing.fd, fd_buffered=backing.fd_buffered, capacity=capacity,
             dio_align=backing.dio_align, read_only=opts.read_only, serial=serial,
-            block_size=block_size, is_block_device=backing.is_block,
+            block_size=block_size, is_block_device=backing.is_block, poll_us=opts.poll_us,
         ))
         model = BlkDeviceModel(capacity=capacity, num_queues=opts.queues,
                                read_only=opts.read_only, blk_size=block_size,

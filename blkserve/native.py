@@ -61,6 +61,7 @@ class TargetConfig:
     block_size: int = 512
     is_block_device: bool = False
     writethrough: bool = False
+    poll_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Target:
         c.block_size = cfg.block_size
         c.is_block_device = int(cfg.is_block_device)
         c.writethrough = int(cfg.writethrough)
+        c.poll_us = cfg.poll_us
         c.serial = cfg.serial[:SERIAL_BYTES].ljust(SERIAL_BYTES, b"\0")
         out = ffi.new("bs_target **")
         _check(lib.bs_target_new(c, out), "configuring the backing target")

@@ -25,6 +25,7 @@ struct bs_target_cfg {
     int read_only;
     int is_block_device;    /* discard/zeroing semantics of fallocate differ */
     int writethrough;       /* initial cache mode: every write made durable  */
+    uint32_t poll_us;       /* busy-poll the rings this long before sleeping */
     unsigned char serial[20]; /* VIRTIO_BLK_T_GET_ID answer, zero-padded    */
 };
 

@@ -587,3 +587,24 @@ def test_file_backed_guest_memory(export, tmp_path):
         assert d.client.is_connected(0.2)
     finally:
         d.close()
+
+
+def test_poll_mode_serves_correctly(tmp_path):
+    """--poll-us: kicks suppressed while the queue polls; no request may be
+    missed when polling stops (kicks back on, then a last look)."""
+    e = start_export(tmp_path, "--poll-us", "200", "--queues", "2")
+    try:
+        d = e.device()
+        try:
+            for round_ in range(3):
+                blocks = {i: os.urandom(4096) for i in range(24)}
+                reqs = d.submit_many([(vc.BLK_T_OUT, 8 * i, b) for i, b in blocks.items()],
+                                     queue=round_ % 2, indirect=True)
+                assert all(r.status == vc.BLK_S_OK for r in reqs)
+                for i, b in blocks.items():
+                    assert d.read(8 * i, 4096, queue=1 - round_ % 2) == (vc.BLK_S_OK, b)
+                time.sleep(0.01)  # let the poll window lapse: the next request needs a kick
+        finally:
+            d.close()
+    finally:
+        assert stop_export(e) == 0
