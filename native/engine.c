@@ -563,7 +563,7 @@ static int ring_init(struct bs_queue *q)
     /* Newest first: completions run only when this thread enters the ring
      * (DEFER_TASKRUN, 6.1+), else without IPIs (COOP_TASKRUN, 5.19+). */
     static const unsigned flag_sets[] = {
-        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN,
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
         IORING_SETUP_COOP_TASKRUN,
         0,
     };

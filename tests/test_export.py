@@ -608,3 +608,50 @@ def test_poll_mode_serves_correctly(tmp_path):
             d.close()
     finally:
         assert stop_export(e) == 0
+
+
+@pytest.fixture
+def loop_device(tmp_path, request):
+    """A loop block device over a file; param = its logical sector size."""
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(64 << 20)
+    r = subprocess.run(["losetup", "--find", "--show", "--sector-size", str(request.param),
+                        str(backing)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"no loop block device could be set up: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    yield dev, request.param
+    subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.parametrize("loop_device", [512, 4096], indirect=True, ids=["512n", "4Kn"])
+def test_block_device_backing(tmp_path, loop_device):
+    dev, sector = loop_device
+    sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+    log = tmp_path / "export.log"
+    proc = subprocess.Popen([sys.executable, "-m", "blkserve", "export", dev, "--socket", sock],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    e = Export(Path(dev), sock, proc, log)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        d = e.device(queues=1)
+        try:
+            assert d.capacity == (64 << 20) // 512
+            assert d.config.blk_size == sector            # the device's logical block
+            data = os.urandom(64 << 10)
+            assert d.write(4096, data) == vc.BLK_S_OK
+            assert d.read(4096, len(data)) == (vc.BLK_S_OK, data)
+            assert d.discard(4096, 64) == vc.BLK_S_OK
+            assert d.write_zeroes(4096 + 64, 64, unmap=False) == vc.BLK_S_OK
+            assert d.read(4096, 64 << 10) == (vc.BLK_S_OK, bytes(64 << 10))
+            if sector == 4096:
+                assert d.write(1, b"x" * 512) == vc.BLK_S_IOERR  # below the device block
+            assert d.flush() == vc.BLK_S_OK
+        finally:
+            d.close()
+    finally:
+        assert stop_export(e) == 0
