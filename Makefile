@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STATE_DIR ?= $(CURDIR)/var
 APT_PACKAGES := build-essential pkg-config liburing-dev python3-venv \
 	qemu-system-x86 qemu-utils qemu-system-common fio busybox-static cpio \
-	e2fsprogs util-linux
+	e2fsprogs util-linux clang libclang-rt-14-dev
 NATIVE_SRC := $(wildcard native/*.c native/*.h)
 CFLAGS_NATIVE := -O2 -g -Wall -Wextra -Werror -std=gnu11 -Inative
 
@@ -48,17 +48,66 @@ build/test_engine: native/tests/test_engine.c $(NATIVE_SRC)
 test-native: apt build/test_engine
 	./build/test_engine
 
-# Same tests under AddressSanitizer and UndefinedBehaviorSanitizer.
-asan: apt
+# The engine under AddressSanitizer and UndefinedBehaviorSanitizer: its C
+# tests, then the export and adversarial-frontend tests against an export
+# whose engine is built with the sanitizers (a copy of the package in
+# build/asan-pkg, first on PYTHONPATH; libasan preloaded into Python).
+ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+asan: setup
 	mkdir -p build
-	$(CC) $(CFLAGS_NATIVE) -fsanitize=address,undefined -fno-omit-frame-pointer \
-		-o build/test_engine_asan native/tests/test_engine.c native/mem.c \
-		native/virtq.c native/blk.c native/engine.c -luring -lpthread
+	$(CC) $(CFLAGS_NATIVE) -fsanitize=address,undefined -fno-sanitize-recover=all \
+		-fno-omit-frame-pointer -o build/test_engine_asan native/tests/test_engine.c \
+		native/mem.c native/virtq.c native/blk.c native/engine.c -luring -lpthread
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		./build/test_engine_asan
+	rm -rf build/asan-pkg && mkdir -p build/asan-pkg
+	cp -r blkserve build/asan-pkg/ && rm -f build/asan-pkg/blkserve/_native*.so
+	BLKSERVE_SANITIZE=address,undefined $(BIN)/python blkserve/_native_build.py build/asan-pkg
+	$(ASAN_ENV) LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) \
+		PYTHONPATH=$(CURDIR)/build/asan-pkg $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_export.py
+	@echo "asan: engine C tests and export/adversarial tests ran clean under ASan+UBSan"
 
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
 	rm -rf build $(VENV) *.egg-info blkserve/_native*.so blkserve/_native.c
+
+# Coverage-guided fuzzing (native/fuzz/, tests/fuzz/): libFuzzer over the
+# descriptor-chain walk and request parser, atheris over the vhost-user
+# message parsing.  New inputs go to build/fuzz/; crashes are written there
+# as crash-*, and the committed seeds stay untouched.
+FUZZ_SECONDS ?= 300
+FUZZ_CC ?= clang
+FUZZ_CFLAGS := -O1 -g -Wall -Wextra -Werror -std=gnu11 -Inative -fno-omit-frame-pointer \
+	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+
+build/fuzz/fuzz_chain: native/fuzz/fuzz_chain.c native/mem.c native/virtq.c native/blk.c \
+		native/internal.h native/blkserve_native.h
+	mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ native/fuzz/fuzz_chain.c native/mem.c \
+		native/virtq.c native/blk.c
+
+.PHONY: fuzz fuzz-chain fuzz-protocol
+fuzz: fuzz-chain fuzz-protocol
+
+fuzz-chain: apt build/fuzz/fuzz_chain
+	mkdir -p build/fuzz/chain-corpus build/fuzz/chain-artifacts
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+		./build/fuzz/fuzz_chain -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		-artifact_prefix=build/fuzz/chain-artifacts/ build/fuzz/chain-corpus native/fuzz/corpus
+
+fuzz-protocol: setup
+	mkdir -p build/fuzz/protocol-corpus build/fuzz/protocol-artifacts
+	$(BIN)/python tests/fuzz/fuzz_protocol.py -max_total_time=$(FUZZ_SECONDS) \
+		-print_final_stats=1 -artifact_prefix=build/fuzz/protocol-artifacts/ \
+		build/fuzz/protocol-corpus tests/fuzz/corpus
+
+# Performance suite (not part of `make test`): blkserve vs qemu-storage-daemon
+# vs host fio, ~15 minutes; writes bench/results/<date>.json and the table in
+# docs/PERFORMANCE.md.  Quick iteration: make bench BENCH_ARGS=--quick
+.PHONY: bench
+bench: setup
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

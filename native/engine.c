@@ -773,6 +773,8 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
         __atomic_store_n(&q->vr.device_evt->flags, (uint16_t)BS_RING_EVENT_ENABLE,
                          __ATOMIC_RELEASE);
     } else {
+        if (cfg->base > 0xffff)
+            return -EINVAL;     /* a split ring's base is a 16-bit index */
         q->last_avail = (uint16_t)cfg->base;
         q->used_idx = __atomic_load_n(&q->vr.used->idx, __ATOMIC_ACQUIRE);
     }

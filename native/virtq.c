@@ -17,6 +17,11 @@ static int map_packed(struct bs_vring *vr, const struct bs_mem *m,
     vr->device_evt = bs_mem_uva(m, cfg->used_uva, sizeof(struct bs_pevent));
     if (!vr->pdesc || !vr->driver_evt || !vr->device_evt)
         return -EFAULT;
+    /* Aligned frontend addresses can still land misaligned in our mapping
+     * (a region's mmap offset is the frontend's choice): atomics need it. */
+    if (((uintptr_t)vr->pdesc & 15) || ((uintptr_t)vr->driver_evt & 3) ||
+        ((uintptr_t)vr->device_evt & 3))
+        return -EINVAL;
     return 0;
 }
 
@@ -46,6 +51,8 @@ int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
     vr->used = bs_mem_uva(m, cfg->used_uva, used_sz);
     if (!vr->desc || !vr->avail || !vr->used)
         return -EFAULT;
+    if (((uintptr_t)vr->desc & 15) || ((uintptr_t)vr->avail & 1) || ((uintptr_t)vr->used & 3))
+        return -EINVAL;     /* see map_packed */
     return 0;
 }
 

@@ -119,6 +119,11 @@ class Session:
         if (v.started or self.mem is None or v.addr is None or v.num == 0
                 or v.kick is None or not self._enabled(v)):
             return
+        # SET_FEATURES may have changed the ring format after SET_VRING_NUM /
+        # SET_VRING_BASE: check them against the format the ring starts with.
+        if not self.packed and (v.base > 0xFFFF or v.num & (v.num - 1)):
+            raise ProtocolError(f"queue {i}: size {v.num} / base {v.base} do not fit "
+                                "a split ring")
         vc = VringConfig(
             num=v.num, desc=v.addr.desc, avail=v.addr.avail, used=v.addr.used,
             base=v.base, kick_fd=v.kick, call_fd=-1 if v.call is None else v.call,

@@ -2,21 +2,23 @@
  *
  * One input is a whole guest: a memory layout of 1-3 regions, the rings'
  * addresses, sparse writes of guest RAM (descriptor tables, headers), the
- * head index, and the backing's capacity and read-only flag.  The harness
- * maps the layout through the engine's own bs_mem_add, maps the ring with
- * bs_vring_map, walks the chain with bs_vring_chain and parses it with
- * bs_blk_parse -- exactly what engine.c's start_request does -- then checks
- * the promises those functions make and touches every byte range they hand
- * out, so ASan sees any that is outside guest memory.
+ * head index, split or packed ring, and the backing's capacity, block size
+ * and read-only flag.  The harness maps the layout through the engine's own
+ * bs_mem_add, maps the ring with bs_vring_map, walks the chain with
+ * bs_vring_chain (or bs_vring_packed_chain) and parses it with bs_blk_parse
+ * -- what engine.c does for each request -- then checks the promises those
+ * functions make and touches every byte range they hand out, so ASan sees
+ * any that is outside guest memory.
  *
  * Input format (little-endian, missing bytes read as zero), see
  * native/fuzz/gen_corpus.py which writes the seeds:
  *   u8  flags   bits 0-1: regions-1 (3 -> 1); bit 2: regions GPA-contiguous;
  *               bit 3: read-only target; bit 4: regions UVA-contiguous;
- *               bit 5: 4096-byte logical blocks (else 512)
+ *               bit 5: 4096-byte logical blocks (else 512); bit 6: packed
+ *               ring; bit 7: the packed ring's avail wrap counter
  *   u64 capacity (rounded down to a logical block)
- *   u8  log2 of the queue size (low 4 bits)
- *   u16 head
+ *   u8  queue size: v < 16: 1 << v; 255: 65536; else v - 16
+ *   u16 head (split) or ring position modulo the size (packed)
  *   3 x { u64 gpa; u32 size (low 16 bits + 1); u64 uva; u16 mmap_offset }
  *   3 x { u8 region; u32 offset }   desc, avail, used: uva = region's uva + offset
  *   then records until the end: { u8 region; u16 offset; u16 len; len bytes }
@@ -75,7 +77,8 @@ struct guest {
     bs_mem *mem;
     int n;                      /* regions bs_mem_add accepted */
     struct region_in in[MAX_REGIONS];
-    uint8_t *buf[MAX_REGIONS];  /* heap copy of each accepted region */
+    uint8_t *buf[MAX_REGIONS];  /* heap stand-in of each accepted region */
+    void *block[MAX_REGIONS];   /* its allocation */
 };
 
 static int memfd_get(void)
@@ -116,12 +119,11 @@ static int region_invalid(const struct guest *g, const struct region_in *r)
 /* Index of the region holding host range [p, p+len), or -1. */
 static int region_of(const struct guest *g, const void *p, uint64_t len)
 {
-    const uint8_t *b = p;
+    uintptr_t b = (uintptr_t)p;
 
     for (int i = 0; i < g->n; i++) {
-        const uint8_t *lo = g->buf[i];
-        if (b >= lo && (uint64_t)(b - lo) < g->in[i].size &&
-            len <= g->in[i].size - (uint64_t)(b - lo))
+        uintptr_t lo = (uintptr_t)g->buf[i];
+        if (b >= lo && b - lo < g->in[i].size && len <= g->in[i].size - (b - lo))
             return i;
     }
     return -1;
@@ -142,7 +144,7 @@ static void touch(void *p, size_t len)
 static void guest_fini(struct guest *g)
 {
     for (int i = 0; i < g->n; i++)
-        free(g->buf[i]);
+        free(g->block[i]);
     if (g->mem)
         CHECK(bs_mem_free(g->mem) == 0);
 }
@@ -164,6 +166,34 @@ static void check_chain(const struct guest *g, const struct bs_chain *c)
     }
     CHECK(out == c->out_len);
     CHECK(in == c->in_len);
+}
+
+/* Is p aligned for the type T that engine.c accesses it as? */
+#define ALIGNED(p, T) ((uintptr_t)(p) % _Alignof(T) == 0)
+
+/* A mapped ring lies inside guest memory, and is aligned in host memory for
+ * the types engine.c reads and writes it through (plain and atomic member
+ * accesses: UB when misaligned, and a misaligned atomic traps on arm64). */
+static void check_ring(const struct guest *g, const struct bs_vring *vr,
+                       const struct bs_vring_cfg *vc)
+{
+    CHECK(vr->num == vc->num && vr->packed == !!vc->packed);
+    if (vr->packed) {
+        CHECK(region_of(g, vr->pdesc, 16ULL * vr->num) >= 0);
+        CHECK(region_of(g, vr->driver_evt, sizeof(struct bs_pevent)) >= 0);
+        CHECK(region_of(g, vr->device_evt, sizeof(struct bs_pevent)) >= 0);
+        CHECK(ALIGNED(vr->pdesc, struct bs_pdesc));
+        CHECK(ALIGNED(vr->driver_evt, struct bs_pevent));
+        CHECK(ALIGNED(vr->device_evt, struct bs_pevent));
+    } else {
+        CHECK(vr->num && !(vr->num & (vr->num - 1)));
+        CHECK(region_of(g, vr->desc, 16ULL * vr->num) >= 0);
+        CHECK(region_of(g, vr->avail, 6 + 2ULL * vr->num) >= 0);
+        CHECK(region_of(g, vr->used, 6 + 8ULL * vr->num) >= 0);
+        CHECK(ALIGNED(vr->desc, struct bs_vring_desc));
+        CHECK(ALIGNED(vr->avail, struct bs_vring_avail));
+        CHECK(ALIGNED(vr->used, struct bs_vring_used));
+    }
 }
 
 static uint64_t iov_sum(const struct iovec *iov, int n)
@@ -274,7 +304,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     t.block_size = flags & 32 ? 4096 : 512;
     t.capacity = take(&cur, 8) & ~((uint64_t)t.block_size - 1);
     memcpy(t.serial, "fuzz-serial", 11);
-    vc.num = 1u << (take(&cur, 1) & 15);
+    uint8_t qsz = (uint8_t)take(&cur, 1);
+    vc.num = qsz < 16 ? 1u << qsz : qsz == 255 ? 1u << 16 : qsz - 16u;
+    vc.packed = !!(flags & 64);
+    int wrap = !!(flags & 128);
     uint16_t head = (uint16_t)take(&cur, 2);
     for (int i = 0; i < MAX_REGIONS; i++) {
         want[i].gpa = take(&cur, 8);
@@ -304,10 +337,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             continue;
         CHECK(bs_mem_count(g.mem) == g.n + 1);
         /* ASan cannot see past the end of an mmap: point the region at a
-         * heap buffer of exactly its size instead, so one byte beyond is
-         * a redzone.  Unmapping still uses map_base. */
-        g.buf[g.n] = calloc(1, w->size);
-        CHECK(g.buf[g.n]);
+         * heap buffer ending exactly where it does, so one byte beyond is
+         * a redzone, and starting at the same offset from 16-byte
+         * alignment as the real mapping (page-aligned base + mmap_offset).
+         * Unmapping still uses map_base. */
+        size_t pad = (size_t)(w->mmap_offset & 15);
+        CHECK(posix_memalign(&g.block[g.n], 16, pad + w->size) == 0);
+        memset(g.block[g.n], 0, pad + w->size);
+        g.buf[g.n] = (uint8_t *)g.block[g.n] + pad;
+        CHECK(g.mem->r[g.n].hva == (uint8_t *)g.mem->r[g.n].map_base + w->mmap_offset);
         g.mem->r[g.n].hva = g.buf[g.n];
         g.in[g.n] = *w;
         g.n++;
@@ -336,19 +374,30 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     vc.used_uva = ring_uva[2];
     ret = bs_vring_map(&vr, g.mem, &vc);
     CHECK(ret == 0 || ret == -EINVAL || ret == -EFAULT);
-    TRACE("bs_vring_map(num=%u) = %d\n", vc.num, ret);
+    TRACE("bs_vring_map(num=%u, packed=%d) = %d\n", vc.num, vc.packed, ret);
     if (ret)
         goto out;
-    CHECK(vr.num == vc.num);
-    CHECK(region_of(&g, vr.desc, 16ULL * vr.num) >= 0);
-    CHECK(region_of(&g, vr.avail, 6 + 2ULL * vr.num) >= 0);
-    CHECK(region_of(&g, vr.used, 6 + 8ULL * vr.num) >= 0);
+    check_ring(&g, &vr, &vc);
 
-    ret = bs_vring_chain(&vr, g.mem, head, &c);
-    CHECK(ret == 0 || ret == -EINVAL || ret == -EFAULT || ret == -E2BIG);
-    if (ret == 0 && head >= vr.num)
-        CHECK(!"chain accepted from a head outside the ring");
-    TRACE("bs_vring_chain(head=%u) = %d\n", head, ret);
+    if (vr.packed) {
+        uint16_t pos = (uint16_t)(head % vr.num), id = 0, ndesc = 0;
+        /* engine.c walks a chain only once its first descriptor is available */
+        int avail = bs_vring_packed_avail(&vr, pos, wrap);
+        TRACE("bs_vring_packed_avail(pos=%u, wrap=%d) = %d\n", pos, wrap, avail);
+        if (!avail)
+            goto out;
+        ret = bs_vring_packed_chain(&vr, g.mem, pos, &c, &id, &ndesc);
+        CHECK(ret == 0 || ret == -EINVAL || ret == -EFAULT || ret == -E2BIG);
+        CHECK(ndesc <= vr.num);
+        CHECK(ndesc > 0 || ret == -EINVAL);
+        TRACE("bs_vring_packed_chain(pos=%u) = %d, id %u, %u descriptor(s)\n",
+              pos, ret, id, ndesc);
+    } else {
+        ret = bs_vring_chain(&vr, g.mem, head, &c);
+        CHECK(ret == 0 || ret == -EINVAL || ret == -EFAULT || ret == -E2BIG);
+        CHECK(ret != 0 || head < vr.num);
+        TRACE("bs_vring_chain(head=%u) = %d\n", head, ret);
+    }
     if (ret)
         goto out;
     check_chain(&g, &c);

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
+P_AVAIL = 1 << 7  # packed ring: available with wrap counter 1 (USED bit clear)
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 WZ_UNMAP = 1
 CAPACITY = 1 << 20
@@ -40,11 +41,13 @@ class Region:
 class Guest:
     regions: list[Region] = field(default_factory=lambda: [Region()])
     capacity: int = CAPACITY
-    log2_num: int = 4
+    qsz: int = 4  # v < 16: 1 << v queue entries; 255: 65536; else v - 16
     head: int = 0
     read_only: bool = False
     gpa_contiguous: bool = False
     block_4k: bool = False
+    packed: bool = False
+    wrap: bool = False
     # (region, uva offset) of desc, avail, used
     rings: tuple = ((0, DESC), (0, AVAIL), (0, USED))
     writes: list[tuple[int, int, bytes]] = field(default_factory=list)
@@ -60,6 +63,10 @@ class Guest:
     def descs(self, table_gpa: int, descs: list[tuple[int, int, int, int]]) -> None:
         self.put(table_gpa, b"".join(struct.pack("<QIHH", *d) for d in descs))
 
+    def pdescs(self, table_gpa: int, descs: list[tuple[int, int, int, int]]) -> None:
+        """Packed descriptors: (addr, len, id, flags)."""
+        self.put(table_gpa, b"".join(struct.pack("<QIHH", *d) for d in descs))
+
     def blk_header(self, gpa: int, type_: int, sector: int) -> None:
         self.put(gpa, struct.pack("<IIQ", type_, 0, sector))
 
@@ -68,7 +75,8 @@ class Guest:
         flags |= 4 if self.gpa_contiguous else 0
         flags |= 8 if self.read_only else 0
         flags |= 32 if self.block_4k else 0
-        out = struct.pack("<BQBH", flags, self.capacity, self.log2_num, self.head)
+        flags |= (64 if self.packed else 0) | (128 if self.wrap else 0)
+        out = struct.pack("<BQBH", flags, self.capacity, self.qsz, self.head)
         regions = self.regions + [Region(0, 1, 0, 0)] * (3 - len(self.regions))
         for r in regions:
             out += struct.pack("<QIQH", r.gpa, r.size - 1, r.uva, r.mmap_offset)
@@ -132,6 +140,17 @@ def seeds() -> dict[str, Guest]:
     s["write_zeroes_unmap"] = discard_like(T_WRITE_ZEROES, [(8, 8, WZ_UNMAP)])
     s["discard_with_unmap"] = discard_like(T_DISCARD, [(8, 8, WZ_UNMAP)])
     s["write_zeroes_zero_sectors"] = discard_like(T_WRITE_ZEROES, [(8, 0, 0)])
+    s["discard_too_many_segments"] = discard_like(T_DISCARD, [(8 * i, 8, 0) for i in range(33)])
+    s["write_zeroes_segment_too_big"] = discard_like(T_WRITE_ZEROES, [(0, (1 << 22) + 1, 0)])
+    s["discard_past_capacity"] = discard_like(T_DISCARD, [(CAPACITY // 512 - 8, 16, 0)])
+    g = discard_like(T_DISCARD, [(0, 8, 0)])
+    g.descs(DESC, [(HDR, 16, NEXT, 1), (DATA, 16, NEXT, 2), (STATUS, 2, WRITE, 0)])
+    s["discard_with_writable_byte"] = g
+    g = request(T_IN)
+    g.descs(DESC, [(HDR, 8, NEXT, 1), (STATUS, 1, WRITE, 0)])
+    s["short_header"] = g
+    s["read_4k_block_512_bytes"] = request(T_IN, sector=8, length=512)
+    s["read_4k_block_512_bytes"].block_4k = True
     s["read_4k_block"] = request(T_IN, sector=8)
     s["read_4k_block"].block_4k = True
     s["write_4k_block_misaligned"] = request(T_OUT, sector=1)
@@ -224,8 +243,53 @@ def seeds() -> dict[str, Guest]:
 
     g = indirect(T_IN)
     g.capacity = (1 << 64) - 512
-    g.log2_num = 0
+    g.qsz = 0
     s["queue_size_1_indirect_huge_capacity"] = g
+
+    s.update(packed_seeds())
+    return s
+
+
+def packed(type_: int, length: int = 4096, size_code: int = 4) -> Guest:
+    """A packed ring (descriptor ring at DESC, event areas at AVAIL/USED)."""
+    g = Guest(packed=True, wrap=True, qsz=size_code)
+    g.blk_header(HDR, type_, 8)
+    data_flags = WRITE if type_ == T_IN else 0
+    g.pdescs(DESC, [(HDR, 16, 7, P_AVAIL | NEXT), (DATA, length, 7, P_AVAIL | NEXT | data_flags),
+                    (STATUS, 1, 7, P_AVAIL | WRITE)])
+    return g
+
+
+def packed_seeds() -> dict[str, Guest]:
+    s: dict[str, Guest] = {}
+    s["packed_read"] = packed(T_IN)
+    s["packed_write"] = packed(T_OUT)
+    s["packed_not_available"] = packed(T_IN)
+    s["packed_not_available"].wrap = False
+
+    g = packed(T_IN, size_code=16 + 20)  # 20 entries: not a power of two
+    g.head = 18  # the chain wraps from the end of the ring to its start
+    g.pdescs(DESC + 18 * 16, [(HDR, 16, 3, P_AVAIL | NEXT), (DATA, 512, 3, P_AVAIL | NEXT | WRITE)])
+    g.pdescs(DESC, [(STATUS, 1, 3, P_AVAIL | WRITE)])
+    s["packed_wraps_around"] = g
+
+    g = packed(T_IN)
+    g.pdescs(DESC, [(HDR, 16, 1, P_AVAIL | NEXT)] * 16)
+    s["packed_next_all_around"] = g
+
+    g = packed(T_OUT)
+    g.pdescs(TABLE, [(HDR, 16, 0, 0), (DATA, 4096, 0, 0), (STATUS, 1, 0, WRITE)])
+    g.pdescs(DESC, [(TABLE, 48, 9, P_AVAIL | INDIRECT)])
+    s["packed_indirect_write"] = g
+
+    g = packed(T_IN)
+    g.pdescs(DESC, [(HDR, 16, 1, P_AVAIL | NEXT), (TABLE, 48, 1, P_AVAIL | INDIRECT)])
+    s["packed_indirect_not_first"] = g
+
+    g = packed(T_IN)
+    g.pdescs(DESC, [(HDR, 16, 1, P_AVAIL | NEXT), (1 << 63, 512, 1, P_AVAIL | NEXT | WRITE),
+                    (STATUS, 1, 1, P_AVAIL | WRITE)])
+    s["packed_bad_buffer"] = g
     return s
 
 
