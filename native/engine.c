@@ -684,9 +684,16 @@ static void *queue_thread(void *arg)
         if (q->stopping && q->inflight == 0)
             break;
 
-        if (q->poll_ns && !q->stopping && !broken && poll_for_work(q)) {
+        int polled = 0;
+        if (q->poll_ns && !q->stopping && !broken) {
+            /* start what was queued (I/O, the guest notification) first */
+            if (io_uring_sq_ready(&q->ring))
+                io_uring_submit(&q->ring);
+            polled = poll_for_work(q);
+        }
+        if (polled) {
             kicked = 1;
-            ret = io_uring_submit(&q->ring);     /* queued I/O, no waiting */
+            ret = 0;
         } else {
             ret = io_uring_submit_and_wait(&q->ring, 1);
         }
