@@ -363,7 +363,7 @@ static void drain_avail(struct bs_queue *q)
     for (;;) {
         uint16_t avail = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
         if ((uint16_t)(avail - q->last_avail) > vr->num) {
-            mark_broken(q, -EINVAL);   /* the guest claims more than a ring */
+            mark_broken(q, -ERANGE);   /* the guest claims more than a ring */
             return;
         }
         while (q->last_avail != avail) {

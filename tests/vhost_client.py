@@ -800,6 +800,14 @@ class GuestMemory:
     def fill(self, gpa: int, n: int, byte: int = 0) -> None:
         self.write(gpa, bytes([byte]) * n)
 
+    def store_u16(self, gpa: int, value: int) -> None:
+        """One 16-bit store, for ring fields a backend thread reads while we
+        write.  struct.pack_into zeroes its destination before packing, so a
+        polling backend could see a transient 0 index through it."""
+        off = self._off(gpa, 2)
+        with memoryview(self._map) as mv, mv[off:off + 2] as b, b.cast("H") as h:
+            h[0] = value & 0xFFFF
+
     def pack_into(self, fmt: struct.Struct, gpa: int, *values) -> None:
         fmt.pack_into(self._map, self._off(gpa, fmt.size), *values)
 
@@ -863,6 +871,9 @@ class GuestMemoryMap:
 
     def fill(self, gpa: int, n: int, byte: int = 0) -> None:
         self.write(gpa, bytes([byte]) * n)
+
+    def store_u16(self, gpa: int, value: int) -> None:
+        self.region_for(gpa, 2).store_u16(gpa, value)
 
     def pack_into(self, fmt: struct.Struct, gpa: int, *values) -> None:
         self.region_for(gpa, fmt.size).pack_into(fmt, gpa, *values)
@@ -1048,13 +1059,13 @@ class Virtqueue:
 
     def set_avail_idx(self, value: int) -> None:
         self.avail_idx = value & 0xFFFF
-        self.mem.pack_into(_U16, self.avail_gpa + 2, self.avail_idx)
+        self.mem.store_u16(self.avail_gpa + 2, self.avail_idx)
 
     def set_avail_flags(self, flags: int) -> None:
-        self.mem.pack_into(_U16, self.avail_gpa, flags)
+        self.mem.store_u16(self.avail_gpa, flags)
 
     def set_used_event(self, value: int) -> None:
-        self.mem.pack_into(_U16, self.used_event_gpa, value & 0xFFFF)
+        self.mem.store_u16(self.used_event_gpa, value)
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
