@@ -16,7 +16,7 @@ def _export(args: argparse.Namespace) -> int:
         return run_export(ExportOptions(
             backing=args.backing, socket=args.socket, queues=args.queues,
             read_only=args.read_only, cache=args.cache, serial=args.serial,
-            block_size=args.block_size, poll_us=args.poll_us,
+            block_size=args.block_size, poll_us=args.poll_us, io_engine=args.io_engine,
         ))
     except ExportError as e:
         print(f"blkserve export: error: {e}", file=sys.stderr)
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the last request, busy-poll each queue for N microseconds "
                          "with guest kicks suppressed before sleeping: lower latency for "
                          "a CPU core per busy queue (default: 0, sleep at once)")
+    ex.add_argument("--io-engine", choices=("auto", "io_uring", "sync"), default="auto",
+                    help="io_uring: every request is an SQE; sync: plain syscalls in the "
+                         "queue thread; auto (default): io_uring, unless the backing cannot "
+                         "do non-blocking I/O (tmpfs), where io_uring would hand each "
+                         "request to a kernel worker thread")
     ex.set_defaults(func=_export)
     bench.add_parser(sub)
     return parser

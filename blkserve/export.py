@@ -8,6 +8,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import signal
 import stat
@@ -43,6 +44,7 @@ class ExportOptions:
     serial: str | None = None
     block_size: int | None = None
     poll_us: int = 0
+    io_engine: str = "auto"
 
 
 def default_serial(path: str) -> bytes:
@@ -119,6 +121,20 @@ def open_backing(path: str, read_only: bool, cache: str) -> Backing:
     return Backing(fd, fd_buffered, capacity, max(sec, SECTOR), is_block, sec, topo)
 
 
+def supports_nowait(fd: int) -> bool:
+    """Can the backing's driver do non-blocking reads (RWF_NOWAIT)?  If not
+    (tmpfs, for one), io_uring hands every request to a kernel worker thread,
+    and plain syscalls in the queue thread are faster."""
+    buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+    try:
+        os.preadv(fd, [buf], 0, os.RWF_NOWAIT)
+    except OSError as e:
+        return e.errno != errno.EOPNOTSUPP
+    finally:
+        buf.close()
+    return True
+
+
 def _ioctl_int(fd: int, req: int, fmt: str) -> int:
     return struct.unpack(fmt, fcntl.ioctl(fd, req, b"\0" * struct.calcsize(fmt)))[0]
 
@@ -138,6 +154,8 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
         raise ExportError(f"--queues must be between 1 and {MAX_QUEUES}")
     if opts.cache not in ("none", "writeback"):
         raise ExportError("--cache must be 'none' or 'writeback'")
+    if opts.io_engine not in ("auto", "io_uring", "sync"):
+        raise ExportError("--io-engine must be auto, io_uring or sync")
     if not 0 <= opts.poll_us <= 1_000_000:
         raise ExportError("--poll-us must be between 0 and 1000000")
     if opts.block_size not in (None, 512, 4096):
@@ -158,10 +176,16 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
         capacity = backing.capacity - backing.capacity % block_size
         if capacity == 0:
             raise ExportError(f"backing {opts.backing} is smaller than one block")
+        sync_io = opts.io_engine == "sync" or (
+            opts.io_engine == "auto" and not supports_nowait(backing.fd))
+        if sync_io and opts.io_engine == "auto":
+            log.info("%s cannot do non-blocking I/O: serving it with plain syscalls in the "
+                     "queue threads (--io-engine sync)", opts.backing)
         target = Target(TargetConfig(
             fd=backing.fd, fd_buffered=backing.fd_buffered, capacity=capacity,
             dio_align=backing.dio_align, read_only=opts.read_only, serial=serial,
             block_size=block_size, is_block_device=backing.is_block, poll_us=opts.poll_us,
+            sync_io=sync_io,
         ))
         model = BlkDeviceModel(capacity=capacity, num_queues=opts.queues,
                                read_only=opts.read_only, blk_size=block_size,

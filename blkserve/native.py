@@ -62,6 +62,7 @@ class TargetConfig:
     is_block_device: bool = False
     writethrough: bool = False
     poll_us: int = 0
+    sync_io: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Target:
         c.is_block_device = int(cfg.is_block_device)
         c.writethrough = int(cfg.writethrough)
         c.poll_us = cfg.poll_us
+        c.sync_io = int(cfg.sync_io)
         c.serial = cfg.serial[:SERIAL_BYTES].ljust(SERIAL_BYTES, b"\0")
         out = ffi.new("bs_target **")
         _check(lib.bs_target_new(c, out), "configuring the backing target")

@@ -26,6 +26,11 @@ struct bs_target_cfg {
     int is_block_device;    /* discard/zeroing semantics of fallocate differ */
     int writethrough;       /* initial cache mode: every write made durable  */
     uint32_t poll_us;       /* busy-poll the rings this long before sleeping */
+    int sync_io;            /* serve I/O with plain syscalls in the queue    */
+                            /* thread instead of io_uring (backings whose    */
+                            /* driver cannot do non-blocking I/O, e.g. tmpfs,*/
+                            /* where io_uring hands every request to a       */
+                            /* kernel worker thread)                         */
     unsigned char serial[20]; /* VIRTIO_BLK_T_GET_ID answer, zero-padded    */
 };
 
@@ -181,7 +186,7 @@ struct bs_bench_stats {
     uint64_t kicks;              /* kick eventfd writes                    */
     uint64_t calls;              /* call eventfd wake-ups                  */
     uint64_t sleeps;             /* waits that blocked in poll(2)          */
-    uint64_t rescue_kicks;       /* kicks re-sent after 1 ms without progress */
+    uint64_t rescue_kicks;       /* kicks re-sent after 10 ms without progress */
     uint64_t ios_all;            /* run phase incl. ramp and final drain   */
     uint64_t wait_ns;            /* time spent polling or sleeping for completions */
 };

@@ -42,6 +42,8 @@ struct slot {
     int cur;                 /* discard / write-zeroes: range in progress */
     int fallback;            /* ... and whether its fallback mode is tried */
     int free_next;
+    int sync_res;            /* sync_io: the operation's result ...          */
+    struct slot *sync_next;  /* ... queued for completion like a CQE        */
 };
 
 struct bs_queue {
@@ -66,6 +68,8 @@ struct bs_queue {
     struct io_uring ring;
     int fixed_files;         /* backing fds registered: use slot indexes */
     uint64_t poll_ns;        /* --poll-us */
+    struct slot *sync_head;  /* sync_io: completed, not yet handled (FIFO) */
+    struct slot **sync_tail;
     uint64_t one;            /* the 8-byte value of a call eventfd write */
     struct slot *slots;
     int nslots;
@@ -259,10 +263,49 @@ static int dwz_mode(const struct bs_blk_req *r, const struct slot *s)
     return (prefer_punch ^ s->fallback) ? punch : zero;
 }
 
+/* The sync engine: the same operation as an SQE below, as a plain syscall.
+ * Returns what the CQE's res would be. */
+static int sync_op(struct bs_queue *q, struct slot *s)
+{
+    struct bs_blk_req *r = &s->req;
+    struct iovec *iov = &s->chain.iov[r->iov_first];
+    off_t off = (off_t)(r->offset + s->done);
+    ssize_t res;
+
+    switch (r->op) {
+    case BS_OP_READ:
+        res = preadv(s->fd, iov, r->iov_count, off);
+        break;
+    case BS_OP_WRITE:
+        res = pwritev2(s->fd, iov, r->iov_count, off,
+                       __atomic_load_n(&q->target->cfg.writethrough, __ATOMIC_RELAXED)
+                           ? RWF_DSYNC : 0);
+        break;
+    case BS_OP_FLUSH:
+        res = fdatasync(s->fd);
+        break;
+    case BS_OP_DISCARD:
+    case BS_OP_WRITE_ZEROES:
+        res = fallocate(s->fd, dwz_mode(r, s), (off_t)r->ranges[s->cur].offset,
+                        (off_t)r->ranges[s->cur].len);
+        break;
+    default:
+        return -EINVAL;
+    }
+    return res < 0 ? -errno : (int)res;
+}
+
 /* Queue the SQE for a slot's operation at its current progress. */
 static int submit_io(struct bs_queue *q, struct slot *s)
 {
     struct bs_blk_req *r = &s->req;
+    if (q->target->cfg.sync_io) {
+        s->sync_res = sync_op(q, s);
+        s->sync_next = NULL;
+        *q->sync_tail = s;
+        q->sync_tail = &s->sync_next;
+        return 0;
+    }
     struct io_uring_sqe *sqe = get_sqe(q);
     if (!sqe)
         return -EBUSY;
@@ -352,6 +395,36 @@ static void mark_broken(struct bs_queue *q, int err)
     __atomic_store_n(&q->st.last_error, err, __ATOMIC_RELAXED);
 }
 
+static void publish_used(struct bs_queue *q);
+static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res);
+
+/* sync_io: complete what ran inline, in order, like CQEs. */
+static void run_sync_completions(struct bs_queue *q)
+{
+    while (q->sync_head) {
+        struct slot *done = q->sync_head;
+        q->sync_head = done->sync_next;
+        if (!q->sync_head)
+            q->sync_tail = &q->sync_head;
+        handle_io_cqe(q, done, done->sync_res);
+    }
+}
+
+/* sync_io serves a whole batch inside one drain: publish every few requests
+ * so the driver refills the ring while we work instead of waiting for the
+ * batch's end (the used index is the driver's to poll; notifications still
+ * follow EVENT_IDX). */
+#define SYNC_PUBLISH_EVERY 8
+
+static void sync_progress(struct bs_queue *q)
+{
+    if (!q->target->cfg.sync_io)
+        return;
+    run_sync_completions(q);
+    if ((uint16_t)(q->used_idx - q->published) >= SYNC_PUBLISH_EVERY)
+        publish_used(q);
+}
+
 /* Drain the avail ring (the classic EVENT_IDX loop: publish avail_event,
  * then re-check so a buffer added meanwhile is not missed). */
 static void drain_avail(struct bs_queue *q)
@@ -381,6 +454,7 @@ static void drain_avail(struct bs_queue *q)
             struct slot *s = slot_take(q);
             s->head = head;
             start_request(q, s, bs_vring_chain(vr, q->mem, head, &s->chain));
+            sync_progress(q);
         }
         if (!q->event_idx)
             return;
@@ -421,6 +495,7 @@ static void drain_packed(struct bs_queue *q)
         }
         q->last_avail = (uint16_t)pos;
         start_request(q, s, ret);
+        sync_progress(q);
     }
 }
 
@@ -679,6 +754,7 @@ static void *queue_thread(void *arg)
                 drain_avail(q);
         }
         kicked = 0;
+        run_sync_completions(q);
         publish_used(q);
         __atomic_store_n(&q->st.inflight, (uint64_t)q->inflight, __ATOMIC_RELAXED);
         if (q->stopping && q->inflight == 0)
@@ -790,6 +866,8 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     q->stopping = 0;
     q->starved = 0;
     q->inflight = 0;
+    q->sync_head = NULL;
+    q->sync_tail = &q->sync_head;
     __atomic_store_n(&q->st.broken, 0, __ATOMIC_RELAXED);
     q->nslots = (int)(cfg->num < BS_MAX_SLOTS ? cfg->num : BS_MAX_SLOTS);
     q->slots = calloc((size_t)q->nslots, sizeof(*q->slots));

@@ -21,6 +21,7 @@
 #define CAP (1u << 20)
 
 static int failures;
+static int sync_io;     /* run the tests again with the sync engine */
 #define CHECK(cond) do { if (!(cond)) { \
     fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); failures++; } } while (0)
 
@@ -71,6 +72,7 @@ static void drv_init(struct drv *d, int read_only)
     d->cfg.fd_buffered = d->backing;
     d->cfg.capacity = CAP;
     d->cfg.read_only = read_only;
+    d->cfg.sync_io = sync_io;
     memcpy(d->cfg.serial, "test-serial-0123", 16);
     CHECK(bs_target_new(&d->cfg, &d->tgt) == 0);
     CHECK(bs_queue_new(d->tgt, 0, &d->q) == 0);
@@ -664,6 +666,15 @@ int main(void)
     test_indirect_and_batch();
     test_read_only();
     test_setup_validation();
+    test_discard_write_zeroes();
+    test_block_size_4k_and_writethrough();
+    test_packed_ring();
+    /* the sync engine behind the same interface (the fallback and oracle) */
+    sync_io = 1;
+    test_rw_roundtrip();
+    test_errors();
+    test_indirect_and_batch();
+    test_read_only();
     test_discard_write_zeroes();
     test_block_size_4k_and_writethrough();
     test_packed_ring();
