@@ -51,7 +51,7 @@ test-native: apt build/test_engine
 # The engine under AddressSanitizer and UndefinedBehaviorSanitizer: its C
 # tests, then the export and adversarial-frontend tests against an export
 # whose engine is built with the sanitizers (a copy of the package in
-# build/asan-pkg, first on PYTHONPATH; libasan preloaded into Python).
+# build/asan-pkg, run from there; libasan preloaded into Python).
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 asan: setup
@@ -64,9 +64,14 @@ asan: setup
 	rm -rf build/asan-pkg && mkdir -p build/asan-pkg
 	cp -r blkserve build/asan-pkg/ && rm -f build/asan-pkg/blkserve/_native*.so
 	BLKSERVE_SANITIZE=address,undefined $(BIN)/python blkserve/_native_build.py build/asan-pkg
-	$(ASAN_ENV) LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) \
-		PYTHONPATH=$(CURDIR)/build/asan-pkg $(BIN)/python -m pytest -q -p no:cacheprovider \
-		tests/test_export.py
+	cd build/asan-pkg && $(ASAN_ENV) LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) \
+		$(CURDIR)/$(BIN)/python -c 'import blkserve._native as n; assert "asan-pkg" in n.__file__, n.__file__'
+	# run from build/asan-pkg: `python -m` puts the working directory first on
+	# sys.path, so pytest and the exports it starts load the sanitized engine
+	cd build/asan-pkg && $(ASAN_ENV) \
+		LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) \
+		$(CURDIR)/$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
+		$(CURDIR)/tests/test_export.py
 	@echo "asan: engine C tests and export/adversarial tests ran clean under ASan+UBSan"
 
 lint: setup

@@ -655,3 +655,28 @@ def test_block_device_backing(tmp_path, loop_device):
             d.close()
     finally:
         assert stop_export(e) == 0
+
+
+@pytest.mark.parametrize("engine", ["sync", "io_uring"])
+def test_io_engines_serve_the_same(tmp_path, engine):
+    """Both engines behind the one interface: rw, flush, discard, bad range."""
+    e = start_export(tmp_path, "--io-engine", engine, "--queues", "2")
+    try:
+        d = e.device()
+        try:
+            data = os.urandom(128 << 10)
+            assert d.write(64, data, queue=1, seg_size=4096) == vc.BLK_S_OK
+            assert d.read(64, len(data), seg_size=2048, indirect=True) == (vc.BLK_S_OK, data)
+            assert d.flush() == vc.BLK_S_OK
+            assert d.discard(64, 16) == vc.BLK_S_OK
+            assert d.write_zeroes(80, 16, unmap=True) == vc.BLK_S_OK
+            assert d.read(64, 16384) == (vc.BLK_S_OK, bytes(16384))
+            assert d.read(SECTORS, 512)[0] == vc.BLK_S_IOERR
+            batch = [(vc.BLK_T_OUT, 4096 + 8 * i, os.urandom(4096)) for i in range(40)]
+            reqs = d.submit_many(batch, indirect=True)
+            assert [r.status for r in reqs] == [vc.BLK_S_OK] * 40
+        finally:
+            d.close()
+        assert e.image(64 + 32, 512) == data[16384:16384 + 512]
+    finally:
+        assert stop_export(e) == 0
