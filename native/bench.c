@@ -15,11 +15,11 @@
  * Waiting for completions: a thread first busy-polls the used ring for up to
  * poll_ns (cheap when the backend answers within microseconds; the frontend
  * has a core of its own), then arms the notification (EVENT_IDX: used_event
- * = last seen used index) and sleeps in poll(2) on the call eventfd.  The
- * sleep is bounded (1 ms) so that a lost kick (a backend that publishes
- * avail_event without a full barrier before re-reading avail->idx can miss
- * one) is repaired by a "rescue" kick and counted, and a dead backend is
- * noticed.  Kicks honour avail_event (or VRING_USED_F_NO_NOTIFY).
+ * = last seen used index) and sleeps in poll(2) on the call eventfd.  Sleeps
+ * last at most 1 ms, so the deadline, a stop request and a backend hang-up
+ * are noticed; after 10 ms without progress a "rescue" kick (counted) covers
+ * a kick the backend may have lost.  Kicks honour avail_event (or
+ * VRING_USED_F_NO_NOTIFY).
  *
  * No file-scope state: everything lives in struct bs_bench and struct bq.
  * Functions return 0 or -errno; a failure also leaves a sentence in
@@ -110,7 +110,10 @@ enum {
 #define MAX_MEM (4ULL << 30)
 #define PAGE 4096ULL
 #define META_STRIDE 64u        /* header(16) + status(1), a cache line each */
-#define RESCUE_MS 1
+#define SLEEP_MS 1             /* longest sleep: deadline, stop and hang-up checks */
+#ifndef RESCUE_MS
+#define RESCUE_MS 10           /* no progress this long: kick again */
+#endif
 
 /* log-linear latency histogram: 32 sub-buckets per power of two (error
  * below 3%), values from 0 to 2^40 ns. */
@@ -179,6 +182,7 @@ struct bq {
     int call_fd;
     uint16_t avail_idx;      /* next index we publish */
     uint16_t last_used;      /* next used entry we consume */
+    uint64_t last_rescue;    /* time of the last rescue kick */
 
     struct slot *slots;
     uint32_t *free_list;
@@ -209,6 +213,7 @@ struct bs_bench {
     uint64_t seed_a;         /* pattern of the prefill pass */
     uint64_t seed_b;         /* pattern of writes in the run phase */
     uint8_t *written;        /* verify: blocks written in the run phase */
+    uint8_t *busy;           /* verify with writes: block has a request in flight */
     int writes_in_run;
 
     int memfd;
@@ -823,8 +828,9 @@ static int setup_memory(struct bs_bench *b)
 
     if (b->cfg.verify && rw_writes(b->cfg.rw)) {
         b->written = calloc(b->nblocks / 8 + 1, 1);
-        if (!b->written)
-            return fail(b, -ENOMEM, "out of memory for the verify bitmap");
+        b->busy = calloc(b->nblocks, 1);
+        if (!b->written || !b->busy)
+            return fail(b, -ENOMEM, "out of memory for the verify bitmaps");
     }
     b->writes_in_run = rw_writes(b->cfg.rw);
     return 0;
@@ -922,16 +928,14 @@ static void pat_fill(uint8_t *buf, uint64_t offset, uint32_t len, uint64_t seed)
     }
 }
 
-/* 0 if every sector carries the pattern of seed a, or (when b != 0) of
- * seed b; else the byte offset + 1 of the first bad sector. */
-static uint64_t pat_check(const uint8_t *buf, uint64_t offset, uint32_t len,
-                          uint64_t sa, uint64_t sb)
+/* 0 if every sector carries the pattern of seed, else the byte offset + 1
+ * of the first bad sector. */
+static uint64_t pat_check(const uint8_t *buf, uint64_t offset, uint32_t len, uint64_t seed)
 {
     for (uint32_t s = 0; s < len / SECTOR; s++) {
         const uint64_t *w = (const uint64_t *)(const void *)(buf + (size_t)s * SECTOR);
         uint64_t lba = offset / SECTOR + s;
-        uint64_t seed = w[1];
-        int ok = w[0] == lba && (seed == sa || (sb && seed == sb));
+        int ok = w[0] == lba && w[1] == seed;
         for (unsigned k = 2; ok && k < SECTOR / 8; k++)
             ok = w[k] == pat_word(lba, seed, k);
         if (!ok)
@@ -1002,9 +1006,41 @@ static inline uint64_t rng_next(uint64_t *s)
     return x * 0x2545f4914f6cdd1dULL;
 }
 
-/* Pick the next request of a phase: 0 and (*is_read, *block) or 1 when the
- * phase has nothing more to issue. */
+/* With --verify and writes, a block has at most one request in flight (any
+ * queue), so a read never races a write of the same block: it must then see
+ * exactly the last pattern written. */
+static int block_trylock(struct bs_bench *b, uint64_t block)
+{
+    uint8_t expected = 0;
+    return __atomic_compare_exchange_n(&b->busy[block], &expected, 1, 0,
+                                       __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+
+static void block_unlock(struct bs_bench *b, uint64_t block)
+{
+    __atomic_store_n(&b->busy[block], 0, __ATOMIC_RELEASE);
+}
+
+static int pick_op(struct bq *q, enum phase ph, int *is_read, uint64_t *block);
+
+/* Pick the next request of a phase: 0 and (*is_read, *block); 1 when the
+ * phase has nothing more to issue; 2 when nothing can be issued right now
+ * (every block tried is busy with another request). */
 static int next_op(struct bq *q, enum phase ph, int *is_read, uint64_t *block)
+{
+    struct bs_bench *b = q->b;
+
+    if (ph != PH_RUN || !b->busy)
+        return pick_op(q, ph, is_read, block);
+    for (int tries = 0; tries < 16; tries++) {
+        int ret = pick_op(q, ph, is_read, block);
+        if (ret || block_trylock(b, *block))
+            return ret;
+    }
+    return 2;
+}
+
+static int pick_op(struct bq *q, enum phase ph, int *is_read, uint64_t *block)
 {
     struct bs_bench *b = q->b;
 
@@ -1079,15 +1115,13 @@ static void complete(struct bq *q, struct slot *s, enum phase ph, uint64_t t)
         q->st.errors++;
         note_bad(q, s->offset);
     } else if (b->cfg.verify && s->is_read) {
-        uint64_t sa = b->seed_a, sb = 0;
-        if (ph == PH_RUN && b->writes_in_run) {
-            sb = b->seed_b;   /* a block may or may not be rewritten by now */
-        } else if (ph == PH_VERIFY && b->written &&
-                   (__atomic_load_n(&b->written[block / 8], __ATOMIC_RELAXED) &
-                    (1u << (block % 8)))) {
-            sa = b->seed_b;   /* rewritten in the run phase: new pattern only */
-        }
-        uint64_t bad = pat_check(s->data, s->offset, b->cfg.bs, sa, sb);
+        /* The block's last write completed before this read was issued
+         * (block lock, or the phases' barrier): exactly one pattern fits. */
+        uint64_t seed = b->seed_a;
+        if (b->written && (__atomic_load_n(&b->written[block / 8], __ATOMIC_ACQUIRE) &
+                           (1u << (block % 8))))
+            seed = b->seed_b;
+        uint64_t bad = pat_check(s->data, s->offset, b->cfg.bs, seed);
         if (bad) {
             q->st.verify_errors++;
             q->st.errors++;
@@ -1095,8 +1129,10 @@ static void complete(struct bq *q, struct slot *s, enum phase ph, uint64_t t)
         }
     } else if (!s->is_read && b->written && ph == PH_RUN) {
         __atomic_fetch_or(&b->written[block / 8], (uint8_t)(1u << (block % 8)),
-                          __ATOMIC_RELAXED);
+                          __ATOMIC_RELEASE);
     }
+    if (ph == PH_RUN && b->busy)
+        block_unlock(b, block);
     if (ph == PH_RUN)
         q->st.ios_all++;
     if (ph == PH_RUN && t >= q->t_count_from && t <= q->t_count_to) {
@@ -1202,7 +1238,7 @@ static int wait_used(struct bq *q, uint64_t *last_progress)
             { .fd = q->call_fd, .events = POLLIN },
             { .fd = b->sock, .events = POLLRDHUP },
         };
-        int r = poll(p, 2, RESCUE_MS);
+        int r = poll(p, 2, SLEEP_MS);
         q->st.sleeps++;
         if (r < 0 && errno != EINTR)
             return fail(b, -errno, "queue %u: poll failed: %s", q->index, strerror(errno));
@@ -1213,16 +1249,24 @@ static int wait_used(struct bq *q, uint64_t *last_progress)
         }
         if (r > 0 && (p[1].revents & (POLLRDHUP | POLLHUP | POLLERR)))
             return fail(b, -ECONNRESET, "backend closed the connection during the run");
-        if (r == 0 && __atomic_load_n(used_idx, __ATOMIC_ACQUIRE) == q->last_used) {
+        if (__atomic_load_n(used_idx, __ATOMIC_ACQUIRE) == q->last_used) {
+            /* no progress, whatever woke us (a backend signalling without
+             * publishing anything must not keep us here forever) */
             uint64_t t = now_ns();
             if (t - *last_progress > b->cfg.timeout_ns)
                 return fail(b, -ETIMEDOUT, "queue %u: no request completed for %.1f s "
                             "(%u in flight)", q->index, (double)(t - *last_progress) / 1e9,
                             b->depth - q->nfree);
-            /* A kick may have been lost to a backend's avail_event race:
-             * kick again if it has not consumed everything we published. */
-            if (!b->info.event_idx ||
-                __atomic_load_n(q->avail_event, __ATOMIC_RELAXED) != q->avail_idx) {
+            /* A kick may have been lost (a backend that publishes
+             * avail_event without a full barrier before re-reading
+             * avail->idx can miss one): kick again if it has not consumed
+             * everything we published.  Rare with a healthy backend; a
+             * busy one merely gets an extra wake-up. */
+            uint64_t rescue = RESCUE_MS * 1000000ULL;
+            if (t - *last_progress >= rescue && t - q->last_rescue >= rescue &&
+                (!b->info.event_idx ||
+                 __atomic_load_n(q->avail_event, __ATOMIC_RELAXED) != q->avail_idx)) {
+                q->last_rescue = t;
                 q->st.rescue_kicks++;
                 int ret = kick(q);
                 if (ret)
@@ -1255,9 +1299,12 @@ static int run_phase(struct bq *q, enum phase ph, uint64_t deadline)
         }
         uint16_t old = q->avail_idx;
         while (!exhausted && q->nfree) {
-            int is_read;
+            int is_read, op;
             uint64_t block;
-            if (next_op(q, ph, &is_read, &block)) {
+            op = next_op(q, ph, &is_read, &block);
+            if (op == 2)
+                break;          /* retry after some completions */
+            if (op) {
                 exhausted = 1;
                 break;
             }
@@ -1494,6 +1541,7 @@ void bs_bench_free(bs_bench *b)
     if (b->memfd >= 0)
         close(b->memfd);
     free(b->written);
+    free(b->busy);
     pthread_mutex_destroy(&b->err_lock);
     pthread_mutex_destroy(&b->gate_lock);
     pthread_cond_destroy(&b->gate_cond);
