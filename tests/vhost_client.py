@@ -747,14 +747,19 @@ class GuestMemory:
         mmap_offset: int = 0,
         name: str = "vhost-client-guest",
         memfd_flags: int = 0,
+        path: str | os.PathLike | None = None,
     ):
         """*memfd_flags*: extra memfd_create flags, e.g. os.MFD_HUGETLB |
-        os.MFD_HUGE_2MB for hugetlbfs-backed guest RAM."""
+        os.MFD_HUGE_2MB for hugetlbfs-backed guest RAM; *path*: back the
+        region with that file instead of a memfd."""
         self.size = size
         self.gpa = gpa
         self.uva = UVA_BASE + gpa if uva is None else uva
         self.mmap_offset = mmap_offset  # offset into the fd where the region starts
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | memfd_flags)
+        if path is None:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC | memfd_flags)
+        else:  # a plain file, like QEMU's memory-backend-file
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.ftruncate(self.fd, size + mmap_offset)
         self._map = mmap.mmap(
             self.fd, size + mmap_offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
