@@ -421,8 +421,13 @@ static void sync_progress(struct bs_queue *q)
     if (!q->target->cfg.sync_io)
         return;
     run_sync_completions(q);
-    if ((uint16_t)(q->used_idx - q->published) >= SYNC_PUBLISH_EVERY)
+    if ((uint16_t)(q->used_idx - q->published) >= SYNC_PUBLISH_EVERY) {
         publish_used(q);
+        /* a notification the driver asked for goes out now, not at the end
+         * of the batch (the only SQE a sync queue ever has pending) */
+        if (io_uring_sq_ready(&q->ring))
+            io_uring_submit(&q->ring);
+    }
 }
 
 /* Drain the avail ring (the classic EVENT_IDX loop: publish avail_event,
