@@ -7,6 +7,7 @@ import logging
 import sys
 
 from blkserve import __version__, bench
+from blkserve.api import serve
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "request to a kernel worker thread")
     ex.set_defaults(func=_export)
     bench.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

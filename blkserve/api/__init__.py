@@ -1,0 +1,1 @@
+"""`blkserve serve`: the REST control plane (volumes, exports, attachments)."""

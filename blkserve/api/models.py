@@ -1,0 +1,126 @@
+"""Request and response bodies of the REST API (pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+MAX_SIZE = 1 << 60  # 1 EiB: beyond any real backing, and safe for off_t arithmetic
+MAX_QUEUES = 64
+
+
+def _check_size(v: int) -> int:
+    if v % 512:
+        raise ValueError("must be a multiple of 512 (the virtio-blk sector)")
+    return v
+
+
+class Error(BaseModel):
+    detail: str = Field(description="What went wrong, in one line.",
+                        examples=["volume 'db1' already exists"])
+
+
+class VolumeCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"name": "db1", "size_bytes": 10737418240, "queues": 2},
+        {"name": "scratch", "backing": "/dev/disk/by-id/nvme-example", "read_only": True},
+    ]})
+
+    name: str = Field(pattern=NAME_PATTERN, description=(
+        "Volume name: lowercase letters, digits, '.', '_' and '-', starting with a letter "
+        "or digit, at most 63 characters."), examples=["db1"])
+    size_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE, description=(
+        "Capacity in bytes, a multiple of 512. Required unless `backing` names an "
+        "existing file or block device (then its size is used, and a given size must "
+        "match it). A new volume file is created sparse under STATE_DIR/volumes/."),
+        examples=[10737418240])
+    read_only: bool = Field(default=False, description="Export the volume read-only "
+                            "(VIRTIO_BLK_F_RO; the guest's writes fail).")
+    queues: int = Field(default=1, ge=1, le=MAX_QUEUES, description=(
+        "Virtqueues offered to the guest, each served by its own engine thread."))
+    backing: str | None = Field(default=None, description=(
+        "Absolute path of an existing block device or file (or a file to create) outside "
+        "the state dir. Allowed only if it matches the daemon config's `allowed_backings`. "
+        "Deleting the volume does not delete an external backing."),
+        examples=["/dev/disk/by-id/nvme-example"])
+
+    _size = field_validator("size_bytes")(lambda cls, v: v if v is None else _check_size(v))
+
+
+class VolumeResize(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"size_bytes": 21474836480}]})
+
+    size_bytes: int = Field(gt=0, le=MAX_SIZE, description=(
+        "New capacity in bytes, a multiple of 512. Growing extends the file (sparse); "
+        "shrinking is refused while the volume is exported or attached. A running export "
+        "keeps serving the capacity it started with until it is restarted."))
+
+    _size = field_validator("size_bytes")(lambda cls, v: _check_size(v))
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
+
+
+class Export(BaseModel):
+    volume: str
+    socket: str = Field(description="Absolute path of the vhost-user unix socket to give "
+                        "QEMU (`-chardev socket,path=...,reconnect=1`).",
+                        examples=["/var/lib/blkserve/sockets/db1.sock"])
+    state: Literal["starting", "running", "backoff", "stopping", "stopped"] = Field(
+        description="Worker state: `backoff` means it died and is about to be restarted.")
+    pid: int | None = Field(description="Process id of the `blkserve export` worker.")
+    restarts: int = Field(description="How many times the supervisor restarted the worker.")
+    explicit: bool = Field(description="Exported by PUT .../export (kept when the last "
+                           "attachment goes), rather than only for attachments.")
+    started_at: str | None = Field(description="When the current worker started (UTC).")
+
+
+class AttachmentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"hypervisor": "qemu", "qmp_socket": "/run/vm1/qmp.sock"}]})
+
+    hypervisor: Literal["qemu"] = Field(description="Only `qemu` (QMP) for now.")
+    qmp_socket: str = Field(min_length=1, max_length=4096, description=(
+        "Absolute path of the running VM's QMP unix socket (`-qmp unix:PATH,server=on,"
+        "wait=off`). Its guest RAM must be shared (memory-backend-memfd with share=on)."),
+        examples=["/run/vm1/qmp.sock"])
+    bus: str | None = Field(default=None, min_length=1, max_length=128, description=(
+        "QEMU bus id to plug into. Default: the first empty pcie-root-port (q35) or "
+        "pci.0 (pc)."), examples=["hp0"])
+
+
+class Attachment(BaseModel):
+    id: str = Field(examples=["a1b2c3d4"])
+    volume: str
+    hypervisor: str
+    qmp_socket: str
+    bus: str | None
+    device_id: str = Field(description="QEMU device id (device_add id).")
+    chardev_id: str = Field(description="QEMU chardev id.")
+    state: Literal["attached", "detaching", "stale"] = Field(description=(
+        "`detaching`: an unplug timed out and is still pending in the guest; "
+        "`stale`: the VM is gone (its QMP socket does not answer); delete it."))
+    created_at: str
+    error: str | None = Field(description="Last error seen for this attachment.")
+
+
+class Volume(BaseModel):
+    name: str
+    size_bytes: int
+    read_only: bool
+    queues: int
+    backing: str = Field(description="Path of the file or block device holding the data.")
+    managed: bool = Field(description="The file was created by blkserve under the state "
+                          "dir (and is deleted with the volume).")
+    created_at: str
+    export: Export | None
+    attachments: list[Attachment]
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    version: str

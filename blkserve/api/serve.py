@@ -1,0 +1,82 @@
+"""`blkserve serve`: run the REST control plane on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+
+from blkserve.api import config
+
+log = logging.getLogger("blkserve.serve")
+
+
+def load_token(settings: config.Settings) -> tuple[str, str]:
+    """The API token and where it came from: env BLKSERVE_API_TOKEN, else
+    STATE_DIR/api-token (created with mode 0600 on first start)."""
+    env = os.environ.get("BLKSERVE_API_TOKEN", "").strip()
+    if env:
+        return env, "env BLKSERVE_API_TOKEN"
+    path = settings.token_path
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+        if token:
+            return token, path
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token, path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the REST control plane (volumes, exports, hot-attach)",
+        description=(
+            "Run the blkserve REST API on uvicorn. State (SQLite blkserve.db, volume "
+            "files, export sockets, worker logs, api-token) lives in the state dir. "
+            "Each export runs as its own supervised `blkserve export` worker that keeps "
+            "serving guests when this daemon stops and is adopted when it starts again. "
+            "Every /v1 route needs 'Authorization: Bearer TOKEN': env BLKSERVE_API_TOKEN, "
+            "else STATE_DIR/api-token (generated on first start, mode 0600). "
+            "OpenAPI docs at /docs."),
+    )
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help=f"address to bind (default: {config.DEFAULT_LISTEN}, loopback only)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where state lives (default: env BLKSERVE_STATE_DIR, else "
+                        f"{config.DEFAULT_STATE_DIR})")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config file (see deploy/blkserve.toml); flags override it")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from blkserve.api.app import create_app
+    from blkserve.api.service import Controller
+
+    try:
+        settings = config.load(
+            args.config, listen=args.listen,
+            state_dir=args.state_dir or os.environ.get("BLKSERVE_STATE_DIR"))
+        os.makedirs(settings.state_dir, exist_ok=True)
+        token, source = load_token(settings)
+        host, port = settings.host_port
+    except (config.ConfigError, OSError) as e:
+        print(f"blkserve serve: error: {e}", file=sys.stderr)
+        return 2
+    controller = Controller(settings)
+    app = create_app(controller, token)
+    log.info("state in %s; API token from %s; listening on http://%s:%d", settings.state_dir,
+             source, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return 0

@@ -1,0 +1,352 @@
+"""What the REST API does, apart from HTTP: volumes, exports, attachments.
+
+Operations on one volume are serialised by a per-volume lock; every state
+change is written to SQLite before the call returns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import uuid
+
+from blkserve.api import qemu
+from blkserve.api.config import SOCKET_PATH_MAX, Settings
+from blkserve.api.state import AttachmentRow, State, VolumeRow, now
+from blkserve.api.workers import Worker, WorkerSpec, WorkerStartError
+
+log = logging.getLogger("blkserve.api")
+
+BLKGETSIZE64 = 0x80081272
+STALE_CHECK_S = 5.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _not_found(name: str) -> ApiError:
+    return ApiError(404, f"volume '{name}' does not exist")
+
+
+def _backing_size(path: str) -> int:
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISBLK(st.st_mode):
+            import fcntl
+            import struct
+            return struct.unpack("<Q", fcntl.ioctl(f.fileno(), BLKGETSIZE64, b"\0" * 8))[0]
+        return st.st_size
+
+
+class Controller:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        for d in (settings.state_dir, settings.volumes_dir, settings.logs_dir):
+            os.makedirs(d, exist_ok=True)
+        os.makedirs(settings.sockets_dir, exist_ok=True)
+        self.state = State(settings.db_path)
+        self.workers: dict[str, Worker] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._stale_task: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt the export workers a previous daemon left running, start the
+        ones that died meanwhile."""
+        for exp in self.state.exports():
+            vol = self.state.volume(exp.volume)
+            worker = self._new_worker(vol, exp.socket)
+            if exp.pid and worker.adopt(exp.pid, exp.pid_start):
+                self.workers[vol.name] = worker
+                continue
+            log.warning("export %s: worker %s is gone; starting a new one", vol.name, exp.pid)
+            self.workers[vol.name] = worker
+            try:
+                await worker.start(self.settings.worker_start_timeout_s)
+            except WorkerStartError as e:
+                log.error("%s", e)
+        self._stale_task = asyncio.get_running_loop().create_task(self._watch_vms())
+
+    async def close(self) -> None:
+        """Daemon shutdown: workers keep serving guests; the next daemon adopts them."""
+        if self._stale_task:
+            self._stale_task.cancel()
+        for w in self.workers.values():
+            w.detach()
+        self.state.close()
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _watch_vms(self) -> None:
+        while True:
+            await asyncio.sleep(STALE_CHECK_S)
+            for att in self.state.attachments():
+                if att.state != "stale" and not qemu.vm_alive(att.qmp_socket):
+                    log.warning("attachment %s of %s: VM at %s is gone; marked stale",
+                                att.id, att.volume, att.qmp_socket)
+                    self.state.set_attachment_state(att.id, "stale", "the VM is gone")
+
+    # -- views -------------------------------------------------------------
+
+    def export_view(self, name: str) -> dict | None:
+        exp = self.state.export(name)
+        if exp is None:
+            return None
+        w = self.workers.get(name)
+        return {"volume": name, "socket": exp.socket,
+                "state": w.state if w else "stopped", "pid": w.pid if w else None,
+                "restarts": exp.restarts, "explicit": exp.explicit,
+                "started_at": exp.started_at if w and w.pid else None}
+
+    def volume_view(self, v: VolumeRow) -> dict:
+        return {"name": v.name, "size_bytes": v.size_bytes, "read_only": v.read_only,
+                "queues": v.queues, "backing": v.backing, "managed": v.managed,
+                "created_at": v.created_at, "export": self.export_view(v.name),
+                "attachments": [vars(a) for a in self.state.attachments(v.name)]}
+
+    def get_volume(self, name: str) -> VolumeRow:
+        v = self.state.volume(name)
+        if v is None:
+            raise _not_found(name)
+        return v
+
+    # -- volumes -----------------------------------------------------------
+
+    def _check_space(self, need: int) -> None:
+        st = os.statvfs(self.settings.volumes_dir)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise ApiError(507, f"not enough free space in {self.settings.volumes_dir}: "
+                                f"{need} bytes needed, {free} available")
+
+    def create_volume(self, name: str, size: int | None, read_only: bool, queues: int,
+                      backing: str | None) -> VolumeRow:
+        if self.state.volume(name):
+            raise ApiError(409, f"volume '{name}' already exists")
+        if backing is None:
+            if size is None:
+                raise ApiError(422, "size_bytes is required unless backing is given")
+            return self._create_managed(name, size, read_only, queues)
+        return self._create_external(name, size, read_only, queues, backing)
+
+    def _create_managed(self, name: str, size: int, read_only: bool,
+                        queues: int) -> VolumeRow:
+        path = os.path.join(self.settings.volumes_dir, f"{name}.img")
+        self._check_space(size)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise ApiError(409, f"{path} already exists but belongs to no volume; "
+                                "remove it or choose another name") from None
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise ApiError(507, f"cannot size {path} to {size} bytes: {e.strerror}") from None
+        os.close(fd)
+        row = VolumeRow(name, size, read_only, queues, path, True, now())
+        try:
+            self.state.add_volume(row)
+        except Exception:
+            os.unlink(path)
+            raise
+        log.info("volume %s created: %d bytes at %s", name, size, path)
+        return row
+
+    def _create_external(self, name: str, size: int | None, read_only: bool, queues: int,
+                         backing: str) -> VolumeRow:
+        if not os.path.isabs(backing) or "\0" in backing:
+            raise ApiError(422, "backing must be an absolute path")
+        backing = os.path.normpath(backing)
+        real = os.path.realpath(backing)
+        if real.startswith(os.path.realpath(self.settings.state_dir) + os.sep):
+            raise ApiError(422, f"backing {backing} is inside the state dir; leave out "
+                                "backing to create a volume there")
+        if not self.settings.backing_allowed(backing):
+            raise ApiError(403, f"backing {backing} is not in the daemon's allowed_backings "
+                                "(config file); add it there to use it")
+        other = self.state.volume_by_backing(real)
+        if other:
+            raise ApiError(409, f"backing {backing} is already used by volume '{other.name}'")
+        if os.path.exists(real):
+            try:
+                st = os.stat(real)
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    raise ApiError(422, f"backing {backing} is neither a regular file nor "
+                                        "a block device")
+                actual = _backing_size(real)
+            except OSError as e:
+                raise ApiError(422, f"backing {backing}: {e.strerror}") from None
+            actual -= actual % 512
+            if actual == 0:
+                raise ApiError(422, f"backing {backing} is smaller than one 512-byte sector")
+            if size is not None and size != actual:
+                raise ApiError(422, f"size_bytes {size} does not match the size of the "
+                                    f"existing backing {backing} ({actual} bytes)")
+            size = actual
+        else:
+            if size is None:
+                raise ApiError(422, f"backing {backing} does not exist; give size_bytes "
+                                    "to create it")
+            st = os.statvfs(os.path.dirname(real) or "/")
+            if size > st.f_bavail * st.f_frsize:
+                raise ApiError(507, f"not enough free space for {backing}")
+            try:
+                fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                os.ftruncate(fd, size)
+                os.close(fd)
+            except OSError as e:
+                raise ApiError(422, f"cannot create backing {backing}: {e.strerror}") from None
+        row = VolumeRow(name, size, read_only, queues, real, False, now())
+        self.state.add_volume(row)
+        log.info("volume %s created on %s (%d bytes)", name, real, size)
+        return row
+
+    def resize_volume(self, name: str, size: int) -> VolumeRow:
+        v = self.get_volume(name)
+        if size == v.size_bytes:
+            return v
+        busy = self.state.export(name) or self.state.attachments(name)
+        if size < v.size_bytes and busy:
+            raise ApiError(409, f"volume '{name}' is exported or attached; shrinking it "
+                                "would take data from under the guest")
+        try:
+            st = os.stat(v.backing)
+        except OSError as e:
+            raise ApiError(409, f"backing {v.backing}: {e.strerror}") from None
+        if stat.S_ISBLK(st.st_mode):
+            raise ApiError(409, f"volume '{name}' is a block device; resize the device itself")
+        if size > v.size_bytes:
+            self._check_space(size - v.size_bytes)
+        try:
+            with open(v.backing, "r+b") as f:
+                os.ftruncate(f.fileno(), size)
+        except OSError as e:
+            raise ApiError(507 if e.errno == 28 else 409,
+                           f"cannot resize {v.backing}: {e.strerror}") from None
+        self.state.set_volume_size(name, size)
+        log.info("volume %s resized from %d to %d bytes", name, v.size_bytes, size)
+        return self.get_volume(name)
+
+    def delete_volume(self, name: str) -> None:
+        v = self.get_volume(name)
+        if self.state.attachments(name):
+            raise ApiError(409, f"volume '{name}' is attached to a VM; detach it first")
+        if self.state.export(name):
+            raise ApiError(409, f"volume '{name}' is exported; stop the export first "
+                                f"(DELETE /v1/volumes/{name}/export)")
+        self.state.delete_volume(name)
+        if v.managed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(v.backing)
+        log.info("volume %s deleted", name)
+
+    # -- exports -----------------------------------------------------------
+
+    def _new_worker(self, v: VolumeRow, socket_path: str) -> Worker:
+        spec = WorkerSpec(volume=v.name, backing=v.backing, socket=socket_path,
+                          queues=v.queues, read_only=v.read_only,
+                          cache=self.settings.export_cache,
+                          io_engine=self.settings.export_io_engine,
+                          poll_us=self.settings.export_poll_us)
+        return Worker(spec, os.path.join(self.settings.logs_dir, f"{v.name}.log"),
+                      on_pid=self.state.set_export_pid, on_restart=self.state.count_restart)
+
+    async def ensure_export(self, name: str, explicit: bool) -> tuple[dict, bool]:
+        """Start the volume's export unless it runs; (export, created)."""
+        v = self.get_volume(name)
+        exp = self.state.export(name)
+        if exp is not None:
+            if explicit and not exp.explicit:
+                self.state.set_export_explicit(name, True)
+            return self.export_view(name), False
+        sock = os.path.join(self.settings.sockets_dir, f"{name}.sock")
+        if len(sock.encode()) > SOCKET_PATH_MAX:
+            raise ApiError(422, f"socket path {sock} is longer than {SOCKET_PATH_MAX} bytes; "
+                                "use a shorter volume name or socket_dir")
+        worker = self._new_worker(v, sock)
+        self.state.add_export(name, sock, explicit)
+        self.workers[name] = worker
+        try:
+            await worker.start(self.settings.worker_start_timeout_s)
+        except WorkerStartError as e:
+            self.workers.pop(name, None)
+            self.state.delete_export(name)
+            raise ApiError(502, str(e)) from None
+        return self.export_view(name), True
+
+    async def stop_export(self, name: str, force_check: bool = True) -> None:
+        self.get_volume(name)
+        if self.state.export(name) is None:
+            raise ApiError(404, f"volume '{name}' is not exported")
+        if force_check and self.state.attachments(name):
+            raise ApiError(409, f"volume '{name}' is attached to a VM; detach it first")
+        worker = self.workers.pop(name, None)
+        if worker is not None:
+            await worker.stop(self.settings.worker_stop_timeout_s)
+        self.state.delete_export(name)
+        log.info("export %s stopped", name)
+
+    # -- attachments -------------------------------------------------------
+
+    def get_attachment(self, name: str, att_id: str) -> AttachmentRow:
+        self.get_volume(name)
+        a = self.state.attachment(name, att_id)
+        if a is None:
+            raise ApiError(404, f"volume '{name}' has no attachment '{att_id}'")
+        return a
+
+    async def attach(self, name: str, qmp_socket: str, bus: str | None) -> AttachmentRow:
+        v = self.get_volume(name)
+        why = qemu.check_qmp_path(qmp_socket)
+        if why:
+            raise ApiError(422, why)
+        for a in self.state.attachments(name):
+            if a.qmp_socket == qmp_socket and a.state != "stale":
+                raise ApiError(409, f"volume '{name}' is already attached to the VM at "
+                                    f"{qmp_socket} (attachment {a.id})")
+        had_export = self.state.export(name) is not None
+        exp, _ = await self.ensure_export(name, explicit=False)
+        att_id = uuid.uuid4().hex[:8]
+        dev = f"blkserve-{att_id}"
+        try:
+            used_bus = await qemu.attach(qmp_socket, exp["socket"], f"{dev}-chr", dev,
+                                         v.queues, bus, self.settings.qmp_timeout_s)
+        except (qemu.QMPFailed, qemu.VMGone, qemu.NoFreeSlot) as e:
+            if not had_export:
+                await self.stop_export(name, force_check=False)
+            status = 409 if isinstance(e, qemu.NoFreeSlot) else \
+                422 if isinstance(e, qemu.VMGone) else 502
+            raise ApiError(status, str(e)) from None
+        row = AttachmentRow(att_id, name, "qemu", qmp_socket, used_bus, dev, f"{dev}-chr",
+                            "attached", now(), None)
+        self.state.add_attachment(row)
+        return row
+
+    async def detach(self, name: str, att_id: str) -> None:
+        a = self.get_attachment(name, att_id)
+        if a.state != "stale":
+            try:
+                await qemu.detach(a.qmp_socket, a.chardev_id, a.device_id,
+                                  self.settings.detach_timeout_s, self.settings.qmp_timeout_s)
+            except qemu.VMGone as e:
+                log.warning("attachment %s of %s: %s; dropping it", att_id, name, e)
+            except qemu.DetachTimeout as e:
+                self.state.set_attachment_state(att_id, "detaching", str(e))
+                raise ApiError(504, f"{e}; retry DELETE to wait again") from None
+            except qemu.QMPFailed as e:
+                self.state.set_attachment_state(att_id, a.state, str(e))
+                raise ApiError(502, str(e)) from None
+        self.state.delete_attachment(att_id)
+        exp = self.state.export(name)
+        if exp is not None and not exp.explicit and not self.state.attachments(name):
+            await self.stop_export(name)

@@ -1,0 +1,192 @@
+"""The daemon's memory: volumes, exports and attachments in SQLite.
+
+Every change is one short transaction, so a `kill -9` of the daemon at any
+point leaves a consistent database; the export workers' pids are stored too,
+so a restarted daemon adopts the workers that kept running."""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes (
+    name        TEXT PRIMARY KEY,
+    size_bytes  INTEGER NOT NULL,
+    read_only   INTEGER NOT NULL DEFAULT 0,
+    queues      INTEGER NOT NULL DEFAULT 1,
+    backing     TEXT NOT NULL UNIQUE,
+    managed     INTEGER NOT NULL,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS exports (
+    volume      TEXT PRIMARY KEY REFERENCES volumes(name),
+    socket      TEXT NOT NULL,
+    explicit    INTEGER NOT NULL DEFAULT 0,
+    pid         INTEGER,
+    pid_start   INTEGER,
+    restarts    INTEGER NOT NULL DEFAULT 0,
+    started_at  TEXT
+);
+CREATE TABLE IF NOT EXISTS attachments (
+    id          TEXT PRIMARY KEY,
+    volume      TEXT NOT NULL REFERENCES volumes(name),
+    hypervisor  TEXT NOT NULL,
+    qmp_socket  TEXT NOT NULL,
+    bus         TEXT,
+    device_id   TEXT NOT NULL,
+    chardev_id  TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    error       TEXT
+);
+"""
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class VolumeRow:
+    name: str
+    size_bytes: int
+    read_only: bool
+    queues: int
+    backing: str
+    managed: bool
+    created_at: str
+
+
+@dataclass
+class ExportRow:
+    volume: str
+    socket: str
+    explicit: bool
+    pid: int | None
+    pid_start: int | None
+    restarts: int
+    started_at: str | None
+
+
+@dataclass
+class AttachmentRow:
+    id: str
+    volume: str
+    hypervisor: str
+    qmp_socket: str
+    bus: str | None
+    device_id: str
+    chardev_id: str
+    state: str
+    created_at: str
+    error: str | None
+
+
+class State:
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _exec(self, sql: str, args=()) -> sqlite3.Cursor:
+        return self.db.execute(sql, args)
+
+    # -- volumes -----------------------------------------------------------
+
+    def volumes(self) -> list[VolumeRow]:
+        rows = self._exec("SELECT * FROM volumes ORDER BY name").fetchall()
+        return [_volume(r) for r in rows]
+
+    def volume(self, name: str) -> VolumeRow | None:
+        r = self._exec("SELECT * FROM volumes WHERE name = ?", (name,)).fetchone()
+        return _volume(r) if r else None
+
+    def volume_by_backing(self, backing: str) -> VolumeRow | None:
+        r = self._exec("SELECT * FROM volumes WHERE backing = ?", (backing,)).fetchone()
+        return _volume(r) if r else None
+
+    def add_volume(self, v: VolumeRow) -> None:
+        self._exec("INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (v.name, v.size_bytes, int(v.read_only), v.queues, v.backing,
+                    int(v.managed), v.created_at))
+
+    def set_volume_size(self, name: str, size: int) -> None:
+        self._exec("UPDATE volumes SET size_bytes = ? WHERE name = ?", (size, name))
+
+    def delete_volume(self, name: str) -> None:
+        self._exec("DELETE FROM volumes WHERE name = ?", (name,))
+
+    # -- exports -----------------------------------------------------------
+
+    def exports(self) -> list[ExportRow]:
+        return [_export(r) for r in self._exec("SELECT * FROM exports ORDER BY volume")]
+
+    def export(self, volume: str) -> ExportRow | None:
+        r = self._exec("SELECT * FROM exports WHERE volume = ?", (volume,)).fetchone()
+        return _export(r) if r else None
+
+    def add_export(self, volume: str, socket: str, explicit: bool) -> None:
+        self._exec("INSERT INTO exports (volume, socket, explicit) VALUES (?, ?, ?)",
+                   (volume, socket, int(explicit)))
+
+    def set_export_explicit(self, volume: str, explicit: bool) -> None:
+        self._exec("UPDATE exports SET explicit = ? WHERE volume = ?", (int(explicit), volume))
+
+    def set_export_pid(self, volume: str, pid: int | None, pid_start: int | None) -> None:
+        self._exec("UPDATE exports SET pid = ?, pid_start = ?, started_at = ? WHERE volume = ?",
+                   (pid, pid_start, now() if pid else None, volume))
+
+    def count_restart(self, volume: str) -> None:
+        self._exec("UPDATE exports SET restarts = restarts + 1 WHERE volume = ?", (volume,))
+
+    def delete_export(self, volume: str) -> None:
+        self._exec("DELETE FROM exports WHERE volume = ?", (volume,))
+
+    # -- attachments -------------------------------------------------------
+
+    def attachments(self, volume: str | None = None) -> list[AttachmentRow]:
+        if volume is None:
+            rows = self._exec("SELECT * FROM attachments ORDER BY created_at, id")
+        else:
+            rows = self._exec("SELECT * FROM attachments WHERE volume = ? "
+                              "ORDER BY created_at, id", (volume,))
+        return [AttachmentRow(**dict(r)) for r in rows]
+
+    def attachment(self, volume: str, att_id: str) -> AttachmentRow | None:
+        r = self._exec("SELECT * FROM attachments WHERE volume = ? AND id = ?",
+                       (volume, att_id)).fetchone()
+        return AttachmentRow(**dict(r)) if r else None
+
+    def add_attachment(self, a: AttachmentRow) -> None:
+        self._exec("INSERT INTO attachments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (a.id, a.volume, a.hypervisor, a.qmp_socket, a.bus, a.device_id,
+                    a.chardev_id, a.state, a.created_at, a.error))
+
+    def set_attachment_state(self, att_id: str, state: str, error: str | None = None,
+                             bus: str | None = None) -> None:
+        self._exec("UPDATE attachments SET state = ?, error = ?, bus = COALESCE(?, bus) "
+                   "WHERE id = ?", (state, error, bus, att_id))
+
+    def delete_attachment(self, att_id: str) -> None:
+        self._exec("DELETE FROM attachments WHERE id = ?", (att_id,))
+
+
+def _volume(r: sqlite3.Row) -> VolumeRow:
+    d = dict(r)
+    d["read_only"] = bool(d["read_only"])
+    d["managed"] = bool(d["managed"])
+    return VolumeRow(**d)
+
+
+def _export(r: sqlite3.Row) -> ExportRow:
+    d = dict(r)
+    d["explicit"] = bool(d["explicit"])
+    return ExportRow(**d)

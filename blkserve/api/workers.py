@@ -1,0 +1,281 @@
+"""Export workers: one `blkserve export` process per exported volume.
+
+A worker runs in its own session, logs to STATE_DIR/logs/VOLUME.log and is
+watched through a pidfd, so the daemon sees it die whether the daemon started
+it or adopted it after a restart.  A worker that dies while its export is
+wanted is restarted on the same socket path, after a back-off that starts
+short (a guest's reconnecting chardev waits meanwhile) and doubles while the
+worker keeps dying young.  When the daemon itself stops, workers keep running:
+guests are not interrupted, and the next daemon adopts them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("blkserve.workers")
+
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets the back-off
+
+
+class WorkerStartError(Exception):
+    pass
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (guards pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _is_export_worker(pid: int, socket_path: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"export" in argv and socket_path.encode() in argv
+
+
+def _socket_inode(path: str) -> int | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
+
+
+@dataclass
+class WorkerSpec:
+    volume: str
+    backing: str
+    socket: str
+    queues: int
+    read_only: bool
+    cache: str = "none"
+    io_engine: str = "auto"
+    poll_us: int = 0
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "blkserve", "export", self.backing,
+                "--socket", self.socket, "--queues", str(self.queues),
+                "--serial", self.volume[:20], "--cache", self.cache,
+                "--io-engine", self.io_engine, "--poll-us", str(self.poll_us)]
+        if self.read_only:
+            argv.append("--read-only")
+        return argv
+
+
+@dataclass
+class Worker:
+    spec: WorkerSpec
+    log_path: str
+    on_pid: Callable[[str, int | None, int | None], None]
+    on_restart: Callable[[str], None]
+    state: str = "starting"  # starting | running | backoff | stopping | stopped
+    pid: int | None = None
+    pid_start: int | None = None
+    started_at: float = 0.0
+    last_exit: str | None = None
+    _pidfd: int | None = None
+    _child: subprocess.Popen | None = None
+    _exited: asyncio.Event = field(default_factory=asyncio.Event)
+    _wanted: bool = True
+    _backoff: float = BACKOFF_FIRST_S
+    _restart_task: asyncio.Task | None = None
+    _initial: bool = False
+
+    # -- start / adopt -----------------------------------------------------
+
+    def _spawn(self) -> None:
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self._child = subprocess.Popen(
+                self.spec.argv(), stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        self.pid = self._child.pid
+        self.pid_start = proc_start_time(self.pid)
+        self.started_at = time.monotonic()
+        self._watch()
+        self.on_pid(self.spec.volume, self.pid, self.pid_start)
+
+    def _watch(self) -> None:
+        self._exited = asyncio.Event()
+        self._pidfd = os.pidfd_open(self.pid)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    async def _spawn_and_wait(self, timeout: float) -> bool:
+        """Spawn the worker; True once its (new) socket exists."""
+        old_inode = _socket_inode(self.spec.socket)
+        self.state = "starting"
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._exited.is_set():
+            ino = _socket_inode(self.spec.socket)
+            if ino is not None and ino != old_inode:
+                self.state = "running"
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def start(self, timeout: float) -> None:
+        """Start the worker and wait until its socket listens."""
+        self._initial = True
+        try:
+            ok = await self._spawn_and_wait(timeout)
+        finally:
+            self._initial = False
+        if ok:
+            log.info("export %s: worker %d listening on %s", self.spec.volume,
+                     self.pid, self.spec.socket)
+            return
+        reason = self.last_exit or f"no socket after {timeout:.0f} s"
+        tail = self.log_tail()
+        await self.stop(2.0)
+        raise WorkerStartError(f"export worker for {self.spec.volume} failed to start "
+                               f"({reason}): {tail}")
+
+    def adopt(self, pid: int, pid_start: int | None) -> bool:
+        """Take over a worker left running by a previous daemon."""
+        if pid_start is None or proc_start_time(pid) != pid_start or \
+                not _is_export_worker(pid, self.spec.socket):
+            return False
+        self.pid, self.pid_start = pid, pid_start
+        self.started_at = time.monotonic()
+        try:
+            self._watch()
+        except ProcessLookupError:
+            return False
+        self.state = "running"
+        log.info("export %s: adopted running worker %d", self.spec.volume, pid)
+        return True
+
+    # -- exit and restart --------------------------------------------------
+
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        status = None
+        try:
+            _, wstatus = os.waitpid(self.pid, os.WNOHANG)
+            status = os.waitstatus_to_exitcode(wstatus)
+        except ChildProcessError:
+            pass  # adopted: our predecessor's child, reaped by init
+        if self._child is not None:
+            self._child.returncode = status  # already reaped; keep Popen quiet
+            self._child = None
+        if status is None:
+            self.last_exit = "exited"
+        elif status < 0:
+            self.last_exit = f"killed by {signal.Signals(-status).name}"
+        else:
+            self.last_exit = f"exit code {status}"
+        lived = time.monotonic() - self.started_at
+        old_pid = self.pid
+        self.pid = self.pid_start = None
+        self._exited.set()
+        self.on_pid(self.spec.volume, None, None)
+        if not self._wanted or self._initial or self.state == "stopping":
+            if self.state == "stopping":
+                self.state = "stopped"
+            return
+        if lived > HEALTHY_AFTER_S:
+            self._backoff = BACKOFF_FIRST_S
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        log.warning("export %s: worker %d %s after %.1f s; restarting in %.1f s: %s",
+                    self.spec.volume, old_pid, self.last_exit, lived, delay, self.log_tail())
+        self.state = "backoff"
+        self._restart_task = loop.create_task(self._restart_after(delay))
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self._wanted:
+            return
+        self.on_restart(self.spec.volume)
+        try:
+            ok = await self._spawn_and_wait(15.0)
+        except OSError as e:
+            log.error("export %s: cannot start worker: %s", self.spec.volume, e)
+            self.state = "backoff"
+            self._restart_task = asyncio.get_running_loop().create_task(
+                self._restart_after(self._backoff))
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+            return
+        if ok:
+            log.info("export %s: worker restarted as %d", self.spec.volume, self.pid)
+
+    # -- stop --------------------------------------------------------------
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM (the worker drains in-flight I/O and removes its socket),
+        SIGKILL after TIMEOUT seconds."""
+        self._wanted = False
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        if self.pid is None:
+            self.state = "stopped"
+            return
+        self.state = "stopping"
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except TimeoutError:
+            log.warning("export %s: worker %s ignored SIGTERM for %.0f s; killing it",
+                        self.spec.volume, self.pid, timeout)
+            if self.pid is not None:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            await asyncio.wait_for(self._exited.wait(), 5)
+        self.state = "stopped"
+        if _socket_inode(self.spec.socket) is not None:
+            try:
+                os.unlink(self.spec.socket)
+            except OSError:
+                pass
+
+    def detach(self) -> None:
+        """Stop watching without stopping the worker (daemon shutdown)."""
+        self._wanted = False
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                tail = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(tail[-lines:])
