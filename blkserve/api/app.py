@@ -6,7 +6,7 @@ import contextlib
 import hmac
 import logging
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
@@ -211,12 +211,15 @@ def create_app(controller: Controller, token: str) -> FastAPI:
                           **_err(502, "QEMU refused (its message is in detail)."),
                           **_err(504, "The guest did not release the disk in time; the "
                                       "attachment is left `detaching`, retry.")})
-    async def detach(name: str, att_id: str):
+    async def detach(name: str, att_id: str, timeout_s: float | None = Query(
+            default=None, gt=0, le=600, description=(
+                "How long to wait for the guest to release the disk (default: the "
+                "config's detach_timeout_s, 60 s)."))):
         """`device_del`, wait for DEVICE_DELETED, `chardev-remove`; the export
         stops if it was only there for attachments. A stale attachment (VM
         gone) is just forgotten."""
         async with controller.lock(name):
-            await controller.detach(name, att_id)
+            await controller.detach(name, att_id, timeout_s)
         return Response(status_code=204)
 
     app.include_router(v1)

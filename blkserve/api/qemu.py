@@ -78,7 +78,7 @@ async def _execute(client: QMPClient, cmd: str, args: dict | None, timeout: floa
     try:
         return await asyncio.wait_for(client.execute(cmd, args), timeout)
     except ExecuteError as e:
-        raise QMPFailed(f"QEMU {cmd}: {e.error.desc}") from None
+        raise QMPFailed(f"QEMU {cmd}: {e.error.error.desc}") from None
     except TimeoutError:
         raise QMPFailed(f"QEMU {cmd}: no reply in {timeout:.0f} s") from None
 

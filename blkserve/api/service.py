@@ -332,12 +332,13 @@ class Controller:
         self.state.add_attachment(row)
         return row
 
-    async def detach(self, name: str, att_id: str) -> None:
+    async def detach(self, name: str, att_id: str, timeout: float | None = None) -> None:
         a = self.get_attachment(name, att_id)
         if a.state != "stale":
             try:
                 await qemu.detach(a.qmp_socket, a.chardev_id, a.device_id,
-                                  self.settings.detach_timeout_s, self.settings.qmp_timeout_s)
+                                  timeout or self.settings.detach_timeout_s,
+                                  self.settings.qmp_timeout_s)
             except qemu.VMGone as e:
                 log.warning("attachment %s of %s: %s; dropping it", att_id, name, e)
             except qemu.DetachTimeout as e:

@@ -1,0 +1,120 @@
+"""A real `blkserve serve` process for tests, and a small client for it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_pids(state_dir: str | os.PathLike) -> list[int]:
+    """Pids of `blkserve export` workers serving sockets under STATE_DIR."""
+    marker = str(Path(state_dir) / "sockets").encode()
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"export" in argv and any(a.startswith(marker) for a in argv):
+            pids.append(int(d))
+    return pids
+
+
+class ApiServer:
+    """`python -m blkserve serve` on a free loopback port with its own state dir.
+
+    ``stop()`` leaves the export workers running (as the daemon does);
+    ``cleanup()`` also kills them."""
+
+    def __init__(self, state_dir: str | os.PathLike | None = None, token: str | None = "t0k",
+                 config: str | os.PathLike | None = None, port: int | None = None):
+        # short path: export sockets live under it and sun_path is 108 bytes
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="bsapi-", dir="/tmp"))
+        self.token = token
+        self.config = config
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.state_dir.parent / f"{self.state_dir.name}.serve.log"
+
+    def start(self, timeout: float = 30.0) -> ApiServer:
+        env = dict(os.environ)
+        env.pop("BLKSERVE_API_TOKEN", None)
+        if self.token is not None:
+            env["BLKSERVE_API_TOKEN"] = self.token
+        argv = [sys.executable, "-m", "blkserve", "serve", "--listen",
+                f"127.0.0.1:{self.port}", "--state-dir", str(self.state_dir)]
+        if self.config:
+            argv += ["--config", str(self.config)]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"blkserve serve exited: {self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    if self.token is None:
+                        self.token = (self.state_dir / "api-token").read_text().strip()
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"blkserve serve did not answer in {timeout} s: {self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self._log.close()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        for pid in worker_pids(self.state_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def client(self, token: str | None = None, timeout: float = 120.0) -> httpx.Client:
+        tok = self.token if token is None else token
+        headers = {"Authorization": f"Bearer {tok}"} if tok else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()

@@ -1,0 +1,233 @@
+"""Hot-attach through the REST API to a running, disk-less QEMU guest (q35,
+two empty pcie-root-ports, a QMP socket of its own for blkserve), then
+detach; the guest sees the disk come and go without a reboot.
+
+One guest and one `blkserve serve` serve every check, in file order: attach
+and fio verify, a second disk on the second port, no free port left, a QEMU
+error passed through, a daemon restart (kill -9) that keeps the attachment and
+the worker, a detach timeout that leaves the attachment consistent, detach,
+and finally a VM that disappears, leaving a stale attachment to delete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+try:
+    from . import guest as g
+    from .apiserver import ApiServer, worker_pids
+except ImportError:
+    import guest as g
+    from apiserver import ApiServer, worker_pids
+
+MiB = 1 << 20
+VOL1_SIZE = 256 * MiB
+VOL2_SIZE = 64 * MiB
+
+
+class Ctx:
+    def __init__(self, vm: g.Guest, api: ApiServer, qmp: str):
+        self.vm, self.api, self.qmp = vm, api, qmp
+        self.http = api.client()
+        self.att: dict[str, str] = {}
+        self.engine = None
+
+    def fio_verify(self, dev: str, size: str, bs: str = "4k", offset: str = "0") -> str:
+        if self.engine is None:
+            engines = self.vm.check("/usr/bin/fio --enghelp", timeout=60)
+            self.engine = "libaio" if re.search(r"\blibaio\b", engines) else "psync"
+        code, out = self.vm.run(
+            f"/usr/bin/fio --name=v --filename=/dev/{dev} --direct=1 "
+            f"--ioengine={self.engine} --iodepth=8 --rw=randwrite --bs={bs} --size={size} "
+            f"--offset={offset} --verify=crc32c --do_verify=1 --verify_fatal=1 "
+            f"--verify_state_save=0 --randrepeat=0", timeout=600)
+        assert code == 0, f"fio failed (exit {code}):\n{out}\n{self.api.log()}"
+        assert re.search(r"err=\s*0\b", out), out
+        return out
+
+    def disk_by_serial(self, serial: str) -> str | None:
+        out = self.vm.check("for d in /sys/block/vd*; do [ -e $d ] && "
+                            "echo $(basename $d) $(cat $d/serial); done; true")
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1] == serial:
+                return parts[0]
+        return None
+
+    def wait_disk(self, serial: str, present: bool, timeout: float = 60) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dev = self.disk_by_serial(serial)
+            if (dev is not None) == present:
+                return dev
+            time.sleep(0.5)
+        raise AssertionError(f"disk {serial} {'never appeared' if present else 'never left'}"
+                             f":\n{self.vm.check('ls /sys/block; dmesg | tail -20')}")
+
+
+@pytest.fixture(scope="module")
+def guest_image():
+    try:
+        return g.build_guest_image()
+    except g.GuestUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def ctx(guest_image, tmp_path_factory):
+    api = ApiServer().start()
+    sockdir = g.short_socket_dir("bs-apiqmp-")
+    qmp = str(sockdir / "api-qmp.sock")  # a second monitor, only for blkserve
+    try:
+        vm = g.Guest([], image=guest_image, hotplug_ports=2,
+                     extra_args=["-qmp", f"unix:{qmp},server=on,wait=off"],
+                     log_dir=tmp_path_factory.mktemp("api-guest"))
+    except g.GuestUnavailable as e:
+        api.cleanup()
+        pytest.skip(str(e))
+    try:
+        with vm:
+            yield Ctx(vm, api, qmp)
+    finally:
+        api.cleanup()
+
+
+def _ok(r, status: int) -> dict:
+    assert r.status_code == status, f"{r.request.method} {r.request.url}: {r.status_code} " \
+                                    f"{r.text}"
+    return r.json() if r.content else {}
+
+
+def test_guest_starts_without_disks(ctx):
+    assert ctx.vm.check("ls /sys/block | grep vd || true").strip() == ""
+    _ok(ctx.http.post("/v1/volumes", json={"name": "hot1", "size_bytes": VOL1_SIZE,
+                                           "queues": 2}), 201)
+    _ok(ctx.http.post("/v1/volumes", json={"name": "hot2", "size_bytes": VOL2_SIZE}), 201)
+    _ok(ctx.http.post("/v1/volumes", json={"name": "hot3", "size_bytes": VOL2_SIZE}), 201)
+
+
+def test_hot_attach_disk_appears(ctx):
+    att = _ok(ctx.http.post("/v1/volumes/hot1/attachments",
+                            json={"hypervisor": "qemu", "qmp_socket": ctx.qmp}), 201)
+    assert att["state"] == "attached" and att["bus"] == "hp0", att
+    ctx.att["hot1"] = att["id"]
+    dev = ctx.wait_disk("hot1", present=True)
+    assert int(ctx.vm.check(f"cat /sys/block/{dev}/size")) * 512 == VOL1_SIZE
+    # two queues as the volume asked
+    assert ctx.vm.check(f"ls /sys/block/{dev}/mq").split() == ["0", "1"]
+    vol = _ok(ctx.http.get("/v1/volumes/hot1"), 200)
+    assert vol["export"]["state"] == "running" and not vol["export"]["explicit"]
+    assert [a["id"] for a in vol["attachments"]] == [att["id"]]
+    # the device sits on the port blkserve chose, as QEMU reports it
+    pci = ctx.vm.qmp("query-pci")
+    ports = {d.get("qdev_id"): d for b in pci for d in b["devices"]}
+    assert [d["qdev_id"] for d in ports["hp0"]["pci_bridge"]["devices"]] == [att["device_id"]]
+
+
+def test_fio_verify_on_hot_attached_disk(ctx):
+    dev = ctx.disk_by_serial("hot1")
+    ctx.fio_verify(dev, "32M", bs="4k")
+    ctx.fio_verify(dev, "32M", bs="64k", offset="64M")
+
+
+def test_second_volume_takes_second_port_then_none_is_free(ctx):
+    att = _ok(ctx.http.post("/v1/volumes/hot2/attachments",
+                            json={"hypervisor": "qemu", "qmp_socket": ctx.qmp}), 201)
+    assert att["bus"] == "hp1"
+    ctx.att["hot2"] = att["id"]
+    dev = ctx.wait_disk("hot2", present=True)
+    ctx.fio_verify(dev, "16M")
+    r = ctx.http.post("/v1/volumes/hot3/attachments",
+                      json={"hypervisor": "qemu", "qmp_socket": ctx.qmp})
+    assert r.status_code == 409 and "pcie-root-port" in r.json()["detail"], r.text
+    # the export started for the failed attach is not left behind
+    assert _ok(ctx.http.get("/v1/volumes/hot3"), 200)["export"] is None
+    # already attached to this VM
+    r = ctx.http.post("/v1/volumes/hot1/attachments",
+                      json={"hypervisor": "qemu", "qmp_socket": ctx.qmp})
+    assert r.status_code == 409, r.text
+
+
+def test_qemu_error_is_502_with_qemus_message(ctx):
+    r = ctx.http.post("/v1/volumes/hot3/attachments",
+                      json={"hypervisor": "qemu", "qmp_socket": ctx.qmp, "bus": "nosuchbus"})
+    assert r.status_code == 502, r.text
+    assert "nosuchbus" in r.json()["detail"] and "device_add" in r.json()["detail"], r.text
+    assert _ok(ctx.http.get("/v1/volumes/hot3"), 200)["export"] is None
+    # the chardev added before device_add failed was removed again
+    chardevs = [c["label"] for c in ctx.vm.qmp("query-chardev")]
+    assert not [c for c in chardevs if c.startswith("blkserve-")
+                and c.removesuffix("-chr").removeprefix("blkserve-")
+                not in ctx.att.values()], chardevs
+
+
+def test_daemon_restart_keeps_attachments_and_workers(ctx):
+    before = _ok(ctx.http.get("/v1/volumes/hot1"), 200)
+    pid = before["export"]["pid"]
+    ctx.api.stop(signal.SIGKILL)
+    assert pid in worker_pids(ctx.api.state_dir)  # the worker outlived the daemon
+    dev = ctx.disk_by_serial("hot1")
+    ctx.fio_verify(dev, "8M", offset="128M")  # guest I/O with no daemon at all
+    ctx.api.start()
+    after = _ok(ctx.http.get("/v1/volumes/hot1"), 200)
+    assert after["export"]["pid"] == pid and after["export"]["state"] == "running", after
+    assert after["export"]["restarts"] == 0
+    assert after["attachments"] == before["attachments"]
+    ctx.fio_verify(dev, "8M", offset="160M")
+
+
+def test_detach_timeout_leaves_consistent_state_then_retry(ctx):
+    att = ctx.att["hot2"]
+    r = ctx.http.delete(f"/v1/volumes/hot2/attachments/{att}", params={"timeout_s": 0.001})
+    if r.status_code == 204:
+        pytest.skip("the guest released the disk within 1 ms; no timeout to observe")
+    assert r.status_code == 504, r.text
+    a = _ok(ctx.http.get(f"/v1/volumes/hot2/attachments/{att}"), 200)
+    assert a["state"] == "detaching" and a["error"], a
+    assert _ok(ctx.http.get("/v1/volumes/hot2"), 200)["export"]["state"] == "running"
+    _ok(ctx.http.delete(f"/v1/volumes/hot2/attachments/{att}"), 204)
+    ctx.wait_disk("hot2", present=False)
+    assert _ok(ctx.http.get("/v1/volumes/hot2"), 200)["export"] is None
+    ctx.att.pop("hot2")
+
+
+def test_detach_guest_sees_disk_go(ctx):
+    vol = _ok(ctx.http.get("/v1/volumes/hot1"), 200)
+    sock, pid = vol["export"]["socket"], vol["export"]["pid"]
+    _ok(ctx.http.delete(f"/v1/volumes/hot1/attachments/{ctx.att.pop('hot1')}"), 204)
+    ctx.wait_disk("hot1", present=False)
+    assert ctx.vm.check("ls /sys/block | grep vd || true").strip() == ""
+    vol = _ok(ctx.http.get("/v1/volumes/hot1"), 200)
+    assert vol["attachments"] == [] and vol["export"] is None
+    assert not os.path.exists(sock)
+    assert pid not in worker_pids(ctx.api.state_dir)
+    assert not [c["label"] for c in ctx.vm.qmp("query-chardev")
+                if c["label"].startswith("blkserve-")]
+    # the port is free again: re-attach and read back what fio wrote earlier
+    att = _ok(ctx.http.post("/v1/volumes/hot1/attachments",
+                            json={"hypervisor": "qemu", "qmp_socket": ctx.qmp}), 201)
+    ctx.att["hot1"] = att["id"]
+    dev = ctx.wait_disk("hot1", present=True)
+    ctx.vm.check(f"/bin/dd if=/dev/{dev} of=/dev/null bs=1M count=4 iflag=direct")
+
+
+def test_vm_gone_attachment_goes_stale_and_deletes(ctx):
+    ctx.vm.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        a = _ok(ctx.http.get(f"/v1/volumes/hot1/attachments/{ctx.att['hot1']}"), 200)
+        if a["state"] == "stale":
+            break
+        time.sleep(0.5)
+    assert a["state"] == "stale", a
+    r = ctx.http.delete("/v1/volumes/hot1")
+    assert r.status_code == 409, r.text
+    _ok(ctx.http.delete(f"/v1/volumes/hot1/attachments/{ctx.att.pop('hot1')}"), 204)
+    vol = _ok(ctx.http.get("/v1/volumes/hot1"), 200)
+    assert vol["attachments"] == [] and vol["export"] is None
+    _ok(ctx.http.delete("/v1/volumes/hot1"), 204)
