@@ -32,8 +32,9 @@ $(VENV)/.installed: pyproject.toml setup.py blkserve/_native_build.py $(NATIVE_S
 	$(BIN)/python -c 'import blkserve._native'
 	touch $@
 
+# The control plane on its embedded defaults: loopback :8470, state in ./var.
 run: setup
-	$(BIN)/python -m blkserve.demo --state-dir $(STATE_DIR)
+	$(BIN)/blkserve serve --state-dir $(STATE_DIR)
 
 test: setup test-native
 	$(BIN)/ruff check .

@@ -8,12 +8,13 @@ import logging
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blkserve import __version__
-from blkserve.api import models
+from blkserve.api import metrics, models
 from blkserve.api.service import ApiError, Controller
 
 log = logging.getLogger("blkserve.api")
@@ -97,6 +98,13 @@ def create_app(controller: Controller, token: str) -> FastAPI:
              summary="Liveness (no token needed)")
     async def healthz():
         return {"status": "ok", "version": __version__}
+
+    registry = metrics.registry_for(controller)
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics (no token needed)",
+             response_class=PlainTextResponse)
+    async def prometheus_metrics():
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(HTTPBearer(auto_error=False))],
                    responses=AUTH)

@@ -76,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     controller = Controller(settings)
     app = create_app(controller, token)
-    log.info("state in %s; API token from %s; listening on http://%s:%d", settings.state_dir,
-             source, host, port)
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    log.info("state in %s; listening on %s (OpenAPI docs: %s/docs)", settings.state_dir,
+             url, url)
+    header = ('"Authorization: Bearer $BLKSERVE_API_TOKEN"' if source.startswith("env")
+              else f'"Authorization: Bearer $(cat {source})"')
+    log.info("API token: %s. Try:\n  curl -H %s %s/v1/volumes\n  curl -H %s "
+             "-H 'Content-Type: application/json' -d '{\"name\": \"vol1\", \"size_bytes\": "
+             "1073741824}' %s/v1/volumes", source, header, url, header, url)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0
