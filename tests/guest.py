@@ -921,7 +921,9 @@ class Guest:
         boot_timeout: float = 180.0,
         accel: str = "tcg",
         cmdline_extra: str = "",
+        machine: str = "q35",
     ):
+        self.machine = machine
         self.qemu = shutil.which("qemu-system-x86_64")
         if not self.qemu:
             raise GuestUnavailable("qemu-system-x86_64 not installed")
@@ -960,7 +962,7 @@ class Guest:
             "-accel",
             self.accel,
             "-machine",
-            "q35",
+            self.machine,
             "-cpu",
             "max",
             "-m",

@@ -231,3 +231,24 @@ def test_vm_gone_attachment_goes_stale_and_deletes(ctx):
     vol = _ok(ctx.http.get("/v1/volumes/hot1"), 200)
     assert vol["attachments"] == [] and vol["export"] is None
     _ok(ctx.http.delete("/v1/volumes/hot1"), 204)
+
+
+def test_pc_machine_hot_attach_on_pci0(guest_image, tmp_path_factory):
+    """On an i440fx (pc) VM there are no root ports: the disk goes on pci.0
+    (ACPI PCI hotplug) and leaves again."""
+    with ApiServer() as api:
+        http = api.client()
+        _ok(http.post("/v1/volumes", json={"name": "pcvol", "size_bytes": VOL2_SIZE}), 201)
+        qmp = str(g.short_socket_dir("bs-pcqmp-") / "api-qmp.sock")
+        vm = g.Guest([], image=guest_image, machine="pc", smp=1,
+                     extra_args=["-qmp", f"unix:{qmp},server=on,wait=off"],
+                     log_dir=tmp_path_factory.mktemp("api-guest-pc"))
+        with vm:
+            c = Ctx(vm, api, qmp)
+            att = _ok(http.post("/v1/volumes/pcvol/attachments",
+                                json={"hypervisor": "qemu", "qmp_socket": qmp}), 201)
+            assert att["bus"] == "pci.0", att
+            dev = c.wait_disk("pcvol", present=True)
+            c.fio_verify(dev, "8M")
+            _ok(http.delete(f"/v1/volumes/pcvol/attachments/{att['id']}"), 204)
+            c.wait_disk("pcvol", present=False)

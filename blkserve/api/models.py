@@ -101,8 +101,9 @@ class Attachment(BaseModel):
     bus: str | None
     device_id: str = Field(description="QEMU device id (device_add id).")
     chardev_id: str = Field(description="QEMU chardev id.")
-    state: Literal["attached", "detaching", "stale"] = Field(description=(
-        "`detaching`: an unplug timed out and is still pending in the guest; "
+    state: Literal["attaching", "attached", "detaching", "stale"] = Field(description=(
+        "`attaching`: QEMU is being asked to plug the disk; `detaching`: an unplug "
+        "timed out and is still pending in the guest; "
         "`stale`: the VM is gone (its QMP socket does not answer); delete it."))
     created_at: str
     error: str | None = Field(description="Last error seen for this attachment.")

@@ -137,6 +137,11 @@ async def _device_exists(client: QMPClient, device_id: str, timeout: float) -> b
     return True
 
 
+async def device_present(qmp_socket: str, device_id: str, timeout: float) -> bool:
+    async with session(qmp_socket, timeout) as client:
+        return await _device_exists(client, device_id, timeout)
+
+
 async def detach(qmp_socket: str, chardev_id: str, device_id: str, timeout: float,
                  qmp_timeout: float) -> None:
     """Unplug the device (waiting up to TIMEOUT seconds for the guest to

@@ -72,7 +72,28 @@ class Controller:
                 await worker.start(self.settings.worker_start_timeout_s)
             except WorkerStartError as e:
                 log.error("%s", e)
+        for att in self.state.attachments():
+            if att.state == "attaching":
+                await self._settle_attaching(att)
         self._stale_task = asyncio.get_running_loop().create_task(self._watch_vms())
+
+    async def _settle_attaching(self, att: AttachmentRow) -> None:
+        """A previous daemon died during this attach: keep the attachment if
+        the device made it into the VM, else forget it."""
+        try:
+            present = await qemu.device_present(att.qmp_socket, att.device_id,
+                                                self.settings.qmp_timeout_s)
+        except qemu.VMGone:
+            present = False
+        except qemu.QMPFailed as e:
+            self.state.set_attachment_state(att.id, "attached", str(e))
+            return
+        if present:
+            self.state.set_attachment_state(att.id, "attached")
+        else:
+            self.state.delete_attachment(att.id)
+        log.info("attachment %s of %s interrupted by a daemon restart: %s", att.id,
+                 att.volume, "kept" if present else "dropped")
 
     async def close(self) -> None:
         """Daemon shutdown: workers keep serving guests; the next daemon adopts them."""
@@ -84,6 +105,11 @@ class Controller:
 
     def lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+    def vm_lock(self, qmp_socket: str) -> asyncio.Lock:
+        """One QMP conversation per VM at a time: two volumes attached at once
+        must not pick the same free port."""
+        return self._locks.setdefault("vm:" + qmp_socket, asyncio.Lock())
 
     async def _watch_vms(self) -> None:
         while True:
@@ -318,27 +344,37 @@ class Controller:
         exp, _ = await self.ensure_export(name, explicit=False)
         att_id = uuid.uuid4().hex[:8]
         dev = f"blkserve-{att_id}"
+        # recorded before QEMU is touched: a daemon killed mid-attach finds the
+        # row on restart and settles it (see _settle_attaching)
+        row = AttachmentRow(att_id, name, "qemu", qmp_socket, bus, dev, f"{dev}-chr",
+                            "attaching", now(), None)
+        self.state.add_attachment(row)
         try:
-            used_bus = await qemu.attach(qmp_socket, exp["socket"], f"{dev}-chr", dev,
-                                         v.queues, bus, self.settings.qmp_timeout_s)
+            async with self.vm_lock(qmp_socket):
+                row.bus = await qemu.attach(qmp_socket, exp["socket"], row.chardev_id, dev,
+                                            v.queues, bus, self.settings.qmp_timeout_s)
         except (qemu.QMPFailed, qemu.VMGone, qemu.NoFreeSlot) as e:
+            self.state.delete_attachment(att_id)
             if not had_export:
                 await self.stop_export(name, force_check=False)
             status = 409 if isinstance(e, qemu.NoFreeSlot) else \
                 422 if isinstance(e, qemu.VMGone) else 502
             raise ApiError(status, str(e)) from None
-        row = AttachmentRow(att_id, name, "qemu", qmp_socket, used_bus, dev, f"{dev}-chr",
-                            "attached", now(), None)
-        self.state.add_attachment(row)
+        except BaseException:
+            self.state.delete_attachment(att_id)
+            raise
+        row.state = "attached"
+        self.state.set_attachment_state(att_id, "attached", bus=row.bus)
         return row
 
     async def detach(self, name: str, att_id: str, timeout: float | None = None) -> None:
         a = self.get_attachment(name, att_id)
         if a.state != "stale":
             try:
-                await qemu.detach(a.qmp_socket, a.chardev_id, a.device_id,
-                                  timeout or self.settings.detach_timeout_s,
-                                  self.settings.qmp_timeout_s)
+                async with self.vm_lock(a.qmp_socket):
+                    await qemu.detach(a.qmp_socket, a.chardev_id, a.device_id,
+                                      timeout or self.settings.detach_timeout_s,
+                                      self.settings.qmp_timeout_s)
             except qemu.VMGone as e:
                 log.warning("attachment %s of %s: %s; dropping it", att_id, name, e)
             except qemu.DetachTimeout as e:
