@@ -1,0 +1,66 @@
+"""The daemon's TOML config: the sample in deploy/ loads, mistakes are refused
+with a message naming the key, the backing allow-list resolves symlinks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from blkserve.api import config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_sample_config_loads_and_documents_every_setting():
+    s = config.load(str(REPO / "deploy" / "blkserve.toml"))
+    assert s.listen == config.DEFAULT_LISTEN and s.state_dir == "/var/lib/blkserve"
+    text = (REPO / "deploy" / "blkserve.toml").read_text()
+    for field in config.Settings.__dataclass_fields__:
+        key = field.removeprefix("export_")
+        assert key in text, f"deploy/blkserve.toml does not document {key}"
+
+
+def test_flags_override_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('listen = "127.0.0.1:9000"\nstate_dir = "/srv/x"\n')
+    s = config.load(str(f), listen="127.0.0.1:9001", state_dir=None)
+    assert s.host_port == ("127.0.0.1", 9001) and s.state_dir == "/srv/x"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("bogus = 1", "unknown key bogus"),
+    ("listen = 5", "listen has the wrong type"),
+    ('listen = "nohostport"', "HOST:PORT"),
+    ('allowed_backings = ["relative/path"]', "absolute"),
+    ("[export]\ncache = 'sometimes'", "export.cache"),
+    ("[export]\npoll_us = -1", "export.poll_us"),
+    ("[export]\nnope = 1", "export.nope"),
+    ("detach_timeout_s = true", "wrong type"),
+    ("this is not toml", "c.toml"),
+])
+def test_bad_config_is_refused_with_the_key(tmp_path, text, needle):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(config.ConfigError, match=needle):
+        config.load(str(f))
+
+
+def test_missing_config_file():
+    with pytest.raises(config.ConfigError, match="cannot read config"):
+        config.load("/nonexistent/blkserve.toml")
+
+
+def test_allow_list_patterns_and_symlinks(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "disk.raw").write_bytes(b"")
+    link = tmp_path / "link.raw"
+    os.symlink(allowed / "disk.raw", link)
+    (tmp_path / "other.raw").write_bytes(b"")
+    s = config.Settings(allowed_backings=[f"{allowed}/*.raw"])
+    assert s.backing_allowed(str(allowed / "disk.raw"))
+    assert s.backing_allowed(str(link))  # resolves into the allowed dir
+    assert not s.backing_allowed(str(tmp_path / "other.raw"))
+    assert not config.Settings().backing_allowed(str(allowed / "disk.raw"))
