@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from blkserve import __version__, bench
+from blkserve import __version__, bench, client
 from blkserve.api import serve
 
 
@@ -18,6 +18,7 @@ def _export(args: argparse.Namespace) -> int:
             backing=args.backing, socket=args.socket, queues=args.queues,
             read_only=args.read_only, cache=args.cache, serial=args.serial,
             block_size=args.block_size, poll_us=args.poll_us, io_engine=args.io_engine,
+            stats_file=args.stats_file,
         ))
     except ExportError as e:
         print(f"blkserve export: error: {e}", file=sys.stderr)
@@ -72,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "queue thread; auto (default): io_uring, unless the backing cannot "
                          "do non-blocking I/O (tmpfs), where io_uring would hand each "
                          "request to a kernel worker thread")
+    ex.add_argument("--stats-file", metavar="PATH",
+                    help="keep the engine's counters and latency histograms in PATH, a "
+                         "shared stats block other processes can read while I/O runs "
+                         "(`blkserve serve` reads it for /metrics); removed on exit")
     ex.set_defaults(func=_export)
     bench.add_parser(sub)
+    client.add_parsers(sub)
     serve.add_parser(sub)
     return parser
 

@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from blkserve.native import SERIAL_BYTES, Target, TargetConfig
+from blkserve.stats import StatsWriter
 from blkserve.vhost.blk import SECTOR, BlkDeviceModel, Topology
 from blkserve.vhost.server import VhostUserServer
 
@@ -45,6 +46,7 @@ class ExportOptions:
     block_size: int | None = None
     poll_us: int = 0
     io_engine: str = "auto"
+    stats_file: str | None = None
 
 
 def default_serial(path: str) -> bytes:
@@ -191,6 +193,16 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
                                read_only=opts.read_only, blk_size=block_size,
                                topology=backing.topology)
         server = VhostUserServer(os.path.abspath(opts.socket), model, target)
+        if opts.stats_file:
+            try:
+                server.stats = StatsWriter(opts.stats_file, opts.queues, capacity)
+            except OSError as e:
+                server.close()
+                target.close()
+                raise ExportError(f"cannot create --stats-file {opts.stats_file}: "
+                                  f"{e.strerror}") from None
+            for q in server.queues:
+                q.set_stats_area(server.stats.area(q.index))
         try:
             server.bind()
         except OSError as e:
@@ -224,4 +236,9 @@ def run_export(opts: ExportOptions) -> int:
         server.close()
         target.close()
         backing.close()
+        if opts.stats_file:
+            try:
+                os.unlink(opts.stats_file)
+            except OSError:
+                pass
     return 0

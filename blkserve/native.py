@@ -170,6 +170,12 @@ class Queue:
     def running(self) -> bool:
         return bool(lib.bs_queue_running(self._h))
 
+    def set_stats_area(self, area) -> None:
+        """Count into AREA (a `struct bs_queue_stats *` in a shared mapping
+        that outlives the queue) from now on."""
+        _check(lib.bs_queue_set_stats(self._h, area), f"moving queue {self.index}'s stats")
+        self._stats_area = area
+
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct bs_queue_stats *")
         lib.bs_queue_get_stats(self._h, s)

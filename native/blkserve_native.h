@@ -58,6 +58,26 @@ struct bs_vring_cfg {
     int packed;             /* VIRTIO_F_RING_PACKED negotiated               */
 };
 
+/* Request kinds of the per-op counters and latency histograms. */
+enum bs_stat_op {
+    BS_STAT_READ = 0,
+    BS_STAT_WRITE = 1,
+    BS_STAT_FLUSH = 2,
+    BS_STAT_DISCARD = 3,
+    BS_STAT_WRITE_ZEROES = 4,
+    BS_STAT_GET_ID = 5,
+    BS_STAT_OTHER = 6,          /* request types the device does not know */
+    BS_STAT_NOPS = 7
+};
+
+/* Buckets of the log2 latency histograms: bucket i counts requests that took
+ * less than 2^i ns and at least 2^(i-1) ns; the last one takes the rest. */
+enum { BS_LAT_BUCKETS = 40 };
+
+/* One queue's counters.  Single writer (the queue thread, relaxed atomic
+ * stores); any reader, in this process or another mapping the same shared
+ * block (bs_queue_set_stats), reads them without stopping or locking the
+ * queue. */
 struct bs_queue_stats {
     uint64_t reqs_read;
     uint64_t reqs_write;
@@ -79,6 +99,13 @@ struct bs_queue_stats {
     uint64_t inflight;
     int32_t broken;          /* ring-level guest fault: queue stopped        */
     int32_t last_error;      /* -errno of the latest failure, 0 if none      */
+    /* completed requests by op (enum bs_stat_op) and status: [0] OK,
+     * [1] VIRTIO_BLK_S_IOERR, [2] VIRTIO_BLK_S_UNSUPP */
+    uint64_t op_status[7][3];
+    uint64_t op_bytes[7];    /* data bytes of requests completed OK          */
+    uint64_t op_lat_sum_ns[7];
+    /* latency from descriptor pop to used-ring entry, per op, log2 ns */
+    uint64_t op_lat_hist[7][40];
 };
 
 /* ---- guest memory ---- */
@@ -113,6 +140,10 @@ int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg);
 int bs_queue_stop(bs_queue *q, uint32_t *base);
 int bs_queue_running(bs_queue *q);
 int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out);
+/* Keep the queue's counters in AREA from now on (e.g. a file mapped shared,
+ * read by another process); the counts so far are copied there.  AREA must
+ * stay valid until bs_queue_free or the next call.  -EBUSY while running. */
+int bs_queue_set_stats(bs_queue *q, struct bs_queue_stats *area);
 void bs_queue_free(bs_queue *q);
 
 /* ==== bs_bench: vhost-user-blk frontend load generator (native/bench.c) ====

@@ -21,8 +21,15 @@
 #include <unistd.h>
 
 #include <liburing.h>
+#define SDT_USE_VARIADIC
+#include <sys/sdt.h>
 
 #include "internal.h"
+
+/* USDT probes, provider "blkserve" (a nop instruction each until a tracer
+ * attaches; see ebpf/).  The first argument of every probe is the target's
+ * serial (the volume name under `blkserve serve`), the second the queue. */
+#define BS_PROBE(...) STAP_PROBEV(blkserve, __VA_ARGS__)
 
 #define UD_KICK 1ULL
 #define UD_CTL 2ULL
@@ -42,6 +49,7 @@ struct slot {
     int cur;                 /* discard / write-zeroes: range in progress */
     int fallback;            /* ... and whether its fallback mode is tried */
     int free_next;
+    uint64_t t_pop;          /* CLOCK_MONOTONIC ns when the chain was popped */
     int sync_res;            /* sync_io: the operation's result ...          */
     struct slot *sync_next;  /* ... queued for completion like a CQE        */
 };
@@ -87,7 +95,8 @@ struct bs_queue {
     sem_t started;
     int start_err;
 
-    struct bs_queue_stats st;
+    struct bs_queue_stats *st;   /* st_local, or a shared block */
+    struct bs_queue_stats st_local;
 };
 
 /* ---- target ---- */
@@ -199,34 +208,65 @@ static void slot_put(struct bs_queue *q, struct slot *s)
 static void count_req(struct bs_queue *q, const struct bs_blk_req *r)
 {
     switch (r->type) {
-    case BS_BLK_T_IN: BS_STAT_ADD(q->st.reqs_read, 1); break;
-    case BS_BLK_T_OUT: BS_STAT_ADD(q->st.reqs_write, 1); break;
-    case BS_BLK_T_FLUSH: BS_STAT_ADD(q->st.reqs_flush, 1); break;
-    case BS_BLK_T_GET_ID: BS_STAT_ADD(q->st.reqs_get_id, 1); break;
-    case BS_BLK_T_DISCARD: BS_STAT_ADD(q->st.reqs_discard, 1); break;
-    case BS_BLK_T_WRITE_ZEROES: BS_STAT_ADD(q->st.reqs_write_zeroes, 1); break;
-    default: BS_STAT_ADD(q->st.reqs_other, 1); break;
+    case BS_BLK_T_IN: BS_STAT_ADD(q->st->reqs_read, 1); break;
+    case BS_BLK_T_OUT: BS_STAT_ADD(q->st->reqs_write, 1); break;
+    case BS_BLK_T_FLUSH: BS_STAT_ADD(q->st->reqs_flush, 1); break;
+    case BS_BLK_T_GET_ID: BS_STAT_ADD(q->st->reqs_get_id, 1); break;
+    case BS_BLK_T_DISCARD: BS_STAT_ADD(q->st->reqs_discard, 1); break;
+    case BS_BLK_T_WRITE_ZEROES: BS_STAT_ADD(q->st->reqs_write_zeroes, 1); break;
+    default: BS_STAT_ADD(q->st->reqs_other, 1); break;
     }
+}
+
+static int stat_op(const struct bs_blk_req *r)
+{
+    switch (r->type) {
+    case BS_BLK_T_IN: return BS_STAT_READ;
+    case BS_BLK_T_OUT: return BS_STAT_WRITE;
+    case BS_BLK_T_FLUSH: return BS_STAT_FLUSH;
+    case BS_BLK_T_GET_ID: return BS_STAT_GET_ID;
+    case BS_BLK_T_DISCARD: return BS_STAT_DISCARD;
+    case BS_BLK_T_WRITE_ZEROES: return BS_STAT_WRITE_ZEROES;
+    default: return BS_STAT_OTHER;
+    }
+}
+
+static uint64_t now_ns(void);
+
+static int lat_bucket(uint64_t ns)
+{
+    int b = ns ? 64 - __builtin_clzll(ns) : 0;   /* ns < 2^b */
+    return b < BS_LAT_BUCKETS ? b : BS_LAT_BUCKETS - 1;
 }
 
 static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
 {
     struct bs_blk_req *r = &s->req;
+    struct bs_queue_stats *st = q->st;
+    int op = stat_op(r);
+    uint64_t lat = now_ns() - s->t_pop;
 
     count_req(q, r);
+    BS_STAT_ADD(st->op_status[op][status <= BS_BLK_S_UNSUPP ? status : BS_BLK_S_IOERR], 1);
+    BS_STAT_ADD(st->op_lat_sum_ns[op], lat);
+    BS_STAT_ADD(st->op_lat_hist[op][lat_bucket(lat)], 1);
+    if (status == BS_BLK_S_OK)
+        BS_STAT_ADD(st->op_bytes[op], op == BS_STAT_GET_ID ? r->used_len - 1 : r->len);
+    BS_PROBE(request_done, q->target->cfg.serial, q->index, op, r->offset >> 9, r->len,
+             status, lat, s);
     if (status == BS_BLK_S_OK) {
         if (r->op == BS_OP_READ)
-            BS_STAT_ADD(q->st.bytes_read, r->len);
+            BS_STAT_ADD(q->st->bytes_read, r->len);
         else if (r->op == BS_OP_WRITE)
-            BS_STAT_ADD(q->st.bytes_write, r->len);
+            BS_STAT_ADD(q->st->bytes_write, r->len);
         else if (r->op == BS_OP_DISCARD)
-            BS_STAT_ADD(q->st.bytes_discard, r->len);
+            BS_STAT_ADD(q->st->bytes_discard, r->len);
         else if (r->op == BS_OP_WRITE_ZEROES)
-            BS_STAT_ADD(q->st.bytes_write_zeroes, r->len);
+            BS_STAT_ADD(q->st->bytes_write_zeroes, r->len);
     } else if (status == BS_BLK_S_IOERR) {
-        BS_STAT_ADD(q->st.err_ioerr, 1);
+        BS_STAT_ADD(q->st->err_ioerr, 1);
     } else {
-        BS_STAT_ADD(q->st.err_unsupp, 1);
+        BS_STAT_ADD(q->st->err_unsupp, 1);
     }
     /* safe: status_ptr was derived from a checked writable descriptor */
     *r->status_ptr = status;
@@ -365,17 +405,20 @@ static void start_request(struct bs_queue *q, struct slot *s, int ret)
 {
     const struct bs_target_cfg *t = &q->target->cfg;
 
+    s->t_pop = now_ns();
     if (ret == 0)
         bs_blk_parse(t, &s->chain, &s->req);
     if (ret || !s->req.status_ptr) {
         /* No status byte we may write: complete the chain empty so the
          * guest gets its descriptors back, and count the fault. */
-        BS_STAT_ADD(q->st.bad_chains, 1);
-        __atomic_store_n(&q->st.last_error, ret ? ret : -EINVAL, __ATOMIC_RELAXED);
+        BS_STAT_ADD(q->st->bad_chains, 1);
+        __atomic_store_n(&q->st->last_error, ret ? ret : -EINVAL, __ATOMIC_RELAXED);
         push_used(q, s, 0);
         slot_put(q, s);
         return;
     }
+    BS_PROBE(request_start, t->serial, q->index, stat_op(&s->req), s->req.offset >> 9,
+             s->req.len, s);
     if (s->req.op == BS_OP_NONE) {
         complete(q, s, s->req.status);
         return;
@@ -391,8 +434,8 @@ static void start_request(struct bs_queue *q, struct slot *s, int ret)
 
 static void mark_broken(struct bs_queue *q, int err)
 {
-    __atomic_store_n(&q->st.broken, 1, __ATOMIC_RELAXED);
-    __atomic_store_n(&q->st.last_error, err, __ATOMIC_RELAXED);
+    __atomic_store_n(&q->st->broken, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&q->st->last_error, err, __ATOMIC_RELAXED);
 }
 
 static void publish_used(struct bs_queue *q);
@@ -562,7 +605,8 @@ static void publish_used(struct bs_queue *q)
         } else {
             eventfd_write(q->call_fd, 1);
         }
-        BS_STAT_ADD(q->st.notifies, 1);
+        BS_STAT_ADD(q->st->notifies, 1);
+        BS_PROBE(notify, q->target->cfg.serial, q->index, now);
     }
 }
 
@@ -600,8 +644,8 @@ static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res)
         }
     }
     if (res < 0) {
-        BS_STAT_ADD(q->st.io_errors, 1);
-        __atomic_store_n(&q->st.last_error, res, __ATOMIC_RELAXED);
+        BS_STAT_ADD(q->st->io_errors, 1);
+        __atomic_store_n(&q->st->last_error, res, __ATOMIC_RELAXED);
         q->inflight--;
         complete(q, s, BS_BLK_S_IOERR);
         return;
@@ -629,8 +673,8 @@ static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res)
     q->inflight--;
     if (rw && res == 0 && s->done < r->len) {
         /* EOF inside the capacity: the backing shrank under us. */
-        BS_STAT_ADD(q->st.io_errors, 1);
-        __atomic_store_n(&q->st.last_error, -EIO, __ATOMIC_RELAXED);
+        BS_STAT_ADD(q->st->io_errors, 1);
+        __atomic_store_n(&q->st->last_error, -EIO, __ATOMIC_RELAXED);
         complete(q, s, BS_BLK_S_IOERR);
         return;
     }
@@ -751,7 +795,7 @@ static void *queue_thread(void *arg)
         return NULL;
 
     for (;;) {
-        int broken = __atomic_load_n(&q->st.broken, __ATOMIC_RELAXED);
+        int broken = __atomic_load_n(&q->st->broken, __ATOMIC_RELAXED);
         if (!q->stopping && !broken && (kicked || (q->starved && q->free_head >= 0))) {
             if (q->vr.packed)
                 drain_packed(q);
@@ -761,7 +805,7 @@ static void *queue_thread(void *arg)
         kicked = 0;
         run_sync_completions(q);
         publish_used(q);
-        __atomic_store_n(&q->st.inflight, (uint64_t)q->inflight, __ATOMIC_RELAXED);
+        __atomic_store_n(&q->st->inflight, (uint64_t)q->inflight, __ATOMIC_RELAXED);
         if (q->stopping && q->inflight == 0)
             break;
 
@@ -789,7 +833,8 @@ static void *queue_thread(void *arg)
             uint64_t ud = io_uring_cqe_get_data64(cqe);
             n++;
             if (ud == UD_KICK) {
-                BS_STAT_ADD(q->st.kicks, 1);
+                BS_STAT_ADD(q->st->kicks, 1);
+                BS_PROBE(kick, q->target->cfg.serial, q->index);
                 kicked = 1;
                 eventfd_drain(q->kick_fd);
                 if (arm_poll(q, q->kick_fd, UD_KICK))
@@ -807,7 +852,7 @@ static void *queue_thread(void *arg)
     }
     publish_used(q);
     io_uring_submit(&q->ring);   /* a last guest notification, if queued */
-    __atomic_store_n(&q->st.inflight, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&q->st->inflight, 0, __ATOMIC_RELAXED);
     io_uring_queue_exit(&q->ring);
     return NULL;
 }
@@ -823,6 +868,7 @@ int bs_queue_new(bs_target *t, int index, bs_queue **out)
     q->index = index;
     q->ctl_fd = -1;
     q->one = 1;
+    q->st = &q->st_local;
     pthread_mutex_init(&q->ctl_lock, NULL);
     *out = q;
     return 0;
@@ -873,7 +919,7 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     q->inflight = 0;
     q->sync_head = NULL;
     q->sync_tail = &q->sync_head;
-    __atomic_store_n(&q->st.broken, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&q->st->broken, 0, __ATOMIC_RELAXED);
     q->nslots = (int)(cfg->num < BS_MAX_SLOTS ? cfg->num : BS_MAX_SLOTS);
     q->slots = calloc((size_t)q->nslots, sizeof(*q->slots));
     if (!q->slots)
@@ -905,6 +951,7 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
         goto err_ctl;
     }
     q->running = 1;
+    BS_PROBE(queue_start, q->target->cfg.serial, q->index, cfg->num, q->vr.packed);
     return 0;
 
 err_ctl:
@@ -944,6 +991,7 @@ static int queue_stop_locked(bs_queue *q, uint32_t *last_avail)
         return -errno;
     pthread_join(q->thread, NULL);
     q->running = 0;
+    BS_PROBE(queue_stop, q->target->cfg.serial, q->index);
     __atomic_sub_fetch(&q->mem->users, 1, __ATOMIC_ACQ_REL);
     q->mem = NULL;
     close(q->ctl_fd);
@@ -970,8 +1018,22 @@ int bs_queue_running(bs_queue *q)
 
 int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out)
 {
-    memcpy(out, &q->st, sizeof(*out));
+    memcpy(out, q->st, sizeof(*out));
     return 0;
+}
+
+int bs_queue_set_stats(bs_queue *q, struct bs_queue_stats *area)
+{
+    int ret = 0;
+    pthread_mutex_lock(&q->ctl_lock);
+    if (q->running) {
+        ret = -EBUSY;
+    } else if (area && area != q->st) {
+        memcpy(area, q->st, sizeof(*area));
+        q->st = area;
+    }
+    pthread_mutex_unlock(&q->ctl_lock);
+    return ret;
 }
 
 void bs_queue_free(bs_queue *q)

@@ -57,6 +57,10 @@ class Settings:
         return os.path.abspath(self.socket_dir or os.path.join(self.state_dir, "sockets"))
 
     @property
+    def stats_dir(self) -> str:
+        return os.path.join(self.state_dir, "stats")
+
+    @property
     def logs_dir(self) -> str:
         return os.path.join(self.state_dir, "logs")
 

@@ -47,7 +47,8 @@ def _backing_size(path: str) -> int:
 class Controller:
     def __init__(self, settings: Settings):
         self.settings = settings
-        for d in (settings.state_dir, settings.volumes_dir, settings.logs_dir):
+        for d in (settings.state_dir, settings.volumes_dir, settings.logs_dir,
+                  settings.stats_dir):
             os.makedirs(d, exist_ok=True)
         os.makedirs(settings.sockets_dir, exist_ok=True)
         self.state = State(settings.db_path)
@@ -278,12 +279,16 @@ class Controller:
 
     # -- exports -----------------------------------------------------------
 
+    def stats_path(self, name: str) -> str:
+        return os.path.join(self.settings.stats_dir, f"{name}.stats")
+
     def _new_worker(self, v: VolumeRow, socket_path: str) -> Worker:
         spec = WorkerSpec(volume=v.name, backing=v.backing, socket=socket_path,
                           queues=v.queues, read_only=v.read_only,
                           cache=self.settings.export_cache,
                           io_engine=self.settings.export_io_engine,
-                          poll_us=self.settings.export_poll_us)
+                          poll_us=self.settings.export_poll_us,
+                          stats_file=self.stats_path(v.name))
         return Worker(spec, os.path.join(self.settings.logs_dir, f"{v.name}.log"),
                       on_pid=self.state.set_export_pid, on_restart=self.state.count_restart)
 

@@ -74,6 +74,7 @@ class WorkerSpec:
     cache: str = "none"
     io_engine: str = "auto"
     poll_us: int = 0
+    stats_file: str | None = None
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "blkserve", "export", self.backing,
@@ -82,6 +83,8 @@ class WorkerSpec:
                 "--io-engine", self.io_engine, "--poll-us", str(self.poll_us)]
         if self.read_only:
             argv.append("--read-only")
+        if self.stats_file:
+            argv += ["--stats-file", self.stats_file]
         return argv
 
 

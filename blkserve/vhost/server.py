@@ -352,6 +352,7 @@ class VhostUserServer:
         self._conn_task: asyncio.Task | None = None
         self._closing = False  # the served connection is being torn down
         self._reported: dict[int, dict[str, int]] = {}
+        self.stats = None  # the shared stats block (blkserve.stats.StatsWriter), if any
 
     def bind(self) -> None:
         """Create the listening socket; raises OSError(EADDRINUSE) if a live

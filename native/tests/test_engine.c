@@ -180,11 +180,24 @@ static struct bs_vring_used_elem used_at(struct drv *d, uint16_t i)
     return d->vr.used->ring[i % QSZ];
 }
 
+static uint64_t hist_total(const uint64_t *h)
+{
+    uint64_t n = 0;
+    for (int i = 0; i < BS_LAT_BUCKETS; i++)
+        n += h[i];
+    return n;
+}
+
 static void test_rw_roundtrip(void)
 {
     struct drv d;
+    /* counters in a caller-provided (shared) block, as `blkserve export` does */
+    static struct bs_queue_stats shared;
+    memset(&shared, 0, sizeof(shared));
     drv_init(&d, 0);
+    CHECK(bs_queue_set_stats(d.q, &shared) == 0);
     CHECK(drv_start(&d, 1) == 0);
+    CHECK(bs_queue_set_stats(d.q, &shared) == -EBUSY);
     struct req w = submit(&d, BS_BLK_T_OUT, 8, 4096, 0);
     memset(gp(&d, w.data), 0xab, 4096);
     kick(&d);
@@ -223,6 +236,17 @@ static void test_rw_roundtrip(void)
     bs_queue_get_stats(d.q, &st);
     CHECK(st.reqs_read == 1 && st.reqs_write == 1 && st.reqs_flush == 1);
     CHECK(st.bytes_read == 4096 && st.bytes_write == 4096 && st.inflight == 0);
+    CHECK(memcmp(&st, &shared, sizeof(st)) == 0);
+    CHECK(shared.op_status[BS_STAT_READ][0] == 1 && shared.op_status[BS_STAT_WRITE][0] == 1);
+    CHECK(shared.op_status[BS_STAT_FLUSH][0] == 1 && shared.op_status[BS_STAT_GET_ID][0] == 1);
+    CHECK(shared.op_bytes[BS_STAT_READ] == 4096 && shared.op_bytes[BS_STAT_WRITE] == 4096);
+    CHECK(shared.op_bytes[BS_STAT_GET_ID] == 20);
+    for (int op = 0; op < BS_STAT_NOPS; op++) {
+        uint64_t done = shared.op_status[op][0] + shared.op_status[op][1] +
+                        shared.op_status[op][2];
+        CHECK(hist_total(shared.op_lat_hist[op]) == done);
+        CHECK(done == 0 || shared.op_lat_sum_ns[op] > 0);
+    }
     drv_fini(&d);
 }
 
@@ -285,6 +309,10 @@ static void test_errors(void)
     bs_queue_get_stats(d.q, &s);
     CHECK(s.bad_chains == 5);
     CHECK(s.broken == 0);
+    /* bad chains have no op; answered requests are counted by op and status */
+    CHECK(s.op_status[BS_STAT_READ][1] + s.op_status[BS_STAT_WRITE][1] +
+          s.op_status[BS_STAT_OTHER][2] + s.op_status[BS_STAT_READ][0] ==
+          s.err_ioerr + s.err_unsupp + s.reqs_read - s.op_status[BS_STAT_READ][1]);
 
     /* The queue still works after all that. */
     struct req ok = submit(&d, BS_BLK_T_IN, 0, 512, 1);
