@@ -392,10 +392,20 @@ def _run(cmd: Callable[[Api, argparse.Namespace], int]) -> Callable[[argparse.Na
         api = None
         try:
             api = Api(args)
-            return cmd(api, args)
+            rc = cmd(api, args)
+            sys.stdout.flush()
+            return rc
         except CliError as e:
             print(f"blkserve: error: {e}", file=sys.stderr)
             return 1
+        except BrokenPipeError:
+            # stdout closed early (`| head`): stop quietly, and keep the interpreter's
+            # final flush from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except KeyboardInterrupt:
+            print("blkserve: error: interrupted", file=sys.stderr)
+            return 130
         finally:
             if api is not None:
                 api.close()

@@ -79,6 +79,9 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         for e in exc.errors():
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             msg = e.get("msg", "invalid").removeprefix("Value error, ")
+            if loc == "name" and e.get("type") == "string_pattern_mismatch":
+                msg = ("must be 1 to 63 of a-z, 0-9, '.', '_', '-', starting with a "
+                       "letter or digit")
             parts.append(f"{loc}: {msg}" if loc else msg)
         return JSONResponse({"detail": "; ".join(parts) or "invalid request"},
                             status_code=422)
