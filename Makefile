@@ -7,13 +7,33 @@ BIN := $(VENV)/bin
 STATE_DIR ?= $(CURDIR)/var
 APT_PACKAGES := build-essential pkg-config liburing-dev python3-venv \
 	qemu-system-x86 qemu-utils qemu-system-common fio busybox-static cpio \
-	e2fsprogs util-linux clang libclang-rt-14-dev systemtap-sdt-dev prometheus binutils
+	e2fsprogs util-linux clang libclang-rt-14-dev systemtap-sdt-dev prometheus binutils \
+	python3-bpfcc linux-headers-amd64
 NATIVE_SRC := $(wildcard native/*.c native/*.h)
 CFLAGS_NATIVE := -O2 -g -Wall -Wextra -Werror -std=gnu11 -Inative
 
-.PHONY: setup apt venv run test test-native asan lint clean
+.PHONY: setup apt bpf-env venv run test test-native asan lint clean
 
-setup: apt $(VENV)/.installed
+setup: apt bpf-env $(VENV)/.installed
+
+# bcc compiles its programs against kernel headers.  When the running kernel
+# ships none, use Debian's (the programs only need the tracepoint and USDT
+# definitions, which match): link build/ and source/ of /lib/modules/$(uname -r)
+# to the newest linux-headers-*-amd64 / -common.  Also mount tracefs if needed.
+bpf-env: apt
+	@kver=$$(uname -r); mod=/lib/modules/$$kver; \
+	if [ ! -e $$mod/build/include ]; then \
+		hdr=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1); \
+		if [ -n "$$hdr" ]; then \
+			mkdir -p $$mod && ln -sfn $$hdr $$mod/build && \
+			ln -sfn $${hdr%-amd64}-common $$mod/source && \
+			echo "setup: bcc uses $$hdr for kernel $$kver"; \
+		fi; \
+	fi; \
+	if [ ! -d /sys/kernel/tracing/events ]; then \
+		mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || \
+		echo "setup: cannot mount tracefs: eBPF tracing will be unavailable"; \
+	fi
 
 # Install only what is missing, so a warm machine does no network round-trip.
 apt:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from blkserve import __version__, bench, client
+from blkserve import __version__, bench, client, trace
 from blkserve.api import serve
 
 
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     client.add_parsers(sub)
     serve.add_parser(sub)
+    trace.add_parser(sub)
     return parser
 
 

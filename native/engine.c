@@ -30,6 +30,9 @@
  * attaches; see ebpf/).  The first argument of every probe is the target's
  * serial (the volume name under `blkserve serve`), the second the queue. */
 #define BS_PROBE(...) STAP_PROBEV(blkserve, __VA_ARGS__)
+/* Probe arguments are passed as 64-bit values: bcc cannot read an argument
+ * that the compiler left in a 32-bit sub-register such as %r14d. */
+#define U64(x) ((uint64_t)(x))
 
 #define UD_KICK 1ULL
 #define UD_CTL 2ULL
@@ -252,8 +255,8 @@ static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
     BS_STAT_ADD(st->op_lat_hist[op][lat_bucket(lat)], 1);
     if (status == BS_BLK_S_OK)
         BS_STAT_ADD(st->op_bytes[op], op == BS_STAT_GET_ID ? r->used_len - 1 : r->len);
-    BS_PROBE(request_done, q->target->cfg.serial, q->index, op, r->offset >> 9, r->len,
-             status, lat, s);
+    BS_PROBE(request_done, q->target->cfg.serial, U64(q->index), U64(op), U64(r->offset >> 9),
+             U64(r->len), U64(status), lat, s);
     if (status == BS_BLK_S_OK) {
         if (r->op == BS_OP_READ)
             BS_STAT_ADD(q->st->bytes_read, r->len);
@@ -417,8 +420,8 @@ static void start_request(struct bs_queue *q, struct slot *s, int ret)
         slot_put(q, s);
         return;
     }
-    BS_PROBE(request_start, t->serial, q->index, stat_op(&s->req), s->req.offset >> 9,
-             s->req.len, s);
+    BS_PROBE(request_start, t->serial, U64(q->index), U64(stat_op(&s->req)),
+             U64(s->req.offset >> 9), U64(s->req.len), s);
     if (s->req.op == BS_OP_NONE) {
         complete(q, s, s->req.status);
         return;
@@ -606,7 +609,7 @@ static void publish_used(struct bs_queue *q)
             eventfd_write(q->call_fd, 1);
         }
         BS_STAT_ADD(q->st->notifies, 1);
-        BS_PROBE(notify, q->target->cfg.serial, q->index, now);
+        BS_PROBE(notify, q->target->cfg.serial, U64(q->index), U64(now));
     }
 }
 
@@ -834,7 +837,7 @@ static void *queue_thread(void *arg)
             n++;
             if (ud == UD_KICK) {
                 BS_STAT_ADD(q->st->kicks, 1);
-                BS_PROBE(kick, q->target->cfg.serial, q->index);
+                BS_PROBE(kick, q->target->cfg.serial, U64(q->index));
                 kicked = 1;
                 eventfd_drain(q->kick_fd);
                 if (arm_poll(q, q->kick_fd, UD_KICK))
@@ -951,7 +954,8 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
         goto err_ctl;
     }
     q->running = 1;
-    BS_PROBE(queue_start, q->target->cfg.serial, q->index, cfg->num, q->vr.packed);
+    BS_PROBE(queue_start, q->target->cfg.serial, U64(q->index), U64(cfg->num),
+             U64(q->vr.packed));
     return 0;
 
 err_ctl:
@@ -991,7 +995,7 @@ static int queue_stop_locked(bs_queue *q, uint32_t *last_avail)
         return -errno;
     pthread_join(q->thread, NULL);
     q->running = 0;
-    BS_PROBE(queue_stop, q->target->cfg.serial, q->index);
+    BS_PROBE(queue_stop, q->target->cfg.serial, U64(q->index));
     __atomic_sub_fetch(&q->mem->users, 1, __ATOMIC_ACQ_REL);
     q->mem = NULL;
     close(q->ctl_fd);

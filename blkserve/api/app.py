@@ -40,6 +40,12 @@ def _err(status: int, description: str) -> dict:
 
 AUTH = _err(401, "Missing or wrong bearer token.")
 NOT_FOUND = _err(404, "No such volume (or attachment).")
+# FastAPI documents its own 422 body (a list of errors) for every route with
+# parameters; this app answers {"detail": "..."} like every other error.
+INVALID = _err(422, "Invalid path, query or body; the detail names the field.")
+# A body that is not even JSON text (e.g. not UTF-8) is refused by FastAPI
+# with 400 before validation.
+UNREADABLE = _err(400, "The body is not readable as JSON text (e.g. not UTF-8).")
 
 
 def create_app(controller: Controller, token: str) -> FastAPI:
@@ -114,7 +120,8 @@ def create_app(controller: Controller, token: str) -> FastAPI:
 
     @v1.post("/volumes", status_code=201, response_model=models.Volume, tags=["volumes"],
              summary="Create a volume",
-             responses={**_err(403, "backing is not in the config's allowed_backings."),
+             responses={**UNREADABLE,
+                        **_err(403, "backing is not in the config's allowed_backings."),
                         **_err(409, "A volume of that name (or on that backing) exists."),
                         **_err(422, "Invalid name, size or backing."),
                         **_err(507, "Not enough free space for the volume.")})
@@ -132,13 +139,14 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         return [controller.volume_view(v) for v in controller.state.volumes()]
 
     @v1.get("/volumes/{name}", response_model=models.Volume, tags=["volumes"],
-            summary="Show a volume, its export and attachments", responses=NOT_FOUND)
+            summary="Show a volume, its export and attachments",
+            responses={**NOT_FOUND, **INVALID})
     async def get_volume(name: str):
         return controller.volume_view(controller.get_volume(name))
 
     @v1.patch("/volumes/{name}", response_model=models.Volume, tags=["volumes"],
               summary="Resize a volume",
-              responses={**NOT_FOUND,
+              responses={**UNREADABLE, **NOT_FOUND, **INVALID,
                          **_err(409, "Shrinking an exported/attached volume, or a block "
                                      "device backing."),
                          **_err(507, "Not enough free space to grow.")})
@@ -150,7 +158,8 @@ def create_app(controller: Controller, token: str) -> FastAPI:
 
     @v1.delete("/volumes/{name}", status_code=204, response_class=Response,
                tags=["volumes"], summary="Delete a volume",
-               responses={**NOT_FOUND, **_err(409, "The volume is exported or attached.")})
+               responses={**NOT_FOUND, **INVALID,
+                          **_err(409, "The volume is exported or attached.")})
     async def delete_volume(name: str):
         """Delete the volume; a file under the state dir is deleted with it, an
         external backing is left alone."""
@@ -160,7 +169,7 @@ def create_app(controller: Controller, token: str) -> FastAPI:
 
     @v1.put("/volumes/{name}/export", response_model=models.Export, tags=["exports"],
             summary="Export a volume on a vhost-user socket",
-            responses={**NOT_FOUND,
+            responses={**UNREADABLE, **NOT_FOUND, **INVALID,
                        **_err(502, "The export worker failed to start (its log tail)."),
                        201: {"model": models.Export,
                              "description": "Export started (200: it was running)."}})
@@ -175,7 +184,7 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         return exp
 
     @v1.get("/volumes/{name}/export", response_model=models.Export, tags=["exports"],
-            summary="Show a volume's export", responses=NOT_FOUND)
+            summary="Show a volume's export", responses={**NOT_FOUND, **INVALID})
     async def get_export(name: str):
         controller.get_volume(name)
         exp = controller.export_view(name)
@@ -185,7 +194,8 @@ def create_app(controller: Controller, token: str) -> FastAPI:
 
     @v1.delete("/volumes/{name}/export", status_code=204, response_class=Response,
                tags=["exports"], summary="Stop a volume's export",
-               responses={**NOT_FOUND, **_err(409, "The volume is attached to a VM.")})
+               responses={**NOT_FOUND, **INVALID,
+                          **_err(409, "The volume is attached to a VM.")})
     async def delete_export(name: str):
         """Stop the worker: in-flight I/O drains, the socket is removed."""
         async with controller.lock(name):
@@ -194,9 +204,9 @@ def create_app(controller: Controller, token: str) -> FastAPI:
 
     @v1.post("/volumes/{name}/attachments", status_code=201, response_model=models.Attachment,
              tags=["attachments"], summary="Hot-attach a volume to a running QEMU VM",
-             responses={**NOT_FOUND,
+             responses={**UNREADABLE, **NOT_FOUND,
                         **_err(409, "Already attached to that VM, or no free hotplug slot."),
-                        **_err(422, "qmp_socket is not a live QMP socket."),
+                        **_err(422, "Invalid body, or qmp_socket is not a live QMP socket."),
                         **_err(502, "QEMU refused (its message is in detail).")})
     async def attach(name: str, body: models.AttachmentCreate):
         """Export the volume if needed, then over QMP `chardev-add` a socket
@@ -206,19 +216,21 @@ def create_app(controller: Controller, token: str) -> FastAPI:
             return vars(await controller.attach(name, body.qmp_socket, body.bus))
 
     @v1.get("/volumes/{name}/attachments", response_model=list[models.Attachment],
-            tags=["attachments"], summary="List a volume's attachments", responses=NOT_FOUND)
+            tags=["attachments"], summary="List a volume's attachments",
+            responses={**NOT_FOUND, **INVALID})
     async def list_attachments(name: str):
         controller.get_volume(name)
         return [vars(a) for a in controller.state.attachments(name)]
 
     @v1.get("/volumes/{name}/attachments/{att_id}", response_model=models.Attachment,
-            tags=["attachments"], summary="Show an attachment", responses=NOT_FOUND)
+            tags=["attachments"], summary="Show an attachment",
+            responses={**NOT_FOUND, **INVALID})
     async def get_attachment(name: str, att_id: str):
         return vars(controller.get_attachment(name, att_id))
 
     @v1.delete("/volumes/{name}/attachments/{att_id}", status_code=204,
                response_class=Response, tags=["attachments"], summary="Detach a volume",
-               responses={**NOT_FOUND,
+               responses={**NOT_FOUND, **INVALID,
                           **_err(502, "QEMU refused (its message is in detail)."),
                           **_err(504, "The guest did not release the disk in time; the "
                                       "attachment is left `detaching`, retry.")})
@@ -232,6 +244,18 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         async with controller.lock(name):
             await controller.detach(name, att_id, timeout_s)
         return Response(status_code=204)
+
+    @v1.post("/tracing", tags=["tracing"], summary="Trace exports with eBPF",
+             responses={**UNREADABLE, **NOT_FOUND,
+                        **_err(409, "A trace is already running, or nothing is exported."),
+                        **_err(422, "Bad duration or volume name."),
+                        **_err(501, "Tracing is not available on this host (the reason).")})
+    async def tracing(body: models.TraceRequest) -> dict:
+        """Load the bcc programs of ebpf/ for `duration_s` seconds and return, per
+        volume and op, log2 latency histograms (descriptor pop to used-ring
+        entry, microseconds), with `breakdown` the per-stage histograms, and for
+        block-device backings the block-layer time. One trace at a time."""
+        return await controller.trace(body.volume, body.duration_s, body.breakdown)
 
     app.include_router(v1)
     return app

@@ -11,6 +11,10 @@ MAX_SIZE = 1 << 60  # 1 EiB: beyond any real backing, and safe for off_t arithme
 MAX_QUEUES = 64
 
 
+# in the OpenAPI schema too (the check itself is _check_size, for its message)
+SECTORS = {"multipleOf": 512}
+
+
 def _check_size(v: int) -> int:
     if v % 512:
         raise ValueError("must be a multiple of 512 (the virtio-blk sector)")
@@ -31,7 +35,8 @@ class VolumeCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description=(
         "Volume name: lowercase letters, digits, '.', '_' and '-', starting with a letter "
         "or digit, at most 63 characters."), examples=["db1"])
-    size_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE, description=(
+    size_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE, json_schema_extra=SECTORS,
+                                   description=(
         "Capacity in bytes, a multiple of 512. Required unless `backing` names an "
         "existing file or block device (then its size is used, and a given size must "
         "match it). A new volume file is created sparse under STATE_DIR/volumes/."),
@@ -53,7 +58,7 @@ class VolumeResize(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"size_bytes": 21474836480}]})
 
-    size_bytes: int = Field(gt=0, le=MAX_SIZE, description=(
+    size_bytes: int = Field(gt=0, le=MAX_SIZE, json_schema_extra=SECTORS, description=(
         "New capacity in bytes, a multiple of 512. Growing extends the file (sparse); "
         "shrinking is refused while the volume is exported or attached. A running export "
         "keeps serving the capacity it started with until it is restarted."))
@@ -125,3 +130,16 @@ class Volume(BaseModel):
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     version: str
+
+
+class TraceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"volume": "db1", "duration_s": 5, "breakdown": True}]})
+
+    volume: str | None = Field(default=None, pattern=NAME_PATTERN, description=(
+        "Trace only this exported volume (default: every export)."))
+    duration_s: float = Field(gt=0, le=300, description="Seconds to trace (at most 300).",
+                              examples=[5])
+    breakdown: bool = Field(default=False, description=(
+        "Also time each stage of a request: kick->pop, pop->submit, submit->complete "
+        "(io_uring tracepoints), complete->used, used->notify."))

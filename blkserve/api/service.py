@@ -55,6 +55,7 @@ class Controller:
         self.workers: dict[str, Worker] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._stale_task: asyncio.Task | None = None
+        self._trace_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -326,6 +327,31 @@ class Controller:
             await worker.stop(self.settings.worker_stop_timeout_s)
         self.state.delete_export(name)
         log.info("export %s stopped", name)
+
+    # -- tracing -----------------------------------------------------------
+
+    async def trace(self, volume: str | None, duration: float, breakdown: bool) -> dict:
+        from blkserve import trace
+
+        if volume is not None:
+            self.get_volume(volume)
+        names = [volume] if volume else [e.volume for e in self.state.exports()]
+        workers = []
+        for name in names:
+            w = self.workers.get(name)
+            desc = trace.describe_worker(w.pid, name) if w and w.pid else None
+            if desc is None:
+                raise ApiError(409, f"volume '{name}' has no running export to trace")
+            workers.append(desc)
+        if not workers:
+            raise ApiError(409, "no volume is exported: nothing to trace")
+        if self._trace_lock.locked():
+            raise ApiError(409, "a trace is already running; try again when it ends")
+        async with self._trace_lock:
+            try:
+                return await asyncio.to_thread(trace.run_trace, workers, duration, breakdown)
+            except trace.TraceError as e:
+                raise ApiError(501, f"tracing is not available: {e}") from None
 
     # -- attachments -------------------------------------------------------
 
