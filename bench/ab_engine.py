@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""A/B two builds of the engine on the same workload (not part of make test).
+
+    .venv/bin/python bench/ab_engine.py --base REV [--rounds 5] [--trace]
+
+Builds the engine of git revision REV in a temporary worktree, then runs
+`blkserve export` of REV and of the working tree alternately (A B A B ...)
+on one RAM-backed file (/dev/shm), backend pinned to CPU 0 and the C bench
+frontend to CPU 1: 4k randread, QD 32, one queue.  Prints median IOPS and
+backend CPU microseconds per request for both, and their ratio.  --trace also
+runs the working tree with `blkserve trace` attached (the cost of tracing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = str(REPO / ".venv" / "bin" / "python")
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def run_once(tree: Path, img: str, sock: str, runtime: float, trace: bool) -> tuple[float, float]:
+    exp = subprocess.Popen(["taskset", "-c", "0", PY, "-m", "blkserve", "export", img,
+                            "--socket", sock], cwd=tree, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    tracer = None
+    try:
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.02)
+        if trace:
+            tracer = subprocess.Popen([PY, "-m", "blkserve", "trace", "--duration",
+                                       str(runtime + 30)], cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(6)  # compile and attach
+        t0 = cpu_ticks(exp.pid)
+        out = subprocess.run(["taskset", "-c", "1", PY, "-m", "blkserve", "bench", "--socket",
+                              sock, "--rw", "randread", "--iodepth", "32", "--runtime",
+                              str(runtime), "--ramp", "0.5", "--json"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+        ticks = cpu_ticks(exp.pid) - t0
+        r = json.loads(out.strip().splitlines()[0])
+        ios = r["ios"]
+        cpu_us = ticks * 1e6 / os.sysconf("SC_CLK_TCK") / max(ios, 1)
+        return r["iops"], cpu_us
+    finally:
+        if tracer:
+            tracer.terminate()
+            tracer.wait()
+        exp.terminate()
+        exp.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="git revision to compare against")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runtime", type=float, default=3.0)
+    ap.add_argument("--trace", action="store_true")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bs-ab-"))
+    base = work / "base"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), a.base],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run([PY, "blkserve/_native_build.py", str(base)], cwd=base, check=True,
+                       capture_output=True)
+        img = "/dev/shm/bs-ab.img"
+        with open(img, "wb") as f:
+            f.truncate(256 << 20)
+        systems = {"base": (base, False), "head": (REPO, False)}
+        if a.trace:
+            systems["head+trace"] = (REPO, True)
+        res: dict[str, list[tuple[float, float]]] = {k: [] for k in systems}
+        for rnd in range(a.rounds):
+            for name, (tree, trace) in systems.items():
+                res[name].append(run_once(tree, img, str(work / f"{name}.sock"), a.runtime,
+                                          trace))
+                print(f"round {rnd + 1} {name}: {res[name][-1][0]:.0f} IOPS, "
+                      f"{res[name][-1][1]:.2f} us CPU/req", file=sys.stderr)
+        med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+               for k, v in res.items()}
+        print(f"{'system':<12} {'IOPS (median)':>14} {'CPU us/req':>11} {'IOPS vs base':>13}")
+        for k, (iops, cpu) in med.items():
+            print(f"{k:<12} {iops:>14.0f} {cpu:>11.2f} {iops / med['base'][0]:>12.3f}x")
+        os.unlink(img)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)],
+                       capture_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
