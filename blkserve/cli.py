@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
             "vhost-user-blk-pci) is served at a time; after it disconnects the "
             "export keeps listening, so a VM reboot or a QEMU restart reconnects. "
             "SIGINT/SIGTERM drain in-flight I/O, remove the socket and exit 0. "
+            "SIGHUP re-reads the backing's size: if it grew, the new capacity is served "
+            "and the frontend is told (CONFIG_CHANGE_MSG), so the guest sees it online. "
             "Bad arguments exit with code 2."
         ),
     )

@@ -327,7 +327,7 @@ def _cmd_resize(api: Api, args: argparse.Namespace) -> int:
             f"({v.get('size_bytes')} bytes)")
     exp = v.get("export")
     if exp and exp.get("state") not in (None, "stopped"):
-        line += "; the running export keeps its old capacity until its worker restarts"
+        line += "; the running export serves the new size (attached guests see it online)"
     print(line)
     return 0
 
@@ -499,8 +499,8 @@ def add_parsers(sub) -> None:
 
     p = vsub.add_parser(
         "resize", parents=[common], help="grow (or shrink) a volume", epilog=epilog,
-        description="Resize a volume. Shrinking is refused while it is exported; a running "
-                    "export keeps its capacity until its worker restarts.")
+        description="Resize a volume. Shrinking is refused while it is exported; growing "
+                    "an exported volume is seen by an attached guest at once (online).")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--size", type=_size_arg, required=True, metavar="SIZE",
                    help="new capacity (bytes or K, M, G, T suffix)")

@@ -193,6 +193,10 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
                                read_only=opts.read_only, blk_size=block_size,
                                topology=backing.topology)
         server = VhostUserServer(os.path.abspath(opts.socket), model, target)
+        if backing.is_block:
+            server.size_probe = lambda: _ioctl_int(backing.fd_buffered, BLKGETSIZE64, "<Q")
+        else:
+            server.size_probe = lambda: os.fstat(backing.fd_buffered).st_size
         if opts.stats_file:
             try:
                 server.stats = StatsWriter(opts.stats_file, opts.queues, capacity)
@@ -220,6 +224,7 @@ async def _run(server: VhostUserServer) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: %s", server.grow()))
     log.info("serving %s on %s (%d queue(s), %d bytes%s)", "vhost-user-blk", server.path,
              server.model.num_queues, server.model.capacity,
              ", read-only" if server.model.read_only else "")

@@ -110,6 +110,9 @@ class Target:
     def set_writethrough(self, on: bool) -> None:
         lib.bs_target_set_writethrough(self._h, int(on))
 
+    def set_capacity(self, capacity: int) -> None:
+        _check(lib.bs_target_set_capacity(self._h, capacity), "changing the capacity")
+
     def close(self) -> None:
         if self._h is not None:
             lib.bs_target_free(self._h)

@@ -59,12 +59,14 @@ static void fail(struct bs_blk_req *r, uint8_t status)
 static int range_ok(const struct bs_target_cfg *t, uint64_t sector, uint64_t len)
 {
     uint64_t bs = t->block_size ? t->block_size : BS_SECTOR;
+    /* may grow at run time (bs_target_set_capacity): read it once */
+    uint64_t cap = __atomic_load_n(&t->capacity, __ATOMIC_RELAXED);
     /* sector * 512 may overflow: compare in sectors first. */
-    if (sector > t->capacity / BS_SECTOR)
+    if (sector > cap / BS_SECTOR)
         return 0;
     if ((sector * BS_SECTOR) % bs || len % bs)
         return 0;
-    return len <= t->capacity - sector * BS_SECTOR;
+    return len <= cap - sector * BS_SECTOR;
 }
 
 struct dwz_seg {

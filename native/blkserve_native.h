@@ -128,6 +128,9 @@ int bs_target_new(const struct bs_target_cfg *cfg, bs_target **out);
 /* Switch write cache mode at run time (the guest's config-space WCE write):
  * writethrough=1 makes each write durable (RWF_DSYNC) before its status. */
 void bs_target_set_writethrough(bs_target *t, int writethrough);
+/* Online resize: requests are checked against CAPACITY (bytes, a multiple
+ * of the block size) from now on.  -EINVAL if it is not a multiple. */
+int bs_target_set_capacity(bs_target *t, uint64_t capacity);
 void bs_target_free(bs_target *t);
 
 /* ---- queues ---- */

@@ -135,6 +135,14 @@ void bs_target_set_writethrough(bs_target *t, int writethrough)
     __atomic_store_n(&t->cfg.writethrough, !!writethrough, __ATOMIC_RELAXED);
 }
 
+int bs_target_set_capacity(bs_target *t, uint64_t capacity)
+{
+    if (capacity == 0 || capacity % t->cfg.block_size)
+        return -EINVAL;
+    __atomic_store_n(&t->cfg.capacity, capacity, __ATOMIC_RELAXED);
+    return 0;
+}
+
 void bs_target_free(bs_target *t)
 {
     free(t);

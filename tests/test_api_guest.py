@@ -181,6 +181,29 @@ def test_daemon_restart_keeps_attachments_and_workers(ctx):
     ctx.fio_verify(dev, "8M", offset="160M")
 
 
+def test_online_grow_seen_by_guest(ctx):
+    """PATCH grows the file; the (adopted) worker serves the new size and QEMU,
+    told over the backend channel, updates the guest's config space: the
+    guest sees the new capacity without a reboot and writes past the old end."""
+    dev = ctx.disk_by_serial("hot1")
+    new_size = VOL1_SIZE + 128 * MiB
+    vol = _ok(ctx.http.patch("/v1/volumes/hot1", json={"size_bytes": new_size}), 200)
+    assert vol["size_bytes"] == new_size
+    deadline = time.monotonic() + 30
+    sectors = 0
+    while time.monotonic() < deadline:
+        sectors = int(ctx.vm.check(f"cat /sys/block/{dev}/size"))
+        if sectors * 512 == new_size:
+            break
+        time.sleep(0.5)
+    assert sectors * 512 == new_size, (sectors, ctx.vm.check("dmesg | tail -5"),
+                                       ctx.api.log())
+    ctx.fio_verify(dev, "64M", offset=str(VOL1_SIZE))  # entirely past the old end
+    # shrinking under an attached guest is refused
+    r = ctx.http.patch("/v1/volumes/hot1", json={"size_bytes": VOL1_SIZE})
+    assert r.status_code == 409, r.text
+
+
 def test_detach_timeout_leaves_consistent_state_then_retry(ctx):
     att = ctx.att["hot2"]
     r = ctx.http.delete(f"/v1/volumes/hot2/attachments/{att}", params={"timeout_s": 0.001})

@@ -684,3 +684,52 @@ def test_io_engines_serve_the_same(tmp_path, engine):
         assert e.image(64 + 32, 512) == data[16384:16384 + 512]
     finally:
         assert stop_export(e) == 0
+
+
+def test_sighup_grow_notifies_frontend_and_serves_new_capacity(tmp_path):
+    """Online resize: the backing grows, SIGHUP makes the export re-read its
+    size, serve it and send CONFIG_CHANGE_MSG on the backend channel; the
+    frontend's GET_CONFIG then reports the new capacity and I/O past the old
+    end succeeds.  A shrink is not served (logged)."""
+    import socket
+
+    e = start_export(tmp_path, "--queues", "1")
+    try:
+        d = vc.BlkDevice(e.sock, queues=1, connect_retry=2.0, setup=False,
+                         protocol_features=vc.BlkDevice.WANTED_PROTOCOL_FEATURES
+                         | vc.bit(vc.PROTOCOL_F_BACKEND_REQ))
+        ours, theirs = socket.socketpair()
+        try:
+            d.negotiate()
+            d.client.set_backend_req_fd(theirs.fileno())
+            theirs.close()
+            d.setup_memory()
+            d.setup_queue(0)
+            assert d.read(SECTORS, 512)[0] == vc.BLK_S_IOERR  # past the end
+            with open(e.img, "r+b") as f:
+                f.truncate(IMG_SIZE * 2)
+            e.proc.send_signal(signal.SIGHUP)
+            ours.settimeout(10)
+            msg = ours.recv(64)
+            request, flags, size = struct.unpack_from("<III", msg)
+            assert (request, flags & 0x3, size) == (2, 1, 0), msg  # CONFIG_CHANGE_MSG
+            cfg = vc.BlkConfig.parse(d.client.get_config(0, vc.BLK_CONFIG_SIZE))
+            assert cfg.capacity == 2 * SECTORS
+            assert d.write(SECTORS + 8, b"\x5a" * 4096) == vc.BLK_S_OK
+            st, data = d.read(SECTORS + 8, 4096)
+            assert st == vc.BLK_S_OK and data == b"\x5a" * 4096
+            # a backing that shrinks under the export is not followed
+            with open(e.img, "r+b") as f:
+                f.truncate(IMG_SIZE)
+            e.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            cfg = vc.BlkConfig.parse(d.client.get_config(0, vc.BLK_CONFIG_SIZE))
+            assert cfg.capacity == 2 * SECTORS
+        finally:
+            ours.close()
+            d.close()
+    finally:
+        assert stop_export(e) == 0
+    log = e.log.read_text()
+    assert "capacity grown from" in log and "frontend notified" in log, log
+    assert "shrank" in log, log

@@ -152,7 +152,8 @@ def create_app(controller: Controller, token: str) -> FastAPI:
                          **_err(507, "Not enough free space to grow.")})
     async def resize_volume(name: str, body: models.VolumeResize):
         """Grow (or, when not exported, shrink) the volume's file. A running
-        export keeps its capacity until its worker restarts."""
+        export serves the new capacity at once and a connected QEMU is told
+        (vhost-user CONFIG_CHANGE_MSG), so the guest sees the resize online."""
         async with controller.lock(name):
             return controller.volume_view(controller.resize_volume(name, body.size_bytes))
 

@@ -59,9 +59,10 @@ class VolumeResize(BaseModel):
         {"size_bytes": 21474836480}]})
 
     size_bytes: int = Field(gt=0, le=MAX_SIZE, json_schema_extra=SECTORS, description=(
-        "New capacity in bytes, a multiple of 512. Growing extends the file (sparse); "
-        "shrinking is refused while the volume is exported or attached. A running export "
-        "keeps serving the capacity it started with until it is restarted."))
+        "New capacity in bytes, a multiple of 512. Growing extends the file (sparse) and "
+        "a running export serves the new size at once and tells an attached guest, which "
+        "sees the new capacity without a reboot; shrinking is refused while the volume is "
+        "exported or attached."))
 
     _size = field_validator("size_bytes")(lambda cls, v: _check_size(v))
 

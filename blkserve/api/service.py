@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import stat
 import uuid
 
@@ -263,6 +264,11 @@ class Controller:
                            f"cannot resize {v.backing}: {e.strerror}") from None
         self.state.set_volume_size(name, size)
         log.info("volume %s resized from %d to %d bytes", name, v.size_bytes, size)
+        w = self.workers.get(name)
+        if w is not None and w.pid is not None and size > v.size_bytes:
+            # the worker re-reads the size and tells the guest (online resize)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGHUP)
         return self.get_volume(name)
 
     def delete_volume(self, name: str) -> None:

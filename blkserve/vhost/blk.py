@@ -27,9 +27,9 @@ class Topology:
     discard_granularity: int = 4096
 
 
-@dataclass(frozen=True)
+@dataclass
 class BlkDeviceModel:
-    capacity: int      # bytes
+    capacity: int      # bytes; grows at run time (online resize)
     num_queues: int
     read_only: bool
     blk_size: int = SECTOR
@@ -62,7 +62,7 @@ class BlkDeviceModel:
     @property
     def protocol_features(self) -> int:
         return bits(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
-                    ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                    ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.BACKEND_REQ)
 
     def config(self, writeback: bool | None = None) -> bytes:
         if writeback is None:

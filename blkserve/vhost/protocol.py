@@ -160,6 +160,14 @@ def parse_header(data: bytes) -> Header:
     return Header(request, flags, size)
 
 
+BACKEND_CONFIG_CHANGE_MSG = 2  # backend -> frontend: re-read the config space
+
+
+def pack_backend_request(request: int, payload: bytes = b"") -> bytes:
+    """A message on the backend channel (SET_BACKEND_REQ_FD), no reply wanted."""
+    return HEADER.pack(request, VERSION, len(payload)) + payload
+
+
 def pack_reply(request: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(request, VERSION | FLAG_REPLY, len(payload)) + payload
 
@@ -196,6 +204,7 @@ SPECS: dict[int, Spec] = {
     Req.SET_VRING_ENABLE: Spec(8, 0),
     Req.GET_CONFIG: Spec(None, 0, reply=True),
     Req.SET_CONFIG: Spec(None, 0),
+    Req.SET_BACKEND_REQ_FD: Spec(0, 1),
     Req.GET_MAX_MEM_SLOTS: Spec(0, 0, reply=True),
     Req.ADD_MEM_REG: Spec(40, 1),
     # QEMU sends REM_MEM_REG without an fd; the spec's text has one: take either.

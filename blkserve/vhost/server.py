@@ -84,7 +84,9 @@ class Session:
             Req.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
             Req.ADD_MEM_REG: self.add_mem_reg,
             Req.REM_MEM_REG: self.rem_mem_reg,
+            Req.SET_BACKEND_REQ_FD: self.set_backend_req_fd,
         }
+        self.backend_fd: int | None = None  # the backend -> frontend channel
 
     # ---- helpers ----
 
@@ -145,6 +147,23 @@ class Session:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+        self.backend_fd = _replace_fd(self.backend_fd, None)
+
+    def notify_config_change(self) -> bool:
+        """Tell the frontend to re-read the config space (a resize): True if
+        it could be told."""
+        if self.backend_fd is None:
+            return False
+        msg = p.pack_backend_request(p.BACKEND_CONFIG_CHANGE_MSG)
+        try:
+            # a 12-byte datagram-sized write on a socket the frontend drains:
+            # it does not block in practice; a full buffer is reported, not waited on
+            os.set_blocking(self.backend_fd, False)
+            sent = os.write(self.backend_fd, msg)
+        except OSError as e:
+            log.warning("cannot send CONFIG_CHANGE_MSG to the frontend: %s", e.strerror)
+            return False
+        return sent == len(msg)
 
     # ---- handlers: each gets (payload, fds) and pops the fds it keeps ----
 
@@ -308,6 +327,11 @@ class Session:
         else:
             await self._stop(index)
 
+    async def set_backend_req_fd(self, payload: bytes, fds: list[int]) -> None:
+        if not self.protocol_features & p.bits(p.ProtocolFeature.BACKEND_REQ):
+            raise ProtocolError("SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ")
+        self.backend_fd = _replace_fd(self.backend_fd, fds.pop())
+
     async def get_config(self, payload: bytes, fds: list[int]) -> bytes:
         offset, size, flags, _ = p.decode_config(payload)
         cfg = self.model.config(self.writeback)
@@ -353,6 +377,8 @@ class VhostUserServer:
         self._closing = False  # the served connection is being torn down
         self._reported: dict[int, dict[str, int]] = {}
         self.stats = None  # the shared stats block (blkserve.stats.StatsWriter), if any
+        self._session: Session | None = None
+        self.size_probe = lambda: 0  # the backing's current size (set by export)
 
     def bind(self) -> None:
         """Create the listening socket; raises OSError(EADDRINUSE) if a live
@@ -405,6 +431,32 @@ class VhostUserServer:
         for q in self.queues:
             q.close()
         self.queues = []
+
+    def grow(self) -> str:
+        """The backing grew (SIGHUP from `blkserve serve` after a resize): serve
+        the new capacity and tell the connected frontend, which re-reads the
+        config space and tells the guest.  Returns what happened, for the log."""
+        try:
+            size = self.size_probe()
+        except OSError as e:
+            return f"cannot read the backing's size: {e.strerror}"
+        new = size - size % self.model.blk_size
+        old = self.model.capacity
+        if new == old:
+            return f"capacity unchanged ({old} bytes)"
+        if new < old:
+            return (f"the backing shrank to {new} bytes under a running export; still "
+                    f"serving {old} bytes (requests past the new end fail)")
+        try:
+            self.target.set_capacity(new)
+        except OSError as e:
+            return f"cannot serve the new capacity {new}: {e}"
+        self.model.capacity = new
+        session = self._session
+        told = session is not None and session.notify_config_change()
+        return (f"capacity grown from {old} to {new} bytes; "
+                + ("frontend notified (CONFIG_CHANGE_MSG)" if told else
+                   "no frontend channel to notify: the guest sees it after a reconnect"))
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -467,6 +519,7 @@ class VhostUserServer:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         session = Session(self.model, self.queues, self.target)
+        self._session = session
         self._closing = False
         log.info("frontend connected")
         try:
@@ -498,6 +551,8 @@ class VhostUserServer:
             finally:
                 conn.close()
                 self._closing = False
+                if self._session is session:
+                    self._session = None
             for q in self.queues:
                 st = q.stats()
                 log.info("queue %d: %d requests served so far (%d read, %d write, %d flush, "
