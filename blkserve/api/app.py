@@ -59,14 +59,18 @@ def create_app(controller: Controller, token: str) -> FastAPI:
 
     app = FastAPI(title="blkserve", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
+
+    def authorized(header: str) -> bool:
+        scheme, _, given = header.strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), expected)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
         path = request.url.path
         if path == "/v1" or path.startswith("/v1/"):
-            got = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(got, expected):
+            if not authorized(request.headers.get("authorization", "")):
                 return JSONResponse(
                     {"detail": "missing or wrong bearer token (Authorization: Bearer ...)"},
                     status_code=401, headers={"WWW-Authenticate": "Bearer"})

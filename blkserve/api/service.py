@@ -74,7 +74,8 @@ class Controller:
             try:
                 await worker.start(self.settings.worker_start_timeout_s)
             except WorkerStartError as e:
-                log.error("%s", e)
+                log.error("%s; retrying with back-off", e)
+                worker.retry_later()
         for att in self.state.attachments():
             if att.state == "attaching":
                 await self._settle_attaching(att)

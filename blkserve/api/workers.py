@@ -11,9 +11,11 @@ guests are not interrupted, and the next daemon adopts them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -54,6 +56,23 @@ def _is_export_worker(pid: int, socket_path: str) -> bool:
     except OSError:
         return False
     return b"export" in argv and socket_path.encode() in argv
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on (left by a killed worker), so the
+    next worker's socket is recognisable even if it reuses the inode number."""
+    if _socket_inode(path) is None:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
 
 
 def _socket_inode(path: str) -> int | None:
@@ -128,7 +147,8 @@ class Worker:
 
     async def _spawn_and_wait(self, timeout: float) -> bool:
         """Spawn the worker; True once its (new) socket exists."""
-        old_inode = _socket_inode(self.spec.socket)
+        _remove_stale_socket(self.spec.socket)
+        old_inode = _socket_inode(self.spec.socket)  # None unless something live is there
         self.state = "starting"
         self._spawn()
         deadline = time.monotonic() + timeout
@@ -228,6 +248,20 @@ class Worker:
             return
         if ok:
             log.info("export %s: worker restarted as %d", self.spec.volume, self.pid)
+        elif self.pid is not None and self._wanted:
+            # alive but no socket: kill it; its exit schedules the next try
+            log.warning("export %s: restarted worker %d has no socket after 15 s; killing "
+                        "it: %s", self.spec.volume, self.pid, self.log_tail())
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def retry_later(self) -> None:
+        """After a failed start: keep trying with back-off (daemon start-up)."""
+        self._wanted = True
+        self.state = "backoff"
+        self._restart_task = asyncio.get_running_loop().create_task(
+            self._restart_after(self._backoff))
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
     # -- stop --------------------------------------------------------------
 
