@@ -98,6 +98,8 @@ struct bs_queue {
     sem_t started;
     int start_err;
 
+    uint64_t t_now;          /* CLOCK_MONOTONIC ns, read once per batch of pops
+                                or completions (the latency histograms' clock) */
     struct bs_queue_stats *st;   /* st_local, or a shared block */
     struct bs_queue_stats st_local;
 };
@@ -255,7 +257,7 @@ static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
     struct bs_blk_req *r = &s->req;
     struct bs_queue_stats *st = q->st;
     int op = stat_op(r);
-    uint64_t lat = now_ns() - s->t_pop;
+    uint64_t lat = q->t_now > s->t_pop ? q->t_now - s->t_pop : 0;
 
     count_req(q, r);
     BS_STAT_ADD(st->op_status[op][status <= BS_BLK_S_UNSUPP ? status : BS_BLK_S_IOERR], 1);
@@ -325,12 +327,17 @@ static int sync_op(struct bs_queue *q, struct slot *s)
 
     switch (r->op) {
     case BS_OP_READ:
-        res = preadv(s->fd, iov, r->iov_count, off);
+        /* one segment (the common case): no iovec for the kernel to import */
+        res = r->iov_count == 1 ? pread(s->fd, iov->iov_base, iov->iov_len, off)
+                                : preadv(s->fd, iov, r->iov_count, off);
         break;
     case BS_OP_WRITE:
-        res = pwritev2(s->fd, iov, r->iov_count, off,
-                       __atomic_load_n(&q->target->cfg.writethrough, __ATOMIC_RELAXED)
-                           ? RWF_DSYNC : 0);
+        if (__atomic_load_n(&q->target->cfg.writethrough, __ATOMIC_RELAXED))
+            res = pwritev2(s->fd, iov, r->iov_count, off, RWF_DSYNC);
+        else if (r->iov_count == 1)
+            res = pwrite(s->fd, iov->iov_base, iov->iov_len, off);
+        else
+            res = pwritev(s->fd, iov, r->iov_count, off);
         break;
     case BS_OP_FLUSH:
         res = fdatasync(s->fd);
@@ -416,7 +423,7 @@ static void start_request(struct bs_queue *q, struct slot *s, int ret)
 {
     const struct bs_target_cfg *t = &q->target->cfg;
 
-    s->t_pop = now_ns();
+    s->t_pop = q->t_now;
     if (ret == 0)
         bs_blk_parse(t, &s->chain, &s->req);
     if (ret || !s->req.status_ptr) {
@@ -455,6 +462,9 @@ static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res);
 /* sync_io: complete what ran inline, in order, like CQEs. */
 static void run_sync_completions(struct bs_queue *q)
 {
+    /* each sync request completes before the next is popped: time them all */
+    if (q->sync_head)
+        q->t_now = now_ns();
     while (q->sync_head) {
         struct slot *done = q->sync_head;
         q->sync_head = done->sync_next;
@@ -492,6 +502,7 @@ static void drain_avail(struct bs_queue *q)
     uint16_t mask = (uint16_t)(vr->num - 1);
 
     q->starved = 0;
+    q->t_now = now_ns();
     for (;;) {
         uint16_t avail = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
         if ((uint16_t)(avail - q->last_avail) > vr->num) {
@@ -534,6 +545,7 @@ static void drain_packed(struct bs_queue *q)
     struct bs_vring *vr = &q->vr;
 
     q->starved = 0;
+    q->t_now = now_ns();
     while (bs_vring_packed_avail(vr, q->last_avail, q->avail_wrap)) {
         if (q->free_head < 0) {
             q->starved = 1;
@@ -840,6 +852,8 @@ static void *queue_thread(void *arg)
         }
         struct io_uring_cqe *cqe;
         unsigned head, n = 0;
+        if (io_uring_cq_ready(&q->ring))
+            q->t_now = now_ns();
         io_uring_for_each_cqe(&q->ring, head, cqe) {
             uint64_t ud = io_uring_cqe_get_data64(cqe);
             n++;

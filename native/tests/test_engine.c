@@ -245,7 +245,9 @@ static void test_rw_roundtrip(void)
         uint64_t done = shared.op_status[op][0] + shared.op_status[op][1] +
                         shared.op_status[op][2];
         CHECK(hist_total(shared.op_lat_hist[op]) == done);
-        CHECK(done == 0 || shared.op_lat_sum_ns[op] > 0);
+        /* requests that went to the backing took measurable time */
+        if (op == BS_STAT_READ || op == BS_STAT_WRITE || op == BS_STAT_FLUSH)
+            CHECK(done == 0 || shared.op_lat_sum_ns[op] > 0);
     }
     drv_fini(&d);
 }
