@@ -12,7 +12,7 @@ APT_PACKAGES := build-essential pkg-config liburing-dev python3-venv \
 NATIVE_SRC := $(wildcard native/*.c native/*.h)
 CFLAGS_NATIVE := -O2 -g -Wall -Wextra -Werror -std=gnu11 -Inative
 
-.PHONY: setup apt bpf-env venv run test test-native asan lint clean
+.PHONY: setup apt bpf-env venv run test test-native asan lint clean soak
 
 setup: apt bpf-env $(VENV)/.installed
 
@@ -59,6 +59,12 @@ run: setup
 test: setup test-native
 	$(BIN)/ruff check .
 	$(BIN)/pytest -v tests
+
+# 16 volumes under blkserve serve, each driven by `blkserve bench --verify`,
+# for SOAK_SECONDS (make test runs the same check for 60 s).
+SOAK_SECONDS ?= 600
+soak: setup
+	BLKSERVE_SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -v tests/test_soak.py
 
 # The engine's own C tests, with the same warnings as the extension.
 build/test_engine: native/tests/test_engine.c $(NATIVE_SRC)

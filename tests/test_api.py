@@ -227,7 +227,7 @@ def test_openapi_lists_the_routes(http):
 
 @pytest.mark.parametrize("auth", [
     None, "Bearer wrong", "Bearer", "t0k", "Basic dDBrOg==", "Bearer t0k0",
-    "Bearer t0", "Bearer  t0k",
+    "Bearer t0", "Bearer t0k extra", "Bearer\tt0k",
 ])
 def test_every_v1_route_needs_the_token(api, http, auth):
     headers = {} if auth is None else {"Authorization": auth}

@@ -733,3 +733,101 @@ def test_sighup_grow_notifies_frontend_and_serves_new_capacity(tmp_path):
     log = e.log.read_text()
     assert "capacity grown from" in log and "frontend notified" in log, log
     assert "shrank" in log, log
+
+
+@pytest.mark.parametrize("engine", ["sync", "io_uring"])
+def test_enospc_is_an_ioerr_then_writes_recover(tmp_path, engine):
+    """A sparse backing on a full filesystem: the write that finds no space
+    gets VIRTIO_BLK_S_IOERR, the export keeps serving (reads, and writes
+    into already allocated blocks), the errors are logged once per burst, and
+    once space is freed the same write succeeds; nothing acknowledged is lost."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root / CAP_SYS_ADMIN): {r.stderr}")
+    try:
+        img = mnt / "disk.img"
+        with open(img, "wb") as f:
+            f.truncate(IMG_SIZE)  # 64 MiB sparse on a 4 MiB filesystem
+        sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+        log = tmp_path / "export.log"
+        proc = subprocess.Popen([sys.executable, "-m", "blkserve", "export", str(img),
+                                 "--socket", sock, "--io-engine", engine],
+                                stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+        e = Export(img, sock, proc, log)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        try:
+            with e.device(queues=1) as d:
+                written = {}
+                failed_at = None
+                for i in range(2048):  # 8 MiB of 4 KiB writes: more than fits
+                    data = bytes([i % 251 + 1]) * 4096
+                    st = d.write(i * 8, data)
+                    if st != vc.BLK_S_OK:
+                        assert st == vc.BLK_S_IOERR
+                        failed_at = i
+                        break
+                    written[i] = data
+                assert failed_at is not None and failed_at > 100, failed_at
+                # still serving: everything acknowledged reads back
+                for i in (0, failed_at // 2, failed_at - 1):
+                    st, got = d.read(i * 8, 4096)
+                    assert st == vc.BLK_S_OK and got == written[i]
+                assert d.flush() == vc.BLK_S_OK
+                # rewriting allocated blocks needs no new space
+                assert d.write(0, b"\xee" * 4096) == vc.BLK_S_OK
+                assert d.write(failed_at * 8, b"\x77" * 4096) == vc.BLK_S_IOERR
+                time.sleep(1.5)  # the monitor's once-per-burst summary
+                # space comes back (an operator grows the filesystem)
+                subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
+                assert d.write(failed_at * 8, b"\x77" * 4096) == vc.BLK_S_OK
+                st, got = d.read(failed_at * 8, 4096)
+                assert st == vc.BLK_S_OK and got == b"\x77" * 4096
+                st, got = d.read(0, 4096)
+                assert got == b"\xee" * 4096
+        finally:
+            assert stop_export(e) == 0
+        text = log.read_text()
+        lines = [ln for ln in text.splitlines() if "backing-store I/O error" in ln]
+        assert lines and "No space left on device" in lines[0], text
+        assert len(lines) <= 3, text  # a summary per burst, not a line per request
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_reset_device_stops_rings_and_allows_reinit(export):
+    """VHOST_USER_RESET_DEVICE (with the protocol feature): in-flight I/O
+    completes, rings stop; the frontend re-initialises them on the same
+    connection and I/O works again, on the same guest memory."""
+    d = vc.BlkDevice(export.sock, queues=1, connect_retry=2.0, setup=False,
+                     protocol_features=vc.BlkDevice.WANTED_PROTOCOL_FEATURES
+                     | vc.bit(vc.PROTOCOL_F_RESET_DEVICE))
+    try:
+        d.setup()
+        assert d.write(16, b"\x42" * 4096) == vc.BLK_S_OK
+        d.client.reset_device()
+        # the ring is stopped and forgotten: base 0, set up anew
+        d.client.set_features(d.features)
+        d.setup_queue(0)
+        st, data = d.read(16, 4096)
+        assert st == vc.BLK_S_OK and data == b"\x42" * 4096
+    finally:
+        d.close()
+    assert "device reset by the frontend" in export.logtext()
+
+
+def test_reset_device_without_the_feature_drops_the_connection(export):
+    d = export.device(queues=1)
+    try:
+        d.client.send(vc.RESET_DEVICE, b"")
+        assert d.client.wait_disconnect(2.0)
+    finally:
+        d.close()
+    # the export itself keeps serving
+    with export.device(queues=1) as d2:
+        assert d2.read(0, 512)[0] == vc.BLK_S_OK

@@ -62,7 +62,8 @@ class BlkDeviceModel:
     @property
     def protocol_features(self) -> int:
         return bits(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
-                    ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.BACKEND_REQ)
+                    ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.BACKEND_REQ,
+                    ProtocolFeature.RESET_DEVICE)
 
     def config(self, writeback: bool | None = None) -> bytes:
         if writeback is None:

@@ -190,6 +190,7 @@ SPECS: dict[int, Spec] = {
     Req.SET_FEATURES: Spec(8, 0),
     Req.SET_OWNER: Spec(0, 0),
     Req.RESET_OWNER: Spec(0, 0),
+    Req.RESET_DEVICE: Spec(0, 0),
     Req.SET_MEM_TABLE: Spec(None, "regions"),
     Req.SET_VRING_NUM: Spec(8, 0),
     Req.SET_VRING_ADDR: Spec(40, 0),

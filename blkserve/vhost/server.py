@@ -85,6 +85,7 @@ class Session:
             Req.ADD_MEM_REG: self.add_mem_reg,
             Req.REM_MEM_REG: self.rem_mem_reg,
             Req.SET_BACKEND_REQ_FD: self.set_backend_req_fd,
+            Req.RESET_DEVICE: self.reset_device,
         }
         self.backend_fd: int | None = None  # the backend -> frontend channel
 
@@ -186,6 +187,18 @@ class Session:
             self.vrings[i].close_fds()
             self.vrings[i] = VringState()
         self.features = 0
+
+    async def reset_device(self, payload: bytes, fds: list[int]) -> None:
+        """VHOST_USER_RESET_DEVICE: every ring stops (in-flight I/O completes
+        first) and forgets its state, the device features and the write cache
+        mode return to their initial values; ownership, protocol features,
+        guest memory and the backend channel stay."""
+        if not self.protocol_features & p.bits(p.ProtocolFeature.RESET_DEVICE):
+            raise ProtocolError("RESET_DEVICE without VHOST_USER_PROTOCOL_F_RESET_DEVICE")
+        await self.reset_owner(payload, fds)
+        self.writeback = self.model.default_writeback
+        self.target.set_writethrough(not self.writeback)
+        log.info("device reset by the frontend")
 
     async def get_protocol_features(self, payload: bytes, fds: list[int]) -> bytes:
         return p.pack_u64(self.model.protocol_features)
