@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
 import stat
+import struct
 import uuid
 
 from blkserve.api import qemu
@@ -39,8 +41,6 @@ def _backing_size(path: str) -> int:
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         if stat.S_ISBLK(st.st_mode):
-            import fcntl
-            import struct
             return struct.unpack("<Q", fcntl.ioctl(f.fileno(), BLKGETSIZE64, b"\0" * 8))[0]
         return st.st_size
 
