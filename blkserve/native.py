@@ -75,6 +75,10 @@ class Limits:
     max_write_zeroes_seg: int
 
 
+def inflight_queue_bytes(queue_size: int) -> int:
+    return int(lib.bs_inflight_queue_bytes(queue_size))
+
+
 def limits() -> Limits:
     """The request limits the engine enforces (advertised in the config space)."""
     out = ffi.new("struct bs_limits *")
@@ -136,7 +140,7 @@ STAT_FIELDS = (
     "reqs_read", "reqs_write", "reqs_flush", "reqs_get_id", "reqs_discard",
     "reqs_write_zeroes", "reqs_other", "bytes_read", "bytes_write", "bytes_discard",
     "bytes_write_zeroes", "err_ioerr", "err_unsupp", "bad_chains",
-    "io_errors", "kicks", "notifies", "inflight", "broken", "last_error",
+    "io_errors", "kicks", "notifies", "inflight", "broken", "last_error", "resubmitted",
 )
 
 
@@ -172,6 +176,12 @@ class Queue:
     @property
     def running(self) -> bool:
         return bool(lib.bs_queue_running(self._h))
+
+    def set_inflight(self, region, size: int) -> None:
+        """Track popped requests in REGION (a cffi pointer into the frontend's
+        inflight memory, SIZE bytes), or stop with None; before start."""
+        _check(lib.bs_queue_set_inflight(self._h, region if region is not None else ffi.NULL,
+                                         size), f"queue {self.index}'s inflight region")
 
     def set_stats_area(self, area) -> None:
         """Count into AREA (a `struct bs_queue_stats *` in a shared mapping

@@ -106,6 +106,7 @@ struct bs_queue_stats {
     uint64_t op_lat_sum_ns[7];
     /* latency from descriptor pop to used-ring entry, per op, log2 ns */
     uint64_t op_lat_hist[7][40];
+    uint64_t resubmitted;    /* requests found in flight after a restart     */
 };
 
 /* ---- guest memory ---- */
@@ -143,6 +144,15 @@ int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg);
 int bs_queue_stop(bs_queue *q, uint32_t *base);
 int bs_queue_running(bs_queue *q);
 int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out);
+/* Bytes of one queue's part of the inflight region (INFLIGHT_SHMFD) for a
+ * ring of QUEUE_SIZE entries (a multiple of 64). */
+uint64_t bs_inflight_queue_bytes(uint32_t queue_size);
+/* Track popped requests in REGION (SIZE bytes, this queue's part of the
+ * frontend's inflight shared memory; NULL to stop) from the next start on.
+ * At start, requests the region shows in flight (a previous backend died
+ * with them) are resubmitted in pop order, and the ring resumes after them.
+ * Split rings only.  -EBUSY while running. */
+int bs_queue_set_inflight(bs_queue *q, void *region, uint64_t size);
 /* Keep the queue's counters in AREA from now on (e.g. a file mapped shared,
  * read by another process); the counts so far are copied there.  AREA must
  * stay valid until bs_queue_free or the next call.  -EBUSY while running. */

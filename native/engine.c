@@ -98,6 +98,13 @@ struct bs_queue {
     sem_t started;
     int start_err;
 
+    struct bs_inflight_split *inflight_region; /* set_inflight, or NULL */
+    uint64_t inflight_size;
+    struct bs_inflight_split *inf;  /* while running: the region, split rings only */
+    uint64_t inf_counter;    /* pop counter of the latest popped head */
+    uint16_t batch_head;     /* latest head pushed since the last publish */
+    uint16_t *resubmit;      /* heads to resubmit at start, in pop order */
+    int nresubmit;
     uint64_t t_now;          /* CLOCK_MONOTONIC ns, read once per batch of pops
                                 or completions (the latency histograms' clock) */
     struct bs_queue_stats *st;   /* st_local, or a shared block */
@@ -191,6 +198,10 @@ static void push_used(struct bs_queue *q, const struct slot *s, uint32_t len)
         e->id = s->head;
         e->len = len;
         q->used_idx++;
+        if (q->inf) {
+            q->inf->desc[s->head].next = q->batch_head;
+            q->batch_head = s->head;
+        }
         return;
     }
     /* Packed: write the used descriptor in place (used_pos < num), flags
@@ -521,6 +532,10 @@ static void drain_avail(struct bs_queue *q)
                 mark_broken(q, -EINVAL);
                 return;
             }
+            if (q->inf) {
+                q->inf->desc[head].counter = ++q->inf_counter;
+                __atomic_store_n(&q->inf->desc[head].inflight, 1, __ATOMIC_RELEASE);
+            }
             struct slot *s = slot_take(q);
             s->head = head;
             start_request(q, s, bs_vring_chain(vr, q->mem, head, &s->chain));
@@ -603,8 +618,18 @@ static void publish_used(struct bs_queue *q)
 
     if (now == q->published && q->signalled_valid)
         return;
+    if (q->inf && q->batch_head != BS_INFLIGHT_NONE)
+        /* a restart after the used index below reaches the guest clears
+         * the batch's inflight marks from here */
+        __atomic_store_n(&q->inf->last_batch_head, q->batch_head, __ATOMIC_RELEASE);
     if (!vr->packed)
         __atomic_store_n(&vr->used->idx, now, __ATOMIC_RELEASE);
+    if (q->inf) {
+        for (uint16_t h = q->batch_head; h != BS_INFLIGHT_NONE; h = q->inf->desc[h].next)
+            __atomic_store_n(&q->inf->desc[h].inflight, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&q->inf->used_idx, now, __ATOMIC_RELEASE);
+        q->batch_head = BS_INFLIGHT_NONE;
+    }
     q->published = now;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (vr->packed) {
@@ -817,6 +842,16 @@ static void *queue_thread(void *arg)
     if (ret)
         return NULL;
 
+    /* requests a previous backend left in flight, in the order it popped them */
+    q->t_now = now_ns();
+    for (int i = 0; i < q->nresubmit; i++) {
+        struct slot *s = slot_take(q);
+        s->head = q->resubmit[i];
+        BS_STAT_ADD(q->st->resubmitted, 1);
+        start_request(q, s, bs_vring_chain(&q->vr, q->mem, s->head, &s->chain));
+        sync_progress(q);
+    }
+
     for (;;) {
         int broken = __atomic_load_n(&q->st->broken, __ATOMIC_RELAXED);
         if (!q->stopping && !broken && (kicked || (q->starved && q->free_head >= 0))) {
@@ -899,6 +934,83 @@ int bs_queue_new(bs_target *t, int index, bs_queue **out)
     return 0;
 }
 
+uint64_t bs_inflight_queue_bytes(uint32_t queue_size)
+{
+    uint64_t n = sizeof(struct bs_inflight_split) +
+                 (uint64_t)queue_size * sizeof(struct bs_inflight_desc);
+    return (n + 63) & ~63ULL;
+}
+
+int bs_queue_set_inflight(bs_queue *q, void *region, uint64_t size)
+{
+    int ret = 0;
+    pthread_mutex_lock(&q->ctl_lock);
+    if (q->running) {
+        ret = -EBUSY;
+    } else {
+        q->inflight_region = region;
+        q->inflight_size = region ? size : 0;
+    }
+    pthread_mutex_unlock(&q->ctl_lock);
+    return ret;
+}
+
+/* Start of a split ring with an inflight region: a fresh region is
+ * initialised; one left by a previous backend tells which requests to redo
+ * and where the avail ring resumes.  The region comes from the frontend:
+ * every index in it is checked. */
+static int inflight_recover(struct bs_queue *q, uint32_t num)
+{
+    struct bs_inflight_split *in = q->inflight_region;
+    uint16_t used = q->used_idx;
+
+    q->nresubmit = 0;
+    q->batch_head = BS_INFLIGHT_NONE;
+    if (q->inflight_size < bs_inflight_queue_bytes(num))
+        return -EINVAL;
+    if (in->version != BS_INFLIGHT_VERSION || in->desc_num != num) {
+        memset(in, 0, bs_inflight_queue_bytes(num));
+        in->version = BS_INFLIGHT_VERSION;
+        in->desc_num = (uint16_t)num;
+        in->last_batch_head = BS_INFLIGHT_NONE;
+        in->used_idx = used;
+        q->inf_counter = 0;
+        q->inf = in;
+        return 0;
+    }
+    if (in->used_idx != used) {
+        /* the last batch reached the guest before its marks were cleared */
+        uint16_t h = in->last_batch_head;
+        for (uint32_t n = 0; h < num && n < num; n++, h = in->desc[h].next)
+            in->desc[h].inflight = 0;
+        in->used_idx = used;
+    }
+    uint64_t max = 0;
+    int count = 0;
+    for (uint32_t h = 0; h < num; h++) {
+        if (!in->desc[h].inflight)
+            continue;
+        if (count >= q->nslots)
+            return -EINVAL;     /* more than we could ever have had in flight */
+        /* insertion by pop counter */
+        int i = count++;
+        while (i > 0 && in->desc[q->resubmit[i - 1]].counter > in->desc[h].counter) {
+            q->resubmit[i] = q->resubmit[i - 1];
+            i--;
+        }
+        q->resubmit[i] = (uint16_t)h;
+        if (in->desc[h].counter > max)
+            max = in->desc[h].counter;
+    }
+    q->nresubmit = count;
+    q->inf_counter = max;
+    /* the frontend's base (its used index, after a crash) is behind the
+     * requests we had popped: resume after them */
+    q->last_avail = (uint16_t)(used + count);
+    q->inf = in;
+    return 0;
+}
+
 static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)
 {
     int ret;
@@ -952,6 +1064,19 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     for (int i = 0; i < q->nslots; i++)
         q->slots[i].free_next = i + 1 < q->nslots ? i + 1 : -1;
     q->free_head = 0;
+    q->inf = NULL;
+    q->nresubmit = 0;
+    q->batch_head = BS_INFLIGHT_NONE;
+    if (q->inflight_region && !q->vr.packed) {
+        q->resubmit = calloc((size_t)q->nslots, sizeof(*q->resubmit));
+        if (!q->resubmit) {
+            ret = -ENOMEM;
+            goto err_slots;
+        }
+        ret = inflight_recover(q, cfg->num);
+        if (ret)
+            goto err_slots;
+    }
     q->ctl_fd = eventfd(0, EFD_CLOEXEC);
     if (q->ctl_fd < 0) {
         ret = -errno;
@@ -986,6 +1111,9 @@ err_ctl:
 err_slots:
     free(q->slots);
     q->slots = NULL;
+    free(q->resubmit);
+    q->resubmit = NULL;
+    q->inf = NULL;
     return ret;
 }
 
@@ -1024,6 +1152,9 @@ static int queue_stop_locked(bs_queue *q, uint32_t *last_avail)
     q->ctl_fd = -1;
     free(q->slots);
     q->slots = NULL;
+    free(q->resubmit);
+    q->resubmit = NULL;
+    q->inf = NULL;
     if (last_avail)
         *last_avail = ring_base(q);
     return 0;

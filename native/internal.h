@@ -87,6 +87,29 @@ struct bs_vring_used {
     struct bs_vring_used_elem ring[]; /* num entries, then avail_event */
 };
 
+/* The inflight region of one split queue (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD):
+ * shared memory the frontend keeps across backend restarts.  Every popped
+ * head is marked (with a pop counter) until its used entry is published; the
+ * heads of the batch being published are chained through `next` from
+ * last_batch_head, so a restart can tell which of them reached the guest. */
+#define BS_INFLIGHT_VERSION 1
+#define BS_INFLIGHT_NONE 0xffff
+struct bs_inflight_desc {
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct bs_inflight_split {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct bs_inflight_desc desc[];
+};
+
 /* Packed virtqueue (virtio 1.1 section 2.8). */
 #define BS_PDESC_F_AVAIL (1 << 7)
 #define BS_PDESC_F_USED (1 << 15)

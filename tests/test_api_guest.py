@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +203,88 @@ def test_online_grow_seen_by_guest(ctx):
     # shrinking under an attached guest is refused
     r = ctx.http.patch("/v1/volumes/hot1", json={"size_bytes": VOL1_SIZE})
     assert r.status_code == 409, r.text
+
+
+def test_worker_kill9_mid_fio_guest_sees_no_error(ctx):
+    """kill -9 of the export worker while the guest's fio verify runs: the
+    supervisor restarts it on the same socket, QEMU (chardev reconnect=1)
+    reconnects and hands back the inflight region, the new worker redoes
+    what was in flight, and fio finishes with no I/O or verify error."""
+    dev = ctx.disk_by_serial("hot1")
+    if ctx.engine is None:
+        ctx.fio_verify(dev, "4M")
+    ctx.vm.check("/bin/dmesg -c > /dev/null; rm -f /tmp/k.out")
+    # in a session of its own: a background job of the control shell would
+    # take the shell down when it ends
+    ctx.vm.check(
+        f"setsid sh -c '/usr/bin/fio --name=k --filename=/dev/{dev} --direct=1 "
+        f"--ioengine={ctx.engine} --iodepth=16 --rw=randwrite --bs=4k --size=48M "
+        f"--verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
+        f"--randrepeat=0 > /tmp/k.out 2>&1; echo fio-rc=$? >> /tmp/k.out' "
+        f"> /dev/null 2>&1 < /dev/null")
+    time.sleep(2)
+    old = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
+    # Slow the worker's writes down (blkio throttle) so that requests are
+    # surely popped and not yet completed when it dies: without the inflight
+    # region they would be lost and the guest would wait for them forever.
+    throttled = _throttle_writes(old["pid"], ctx.api.state_dir / "volumes")
+    time.sleep(2)
+    os.kill(old["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        e = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
+        if e["pid"] not in (None, old["pid"]) and e["state"] == "running":
+            break
+        time.sleep(0.1)
+    assert e["pid"] != old["pid"] and e["state"] == "running", e
+    assert e["restarts"] == old["restarts"] + 1 and e["socket"] == old["socket"]
+    deadline = time.monotonic() + 600
+    out = ""
+    while time.monotonic() < deadline:
+        out = ctx.vm.check("cat /tmp/k.out 2>/dev/null; true")
+        if "fio-rc=" in out:
+            break
+        time.sleep(2)
+    assert "fio-rc=0" in out, out
+    assert re.search(r"err=\s*0\b", out), out
+    dmesg = ctx.vm.check("/bin/dmesg")
+    assert "I/O error" not in dmesg and "blk_update_request" not in dmesg, dmesg
+    if throttled:
+        _unthrottle()
+        log = (ctx.api.state_dir / "logs" / "hot1.log").read_text()
+        m = re.search(r"(\d+) request\(s\) a previous backend left in flight, resubmitted", log)
+        assert m and int(m.group(1)) > 0, log[-3000:]
+
+
+BLKIO = Path("/sys/fs/cgroup/blkio")
+SLOW_CG = BLKIO / "blkserve-test-slow"
+
+
+def _throttle_writes(pid: int, on: Path) -> bool:
+    """Move PID into a cgroup-v1 blkio group limited to 20 write IOPS on the
+    device holding ON; False if this machine has no such controller."""
+    if not (BLKIO / "blkio.throttle.write_iops_device").exists():
+        return False
+    st = os.stat(on)
+    try:
+        SLOW_CG.mkdir(exist_ok=True)
+        (SLOW_CG / "blkio.throttle.write_iops_device").write_text(
+            f"{os.major(st.st_dev)}:{os.minor(st.st_dev)} 20")
+        (SLOW_CG / "cgroup.procs").write_text(str(pid))
+    except OSError:
+        return False
+    return True
+
+
+def _unthrottle() -> None:
+    for _ in range(50):
+        try:
+            SLOW_CG.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)  # the killed worker is still leaving
 
 
 def test_detach_timeout_leaves_consistent_state_then_retry(ctx):

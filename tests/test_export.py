@@ -831,3 +831,54 @@ def test_reset_device_without_the_feature_drops_the_connection(export):
     # the export itself keeps serving
     with export.device(queues=1) as d2:
         assert d2.read(0, 512)[0] == vc.BLK_S_OK
+
+
+def test_inflight_fd_region_tracks_requests(export):
+    """INFLIGHT_SHMFD as QEMU drives it: GET_INFLIGHT_FD hands out zeroed
+    shared memory, SET_INFLIGHT_FD gives it back, and the engine keeps it
+    current (version, ring size, used index, no request left marked)."""
+    import mmap as _mmap
+
+    d = vc.BlkDevice(export.sock, queues=2, connect_retry=2.0, setup=False,
+                     protocol_features=vc.BlkDevice.WANTED_PROTOCOL_FEATURES
+                     | vc.bit(vc.PROTOCOL_F_INFLIGHT_SHMFD))
+    try:
+        d.negotiate()
+        size, off, fd = d.client.get_inflight_fd(2, d.queue_size)
+        assert fd is not None and off == 0 and size >= 2 * (16 + 16 * d.queue_size)
+        region = _mmap.mmap(fd, size)
+        assert region[:] == bytes(size)
+        d.client.set_inflight_fd(fd, size, 0, 2, d.queue_size)
+        d.setup_memory()
+        d.setup_queue(0)
+        d.setup_queue(1)
+        for i in range(20):
+            assert d.write(i * 8, bytes([i + 1]) * 4096, queue=i % 2) == vc.BLK_S_OK
+        per_queue = size // 2
+        for q in (0, 1):
+            base = q * per_queue
+            version, num, _, used = struct.unpack_from("<HHHH", region, base + 8)
+            assert (version, num, used) == (1, d.queue_size, 10), (q, version, num, used)
+            marks = [region[base + 16 + 16 * h] for h in range(d.queue_size)]
+            assert not any(marks)
+        region.close()
+        os.close(fd)
+    finally:
+        d.close()
+
+
+def test_inflight_fd_malformed_is_refused(export):
+    d = vc.BlkDevice(export.sock, queues=1, connect_retry=2.0, setup=False,
+                     protocol_features=vc.BlkDevice.WANTED_PROTOCOL_FEATURES
+                     | vc.bit(vc.PROTOCOL_F_INFLIGHT_SHMFD))
+    try:
+        d.negotiate()
+        size, _, fd = d.client.get_inflight_fd(1, 128)
+        # announces more memory than the fd has: the connection is dropped
+        d.client.send(vc.SET_INFLIGHT_FD, vc.pack_inflight(size * 64, 0, 1, 128), fds=(fd,))
+        assert d.client.wait_disconnect(2.0)
+        os.close(fd)
+    finally:
+        d.close()
+    with export.device(queues=1) as d2:  # the export keeps serving
+        assert d2.read(0, 512)[0] == vc.BLK_S_OK

@@ -63,7 +63,7 @@ class BlkDeviceModel:
     def protocol_features(self) -> int:
         return bits(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
                     ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.BACKEND_REQ,
-                    ProtocolFeature.RESET_DEVICE)
+                    ProtocolFeature.RESET_DEVICE, ProtocolFeature.INFLIGHT_SHMFD)
 
     def config(self, writeback: bool | None = None) -> bytes:
         if writeback is None:

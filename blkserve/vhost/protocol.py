@@ -191,6 +191,8 @@ SPECS: dict[int, Spec] = {
     Req.SET_OWNER: Spec(0, 0),
     Req.RESET_OWNER: Spec(0, 0),
     Req.RESET_DEVICE: Spec(0, 0),
+    Req.GET_INFLIGHT_FD: Spec(None, 0, reply=True),
+    Req.SET_INFLIGHT_FD: Spec(None, 1),
     Req.SET_MEM_TABLE: Spec(None, "regions"),
     Req.SET_VRING_NUM: Spec(8, 0),
     Req.SET_VRING_ADDR: Spec(40, 0),
@@ -236,6 +238,19 @@ def check_message(hdr: Header, payload: bytes, nfds: int) -> Spec:
 
 
 # ---- payload decoders ----
+
+INFLIGHT = struct.Struct("<QQHH")  # mmap_size, mmap_offset, num_queues, queue_size
+
+
+def decode_inflight(payload: bytes) -> tuple[int, int, int, int]:
+    """GET/SET_INFLIGHT_FD: 20 bytes of fields; QEMU sends 24 (tail padding)."""
+    if len(payload) not in (20, 24):
+        raise ProtocolError(f"inflight payload is {len(payload)} bytes, expected 20 or 24")
+    return INFLIGHT.unpack_from(payload)
+
+
+def pack_inflight(mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int) -> bytes:
+    return INFLIGHT.pack(mmap_size, mmap_offset, num_queues, queue_size) + bytes(4)
 
 def decode_u64(payload: bytes) -> int:
     if len(payload) != 8:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blkserve.native import GuestMemory, Queue, Target, VringConfig
+from blkserve._native import ffi
+from blkserve.native import GuestMemory, Queue, Target, VringConfig, inflight_queue_bytes
 from blkserve.vhost import protocol as p
 from blkserve.vhost.blk import OFF_WCE, BlkDeviceModel
 from blkserve.vhost.protocol import Feature, ProtocolError, Req
@@ -86,7 +88,12 @@ class Session:
             Req.REM_MEM_REG: self.rem_mem_reg,
             Req.SET_BACKEND_REQ_FD: self.set_backend_req_fd,
             Req.RESET_DEVICE: self.reset_device,
+            Req.GET_INFLIGHT_FD: self.get_inflight_fd,
+            Req.SET_INFLIGHT_FD: self.set_inflight_fd,
         }
+        self.inflight: mmap.mmap | None = None  # the frontend's inflight region
+        self._inflight_buf = None
+        self.reply_fds: list[int] = []  # fds to send with the next reply
         self.backend_fd: int | None = None  # the backend -> frontend channel
 
     # ---- helpers ----
@@ -149,6 +156,16 @@ class Session:
             self.mem.close()
             self.mem = None
         self.backend_fd = _replace_fd(self.backend_fd, None)
+        self._drop_inflight()
+
+    def _drop_inflight(self) -> None:
+        if self.inflight is None:
+            return
+        for q in self.queues:
+            q.set_inflight(None, 0)
+        self._inflight_buf = None
+        self.inflight.close()
+        self.inflight = None
 
     def notify_config_change(self) -> bool:
         """Tell the frontend to re-read the config space (a resize): True if
@@ -345,6 +362,53 @@ class Session:
             raise ProtocolError("SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ")
         self.backend_fd = _replace_fd(self.backend_fd, fds.pop())
 
+    def _inflight_request(self, payload: bytes) -> tuple[int, int, int, int, int]:
+        if not self.protocol_features & p.bits(p.ProtocolFeature.INFLIGHT_SHMFD):
+            raise ProtocolError("inflight message without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD")
+        size, offset, nq, qsize = p.decode_inflight(payload)
+        if not 1 <= nq <= len(self.vrings) or not 1 <= qsize <= 32768:
+            raise ProtocolError(f"inflight region for {nq} queue(s) of {qsize}: the device "
+                                f"has {len(self.vrings)} queue(s) of at most 32768")
+        return size, offset, nq, qsize, inflight_queue_bytes(qsize)
+
+    async def get_inflight_fd(self, payload: bytes, fds: list[int]) -> bytes:
+        """Allocate the shared memory the frontend keeps for us across backend
+        restarts (zeroed: no request in flight)."""
+        _, _, nq, qsize, per_queue = self._inflight_request(payload)
+        total = nq * per_queue
+        fd = os.memfd_create("blkserve-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, total)
+        except OSError:
+            os.close(fd)
+            raise
+        self.reply_fds.append(fd)
+        return p.pack_inflight(total, 0, nq, qsize)
+
+    async def set_inflight_fd(self, payload: bytes, fds: list[int]) -> None:
+        """Map the frontend's inflight memory; each queue's start then redoes
+        what a previous backend left in flight there."""
+        size, offset, nq, qsize, per_queue = self._inflight_request(payload)
+        if size < nq * per_queue or offset % mmap.PAGESIZE:
+            raise ProtocolError(f"inflight region of {size} bytes at {offset} is too small or "
+                                f"misaligned for {nq} queue(s) of {qsize}")
+        if any(v.started for v in self.vrings):
+            raise ProtocolError("SET_INFLIGHT_FD while rings run")
+        fd = fds.pop()
+        try:
+            if os.fstat(fd).st_size < offset + size:
+                raise ProtocolError("inflight fd is smaller than the region it announces")
+            region = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                               offset=offset)
+        finally:
+            os.close(fd)
+        self._drop_inflight()
+        self.inflight = region
+        self._inflight_buf = ffi.from_buffer(region)
+        for i, q in enumerate(self.queues[:nq]):
+            q.set_inflight(self._inflight_buf + i * per_queue, per_queue)
+        log.info("inflight region: %d queue(s) of %d entries (%d bytes)", nq, qsize, size)
+
     async def get_config(self, payload: bytes, fds: list[int]) -> bytes:
         offset, size, flags, _ = p.decode_config(payload)
         cfg = self.model.config(self.writeback)
@@ -370,6 +434,23 @@ class Session:
         log.info("guest switched the write cache to %s",
                  "writeback" if self.writeback else "writethrough")
         return True
+
+
+async def _send_with_fds(loop, conn: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send a reply carrying file descriptors (they ride on its first byte)."""
+    while True:
+        try:
+            sent = socket.send_fds(conn, [data], fds)
+            break
+        except BlockingIOError:
+            fut = loop.create_future()
+            loop.add_writer(conn.fileno(), _wake, fut)
+            try:
+                await fut
+            finally:
+                loop.remove_writer(conn.fileno())
+    if sent < len(data):
+        await loop.sock_sendall(conn, data[sent:])
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -495,7 +576,9 @@ class VhostUserServer:
                 s = q.stats()
                 prev = self._reported.setdefault(q.index, dict.fromkeys(s, 0))
                 for key, what in (("bad_chains", "malformed descriptor chain(s) from the guest"),
-                                  ("io_errors", "backing-store I/O error(s)")):
+                                  ("io_errors", "backing-store I/O error(s)"),
+                                  ("resubmitted", "request(s) a previous backend left in "
+                                                  "flight, resubmitted")):
                     if s[key] > prev[key]:
                         log.warning("queue %d: %d %s (last error: %s)", q.index,
                                     s[key] - prev[key], what,
@@ -547,7 +630,16 @@ class VhostUserServer:
                     for fd in fds:  # whatever a handler did not keep
                         os.close(fd)
                 if spec.reply:
-                    await loop.sock_sendall(conn, p.pack_reply(hdr.request, result))
+                    reply = p.pack_reply(hdr.request, result)
+                    if session.reply_fds:
+                        try:
+                            await _send_with_fds(loop, conn, reply, session.reply_fds)
+                        finally:
+                            for fd in session.reply_fds:
+                                os.close(fd)
+                            session.reply_fds = []
+                    else:
+                        await loop.sock_sendall(conn, reply)
                 elif hdr.need_reply and session.reply_ack:
                     status = 1 if result is False else 0
                     await loop.sock_sendall(conn, p.pack_reply(hdr.request, p.pack_u64(status)))

@@ -689,6 +689,85 @@ static void test_packed_ring(void)
     drv_fini(&p.d);
 }
 
+/* INFLIGHT_SHMFD: requests a dead backend had popped are redone once, in
+ * pop order, on the next start; a batch already published to the guest is
+ * not redone; the ring resumes after them. */
+static void test_inflight_resubmit(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    uint64_t isz = bs_inflight_queue_bytes(QSZ);
+    CHECK(isz % 64 == 0 && isz >= 16 + 16 * QSZ);
+    struct bs_inflight_split *in = calloc(1, isz);
+    CHECK(bs_queue_set_inflight(d.q, in, isz / 2) == 0);
+    CHECK(drv_start(&d, 1) == -EINVAL);          /* region too small */
+    CHECK(bs_queue_set_inflight(d.q, in, isz) == 0);
+    CHECK(drv_start(&d, 1) == 0);
+    CHECK(bs_queue_set_inflight(d.q, in, isz) == -EBUSY);
+    struct req w[3];
+    for (int i = 0; i < 3; i++) {
+        w[i] = submit(&d, BS_BLK_T_OUT, (uint64_t)i * 8, 4096, 0);
+        memset(gp(&d, w[i].data), 0x10 + i, 4096);
+    }
+    kick(&d);
+    CHECK(wait_used(&d, 3) == 0);
+    uint32_t base = 0;
+    CHECK(bs_queue_stop(d.q, &base) == 0 && base == 3);
+    CHECK(in->version == 1 && in->desc_num == QSZ && in->used_idx == 3);
+    for (int i = 0; i < 3; i++)
+        CHECK(in->desc[w[i].head].inflight == 0 && in->desc[w[i].head].counter == (uint64_t)i + 1);
+
+    /* The state a backend killed mid-batch leaves: w[2]'s completion reached
+     * the guest (used idx 3) but the region still says used 2 and marks it;
+     * r4 and r5 were popped (counters 5 then 4: r5 first) and never done. */
+    struct req r4 = submit(&d, BS_BLK_T_OUT, 64, 4096, 0);
+    memset(gp(&d, r4.data), 0x44, 4096);
+    struct req r5 = submit(&d, BS_BLK_T_OUT, 72, 4096, 0);
+    memset(gp(&d, r5.data), 0x55, 4096);
+    in->used_idx = 2;
+    in->last_batch_head = w[2].head;
+    in->desc[w[2].head].inflight = 1;
+    in->desc[w[2].head].next = BS_INFLIGHT_NONE;
+    in->desc[r4.head] = (struct bs_inflight_desc){ .inflight = 1, .counter = 5 };
+    in->desc[r5.head] = (struct bs_inflight_desc){ .inflight = 1, .counter = 4 };
+    memset(gp(&d, w[2].data), 0x99, 4096);  /* redoing w[2] would write 0x99 */
+    /* the frontend restarts the ring at its used index (QEMU after a crash) */
+    CHECK(drv_start_at(&d, 1, 3) == 0);
+    CHECK(wait_used(&d, 5) == 0);
+    CHECK(status_of(&d, &r4) == BS_BLK_S_OK && status_of(&d, &r5) == BS_BLK_S_OK);
+    CHECK(used_at(&d, 3).id == r5.head && used_at(&d, 4).id == r4.head);  /* pop order */
+    uint8_t buf[4096];
+    CHECK(pread(d.backing, buf, 4096, 64 * 512) == 4096 && buf[0] == 0x44);
+    CHECK(pread(d.backing, buf, 4096, 72 * 512) == 4096 && buf[0] == 0x55);
+    CHECK(pread(d.backing, buf, 4096, 16 * 512) == 4096 && buf[0] == 0x12);
+    struct bs_queue_stats st;
+    bs_queue_get_stats(d.q, &st);
+    CHECK(st.resubmitted == 2);
+    /* the ring goes on after them: the next request is done exactly once */
+    struct req r6 = submit(&d, BS_BLK_T_IN, 64, 4096, 1);
+    kick(&d);
+    CHECK(wait_used(&d, 6) == 0);
+    CHECK(status_of(&d, &r6) == BS_BLK_S_OK && memcmp(gp(&d, r6.data), buf, 1) != 0);
+    CHECK(((uint8_t *)gp(&d, r6.data))[0] == 0x44);
+    usleep(20000);
+    CHECK(__atomic_load_n(&d.vr.used->idx, __ATOMIC_ACQUIRE) == 6);
+    CHECK(bs_queue_stop(d.q, &base) == 0 && base == 6);
+    CHECK(in->used_idx == 6);
+    for (int h = 0; h < QSZ; h++)
+        CHECK(in->desc[h].inflight == 0);
+
+    /* a region the frontend corrupted (more marks than slots) is refused */
+    for (int h = 0; h < QSZ; h++)
+        in->desc[h].inflight = 1;
+    int ret = drv_start_at(&d, 1, 6);
+    CHECK(ret == 0 || ret == -EINVAL);
+    if (ret == 0)
+        bs_queue_stop(d.q, NULL);
+    bs_queue_set_inflight(d.q, NULL, 0);
+    drv_fini(&d);
+    free(in);
+}
+
 int main(void)
 {
     test_rw_roundtrip();
@@ -699,6 +778,7 @@ int main(void)
     test_discard_write_zeroes();
     test_block_size_4k_and_writethrough();
     test_packed_ring();
+    test_inflight_resubmit();
     /* the sync engine behind the same interface (the fallback and oracle) */
     sync_io = 1;
     test_rw_roundtrip();
@@ -708,6 +788,7 @@ int main(void)
     test_discard_write_zeroes();
     test_block_size_4k_and_writethrough();
     test_packed_ring();
+    test_inflight_resubmit();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
