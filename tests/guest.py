@@ -895,6 +895,7 @@ class Disk:
     socket: str | os.PathLike
     num_queues: int | None = None
     props: dict = dataclasses.field(default_factory=dict)
+    reconnect: int = 0  # chardev reconnect=N: QEMU re-dials a restarted backend
 
 
 class Guest:
@@ -1003,7 +1004,10 @@ class Guest:
             dev = f"vhost-user-blk-pci,id=vd{i},chardev=c{i}" + "".join(
                 f",{k}={v}" for k, v in props.items()
             )
-            args += ["-chardev", f"socket,id=c{i},path={_qopt(disk.socket)}", "-device", dev]
+            chardev = f"socket,id=c{i},path={_qopt(disk.socket)}"
+            if disk.reconnect:
+                chardev += f",reconnect={disk.reconnect}"
+            args += ["-chardev", chardev, "-device", dev]
         for i, pid in enumerate(self.hotplug_port_ids):
             args += ["-device", f"pcie-root-port,id={pid},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
         return args + self.extra_args
