@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,11 +44,12 @@ class ApiServer:
     """`python -m blkserve serve` on a free loopback port with its own state dir.
 
     ``stop()`` leaves the export workers running (as the daemon does);
-    ``cleanup()`` also kills them."""
+    ``cleanup()`` also kills them, and removes the state dir if it made it."""
 
     def __init__(self, state_dir: str | os.PathLike | None = None, token: str | None = "t0k",
                  config: str | os.PathLike | None = None, port: int | None = None):
         # short path: export sockets live under it and sun_path is 108 bytes
+        self._own_state = state_dir is None  # a temporary dir: removed by cleanup()
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="bsapi-", dir="/tmp"))
         self.token = token
         self.config = config
@@ -57,8 +59,8 @@ class ApiServer:
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}.serve.log"
 
     def start(self, timeout: float = 30.0) -> ApiServer:
-        env = dict(os.environ)
-        env.pop("BLKSERVE_API_TOKEN", None)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("BLKSERVE_API_TOKEN", "BLKSERVE_URL", "BLKSERVE_STATE_DIR")}
         if self.token is not None:
             env["BLKSERVE_API_TOKEN"] = self.token
         argv = [sys.executable, "-m", "blkserve", "serve", "--listen",
@@ -107,6 +109,9 @@ class ApiServer:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self._own_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.log_path.unlink(missing_ok=True)
 
     def client(self, token: str | None = None, timeout: float = 120.0) -> httpx.Client:
         tok = self.token if token is None else token

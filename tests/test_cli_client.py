@@ -10,13 +10,9 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -25,8 +21,12 @@ import pytest
 from blkserve import client
 from blkserve.cli import build_parser
 
+try:
+    from .apiserver import ApiServer, free_port
+except ImportError:
+    from apiserver import ApiServer, free_port
+
 REPO = Path(__file__).resolve().parent.parent
-SERVER_EXISTS = (REPO / "blkserve" / "api" / "app.py").exists()
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -254,109 +254,23 @@ def test_path_segments_are_escaped():
 
 # --------------------------------------------------------------------------- end to end
 
-needs_server = pytest.mark.skipif(not SERVER_EXISTS, reason="blkserve/api/ not written yet")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _workers_of(state_dir: Path) -> list[int]:
-    """Pids of processes started for this state dir (export workers)."""
-    marker = str(state_dir).encode()
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(a.startswith(marker) for a in argv):
-            pids.append(int(d))
-    return pids
-
-
-class Server:
-    def __init__(self):
-        # short path under /tmp: export sockets live in it and sun_path is 108 bytes
-        self.state_dir = Path(tempfile.mkdtemp(prefix="bscli-", dir="/tmp"))
-        self.log_path = Path(f"{self.state_dir}.log")
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.token = ""
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60.0) -> Server:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("BLKSERVE_API_TOKEN", "BLKSERVE_URL", "BLKSERVE_STATE_DIR")}
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blkserve", "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--state-dir", str(self.state_dir)],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"blkserve serve exited:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    self.token = (self.state_dir / "api-token").read_text().strip()
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"blkserve serve did not answer in {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
-
-    def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30,
-                            headers={"Authorization": f"Bearer {self.token}"})
-
-    def cleanup(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            try:
-                with self.api() as api:
-                    for v in api.get("/v1/volumes").json():
-                        if v.get("export"):
-                            api.delete(f"/v1/volumes/{v['name']}/export")
-            except (httpx.HTTPError, ValueError):
-                pass
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self._log.close()
-        for pid in _workers_of(self.state_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-        self.log_path.unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="module")
 def server():
-    if not SERVER_EXISTS:
-        pytest.skip("blkserve/api/ not written yet")
-    srv = Server()
+    """One real `blkserve serve` whose token is only in STATE_DIR/api-token."""
+    srv = ApiServer(token=None)
     try:
         yield srv.start()
     finally:
+        try:
+            with srv.client(timeout=30) as api:
+                for v in api.get("/v1/volumes").json():
+                    if v.get("export"):
+                        api.delete(f"/v1/volumes/{v['name']}/export")
+        except (httpx.HTTPError, ValueError):
+            pass
         srv.cleanup()
+        shutil.rmtree(srv.state_dir, ignore_errors=True)
+        srv.log_path.unlink(missing_ok=True)
 
 
 def run_cli(*argv: str, url: str | None = None, token: str | None = None,
@@ -405,7 +319,6 @@ def fails(r: subprocess.CompletedProcess, needle: str) -> str:
     return lines[0]
 
 
-@needs_server
 def test_create_prints_a_confirmation_or_json(cli, server):
     out = ok(cli("volume", "create", "cr-a", "--size", "64M"))
     assert len(out.splitlines()) == 1
@@ -423,7 +336,6 @@ def test_create_prints_a_confirmation_or_json(cli, server):
         ok(cli("volume", "delete", name))
 
 
-@needs_server
 def test_list_table_and_json(cli):
     ok(cli("volume", "create", "ls-a", "--size", "64M"))
     ok(cli("volume", "create", "ls-b", "--size", "10G", "--read-only", "--queues", "4"))
@@ -445,7 +357,6 @@ def test_list_table_and_json(cli):
     assert "ls-a" not in ok(cli("volume", "list"))
 
 
-@needs_server
 def test_show(cli):
     ok(cli("volume", "create", "sh-a", "--size", "1536K"))
     out = ok(cli("volume", "show", "sh-a"))
@@ -460,13 +371,12 @@ def test_show(cli):
     fails(cli("volume", "show", "sh-a"), "HTTP 404")
 
 
-@needs_server
 def test_resize_grows(cli, server):
     ok(cli("volume", "create", "rs-a", "--size", "64M"))
     out = ok(cli("volume", "resize", "rs-a", "--size", "128MiB"))
     assert len(out.splitlines()) == 1
     assert "rs-a" in out and "128.0 MiB" in out and "134217728" in out
-    with server.api() as api:
+    with server.client(timeout=30) as api:
         v = api.get("/v1/volumes/rs-a").json()
     assert v["size_bytes"] == 128 * MiB
     assert os.path.getsize(v["backing"]) == 128 * MiB
@@ -475,7 +385,6 @@ def test_resize_grows(cli, server):
     ok(cli("volume", "delete", "rs-a"))
 
 
-@needs_server
 def test_export_volume_and_stop(cli, server):
     ok(cli("volume", "create", "ex-a", "--size", "64M"))
     out = ok(cli("export-volume", "ex-a"))
@@ -506,7 +415,6 @@ def test_export_volume_and_stop(cli, server):
     fails(cli("volume", "show", "ex-a"), "HTTP 404")
 
 
-@needs_server
 def test_duplicate_create_is_one_error_line(cli):
     ok(cli("volume", "create", "dup", "--size", "1M"))
     line = fails(cli("volume", "create", "dup", "--size", "1M"), "HTTP 409")
@@ -515,7 +423,6 @@ def test_duplicate_create_is_one_error_line(cli):
     ok(cli("volume", "delete", "dup"))
 
 
-@needs_server
 def test_server_side_validation_errors(cli):
     fails(cli("volume", "create", "odd", "--size", "1000"), "HTTP 422")
     fails(cli("volume", "create", "Bad_Name", "--size", "1M"), "HTTP 422")
@@ -525,13 +432,11 @@ def test_server_side_validation_errors(cli):
     fails(cli("detach", "no-such", "deadbeef"), "HTTP 404")
 
 
-@needs_server
 def test_wrong_token_is_401(cli):
     fails(cli("volume", "list", token="not-the-token"), "HTTP 401")
     fails(cli("volume", "create", "unauth", "--size", "1M", token="nope"), "HTTP 401")
 
 
-@needs_server
 def test_token_from_state_dir(cli, server, tmp_path):
     # env BLKSERVE_API_TOKEN unset: the token is read from --state-dir/api-token
     ok(cli("volume", "list", token=None, state_dir=server.state_dir))
@@ -544,7 +449,6 @@ def test_token_from_state_dir(cli, server, tmp_path):
     fails(cli("volume", "list", token=None, state_dir=tmp_path), "HTTP 401")
 
 
-@needs_server
 def test_url_from_env(server):
     r = run_cli("volume", "list", token=server.token,
                 env_extra={"BLKSERVE_URL": server.url})
@@ -552,7 +456,7 @@ def test_url_from_env(server):
 
 
 def test_connection_refused(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     line = fails(run_cli("volume", "list", url=url, token="x", state_dir=tmp_path),
                  "cannot reach")
     assert line.startswith(f"blkserve: error: cannot reach the blkserve API at {url}: ")
@@ -568,13 +472,12 @@ def test_connection_refused(tmp_path):
     (["volume", "resize", "db1", "--size", "1.1"], "whole number"),
 ])
 def test_bad_arguments_exit_2(argv, needle, tmp_path):
-    r = run_cli(*argv, url=f"http://127.0.0.1:{_free_port()}", state_dir=tmp_path)
+    r = run_cli(*argv, url=f"http://127.0.0.1:{free_port()}", state_dir=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("usage: blkserve ")
     assert needle in r.stderr
 
 
-@needs_server
 def test_attach_missing_volume_is_404(cli, tmp_path):
     fails(cli("attach", "no-such", "--qmp", str(tmp_path / "qmp.sock")), "HTTP 404")
     fails(cli("attach", "no-such", "--qmp", "/tmp/qmp.sock", "--bus", "hp0", "--json"),
