@@ -79,6 +79,8 @@ enum { BS_LAT_BUCKETS = 40 };
  * block (bs_queue_set_stats), reads them without stopping or locking the
  * queue. */
 struct bs_queue_stats {
+    /* reqs_* .. err_unsupp: filled in by bs_queue_get_stats from the per-op
+     * counters below (zero in a shared block, whose readers sum those) */
     uint64_t reqs_read;
     uint64_t reqs_write;
     uint64_t reqs_flush;

@@ -229,19 +229,6 @@ static void slot_put(struct bs_queue *q, struct slot *s)
     q->free_head = i;
 }
 
-static void count_req(struct bs_queue *q, const struct bs_blk_req *r)
-{
-    switch (r->type) {
-    case BS_BLK_T_IN: BS_STAT_ADD(q->st->reqs_read, 1); break;
-    case BS_BLK_T_OUT: BS_STAT_ADD(q->st->reqs_write, 1); break;
-    case BS_BLK_T_FLUSH: BS_STAT_ADD(q->st->reqs_flush, 1); break;
-    case BS_BLK_T_GET_ID: BS_STAT_ADD(q->st->reqs_get_id, 1); break;
-    case BS_BLK_T_DISCARD: BS_STAT_ADD(q->st->reqs_discard, 1); break;
-    case BS_BLK_T_WRITE_ZEROES: BS_STAT_ADD(q->st->reqs_write_zeroes, 1); break;
-    default: BS_STAT_ADD(q->st->reqs_other, 1); break;
-    }
-}
-
 static int stat_op(const struct bs_blk_req *r)
 {
     switch (r->type) {
@@ -270,7 +257,6 @@ static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
     int op = stat_op(r);
     uint64_t lat = q->t_now > s->t_pop ? q->t_now - s->t_pop : 0;
 
-    count_req(q, r);
     BS_STAT_ADD(st->op_status[op][status <= BS_BLK_S_UNSUPP ? status : BS_BLK_S_IOERR], 1);
     BS_STAT_ADD(st->op_lat_sum_ns[op], lat);
     BS_STAT_ADD(st->op_lat_hist[op][lat_bucket(lat)], 1);
@@ -278,20 +264,6 @@ static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
         BS_STAT_ADD(st->op_bytes[op], op == BS_STAT_GET_ID ? r->used_len - 1 : r->len);
     BS_PROBE(request_done, q->target->cfg.serial, U64(q->index), U64(op), U64(r->offset >> 9),
              U64(r->len), U64(status), lat, s);
-    if (status == BS_BLK_S_OK) {
-        if (r->op == BS_OP_READ)
-            BS_STAT_ADD(q->st->bytes_read, r->len);
-        else if (r->op == BS_OP_WRITE)
-            BS_STAT_ADD(q->st->bytes_write, r->len);
-        else if (r->op == BS_OP_DISCARD)
-            BS_STAT_ADD(q->st->bytes_discard, r->len);
-        else if (r->op == BS_OP_WRITE_ZEROES)
-            BS_STAT_ADD(q->st->bytes_write_zeroes, r->len);
-    } else if (status == BS_BLK_S_IOERR) {
-        BS_STAT_ADD(q->st->err_ioerr, 1);
-    } else {
-        BS_STAT_ADD(q->st->err_unsupp, 1);
-    }
     /* safe: status_ptr was derived from a checked writable descriptor */
     *r->status_ptr = status;
     push_used(q, s, status == BS_BLK_S_OK ? r->used_len : 1);
@@ -1176,6 +1148,26 @@ int bs_queue_running(bs_queue *q)
 int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out)
 {
     memcpy(out, q->st, sizeof(*out));
+    /* the per-kind totals are sums of the per-op counters (the hot path
+     * updates only those) */
+    uint64_t reqs[BS_STAT_NOPS];
+    out->err_ioerr = out->err_unsupp = 0;
+    for (int op = 0; op < BS_STAT_NOPS; op++) {
+        reqs[op] = out->op_status[op][0] + out->op_status[op][1] + out->op_status[op][2];
+        out->err_ioerr += out->op_status[op][1];
+        out->err_unsupp += out->op_status[op][2];
+    }
+    out->reqs_read = reqs[BS_STAT_READ];
+    out->reqs_write = reqs[BS_STAT_WRITE];
+    out->reqs_flush = reqs[BS_STAT_FLUSH];
+    out->reqs_get_id = reqs[BS_STAT_GET_ID];
+    out->reqs_discard = reqs[BS_STAT_DISCARD];
+    out->reqs_write_zeroes = reqs[BS_STAT_WRITE_ZEROES];
+    out->reqs_other = reqs[BS_STAT_OTHER];
+    out->bytes_read = out->op_bytes[BS_STAT_READ];
+    out->bytes_write = out->op_bytes[BS_STAT_WRITE];
+    out->bytes_discard = out->op_bytes[BS_STAT_DISCARD];
+    out->bytes_write_zeroes = out->op_bytes[BS_STAT_WRITE_ZEROES];
     return 0;
 }
 
