@@ -102,7 +102,9 @@ struct bs_queue {
     uint64_t inflight_size;
     struct bs_inflight_split *inf;  /* while running: the region, split rings only */
     uint64_t inf_counter;    /* pop counter of the latest popped head */
-    uint16_t batch_head;     /* latest head pushed since the last publish */
+    uint16_t *batch;         /* heads pushed since the last publish (private: the
+                                region's copy is the frontend's to scribble on) */
+    uint32_t nbatch;
     uint16_t *resubmit;      /* heads to resubmit at start, in pop order */
     int nresubmit;
     uint64_t t_now;          /* CLOCK_MONOTONIC ns, read once per batch of pops
@@ -198,9 +200,11 @@ static void push_used(struct bs_queue *q, const struct slot *s, uint32_t len)
         e->id = s->head;
         e->len = len;
         q->used_idx++;
-        if (q->inf) {
-            q->inf->desc[s->head].next = q->batch_head;
-            q->batch_head = s->head;
+        if (q->inf && q->nbatch < q->vr.num) {
+            /* the chain a restart follows; never read back while we run */
+            q->inf->desc[s->head].next =
+                q->nbatch ? q->batch[q->nbatch - 1] : BS_INFLIGHT_NONE;
+            q->batch[q->nbatch++] = s->head;
         }
         return;
     }
@@ -590,17 +594,18 @@ static void publish_used(struct bs_queue *q)
 
     if (now == q->published && q->signalled_valid)
         return;
-    if (q->inf && q->batch_head != BS_INFLIGHT_NONE)
+    if (q->inf && q->nbatch)
         /* a restart after the used index below reaches the guest clears
          * the batch's inflight marks from here */
-        __atomic_store_n(&q->inf->last_batch_head, q->batch_head, __ATOMIC_RELEASE);
+        __atomic_store_n(&q->inf->last_batch_head, q->batch[q->nbatch - 1],
+                         __ATOMIC_RELEASE);
     if (!vr->packed)
         __atomic_store_n(&vr->used->idx, now, __ATOMIC_RELEASE);
     if (q->inf) {
-        for (uint16_t h = q->batch_head; h != BS_INFLIGHT_NONE; h = q->inf->desc[h].next)
-            __atomic_store_n(&q->inf->desc[h].inflight, 0, __ATOMIC_RELEASE);
+        for (uint32_t i = 0; i < q->nbatch; i++)
+            __atomic_store_n(&q->inf->desc[q->batch[i]].inflight, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&q->inf->used_idx, now, __ATOMIC_RELEASE);
-        q->batch_head = BS_INFLIGHT_NONE;
+        q->nbatch = 0;
     }
     q->published = now;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -937,7 +942,7 @@ static int inflight_recover(struct bs_queue *q, uint32_t num)
     uint16_t used = q->used_idx;
 
     q->nresubmit = 0;
-    q->batch_head = BS_INFLIGHT_NONE;
+    q->nbatch = 0;
     if (q->inflight_size < bs_inflight_queue_bytes(num))
         return -EINVAL;
     if (in->version != BS_INFLIGHT_VERSION || in->desc_num != num) {
@@ -1038,10 +1043,11 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     q->free_head = 0;
     q->inf = NULL;
     q->nresubmit = 0;
-    q->batch_head = BS_INFLIGHT_NONE;
+    q->nbatch = 0;
     if (q->inflight_region && !q->vr.packed) {
         q->resubmit = calloc((size_t)q->nslots, sizeof(*q->resubmit));
-        if (!q->resubmit) {
+        q->batch = calloc(cfg->num, sizeof(*q->batch));
+        if (!q->resubmit || !q->batch) {
             ret = -ENOMEM;
             goto err_slots;
         }
@@ -1085,6 +1091,8 @@ err_slots:
     q->slots = NULL;
     free(q->resubmit);
     q->resubmit = NULL;
+    free(q->batch);
+    q->batch = NULL;
     q->inf = NULL;
     return ret;
 }
@@ -1126,6 +1134,8 @@ static int queue_stop_locked(bs_queue *q, uint32_t *last_avail)
     q->slots = NULL;
     free(q->resubmit);
     q->resubmit = NULL;
+    free(q->batch);
+    q->batch = NULL;
     q->inf = NULL;
     if (last_avail)
         *last_avail = ring_base(q);

@@ -168,8 +168,6 @@ def api(ext_dir):
         assert "Traceback" not in log and "internal error" not in log, log
     finally:
         server.cleanup()
-        shutil.rmtree(server.state_dir, ignore_errors=True)
-        server.log_path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

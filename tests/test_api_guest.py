@@ -72,14 +72,6 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def guest_image():
-    try:
-        return g.build_guest_image()
-    except g.GuestUnavailable as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def ctx(guest_image, tmp_path_factory):
     api = ApiServer().start()
     sockdir = g.short_socket_dir("bs-apiqmp-")

@@ -10,7 +10,6 @@ start, a guest that did not release a disk, a full filesystem), so the stock
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import pytest
@@ -47,8 +46,6 @@ def api():
         assert "Traceback" not in log and "internal error" not in log, log
     finally:
         server.cleanup()
-        shutil.rmtree(server.state_dir, ignore_errors=True)
-        server.log_path.unlink(missing_ok=True)
 
 
 def _spec() -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -269,8 +268,6 @@ def server():
         except (httpx.HTTPError, ValueError):
             pass
         srv.cleanup()
-        shutil.rmtree(srv.state_dir, ignore_errors=True)
-        srv.log_path.unlink(missing_ok=True)
 
 
 def run_cli(*argv: str, url: str | None = None, token: str | None = None,

@@ -46,14 +46,6 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def guest_image():
-    try:
-        return g.build_guest_image()
-    except g.GuestUnavailable as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     work = tmp_path_factory.mktemp("device")
     rw_img, ro_img = work / "rw.img", work / "ro.img"

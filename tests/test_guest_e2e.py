@@ -41,14 +41,6 @@ FIO_JOBS = [
 FIO_REGION = 64 << 20  # job i uses [i*64MiB, i*64MiB + size)
 
 
-@pytest.fixture(scope="session")
-def guest_image():
-    try:
-        return g.build_guest_image()
-    except g.GuestUnavailable as e:
-        pytest.skip(str(e))
-
-
 def _blkserve_env() -> dict:
     env = dict(os.environ)
     paths = [str(p) for p in (REPO / "src", REPO) if p.is_dir()]

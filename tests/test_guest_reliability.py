@@ -54,14 +54,6 @@ class Exports:
 
 
 @pytest.fixture(scope="module")
-def guest_image():
-    try:
-        return g.build_guest_image()
-    except g.GuestUnavailable as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def setup(guest_image, tmp_path_factory):
     work = tmp_path_factory.mktemp("reliability")
     small = work / "small"
