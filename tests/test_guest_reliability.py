@@ -143,5 +143,10 @@ def test_full_filesystem_is_a_guest_io_error_then_recovers(setup):
     vm.check("/bin/dd if=/tmp/pat of=/dev/vdb bs=1M count=8 oflag=direct")
     vm.check("/bin/dd if=/dev/vdb of=/tmp/back bs=1M count=8 iflag=direct && "
              "/usr/bin/cmp /tmp/pat /tmp/back")
+    # logged by the export's once-per-second error summary
+    deadline = time.monotonic() + 5
+    while "No space left on device" not in ex.procs["full"].log() and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
     log = ex.procs["full"].log()
     assert "No space left on device" in log, log[-2000:]
