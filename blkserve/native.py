@@ -7,10 +7,14 @@ passed in stay owned by the caller.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from dataclasses import dataclass
 
 from blkserve._native import ffi, lib
+
+log = logging.getLogger("blkserve.engine")
 
 SERIAL_BYTES = 20
 
@@ -63,6 +67,7 @@ class TargetConfig:
     writethrough: bool = False
     poll_us: int = 0
     sync_io: bool = False
+    drain_timeout_ms: int = 0   # a queue stop's bound on in-flight I/O; 0: 30 s
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class Target:
         c.writethrough = int(cfg.writethrough)
         c.poll_us = cfg.poll_us
         c.sync_io = int(cfg.sync_io)
+        c.drain_timeout_ms = cfg.drain_timeout_ms
         c.serial = cfg.serial[:SERIAL_BYTES].ljust(SERIAL_BYTES, b"\0")
         out = ffi.new("bs_target **")
         _check(lib.bs_target_new(c, out), "configuring the backing target")
@@ -168,9 +174,19 @@ class Queue:
 
     def stop(self) -> int:
         """Stop after in-flight requests complete; returns the ring base
-        (what GET_VRING_BASE answers)."""
+        (what GET_VRING_BASE answers).  The wait is bounded by the target's
+        drain timeout: requests still in flight then are abandoned (left
+        marked in the inflight region, if the frontend gave one, for the
+        next backend to redo) and the stop completes with a log line."""
         last = ffi.new("uint32_t *")
-        _check(lib.bs_queue_stop(self._h, last), f"stopping queue {self.index}")
+        ret = lib.bs_queue_stop(self._h, last)
+        if ret == -errno.ETIMEDOUT:
+            log.error("queue %d: stopped with requests still in flight after the drain "
+                      "timeout (backing store not answering); they were abandoned without "
+                      "a status and are redone by the next backend only if the frontend "
+                      "keeps an inflight region", self.index)
+        else:
+            _check(ret, f"stopping queue {self.index}")
         return int(last[0])
 
     @property

@@ -32,6 +32,8 @@ struct bs_target_cfg {
                             /* where io_uring hands every request to a       */
                             /* kernel worker thread)                         */
     unsigned char serial[20]; /* VIRTIO_BLK_T_GET_ID answer, zero-padded    */
+    uint32_t drain_timeout_ms; /* a stop waits this long for in-flight I/O,   */
+                            /* then cancels it (0: 30 s); see bs_queue_stop  */
 };
 
 /* Request limits the engine enforces; the config space advertises them. */
@@ -142,7 +144,11 @@ int bs_queue_new(bs_target *t, int index, bs_queue **out);
 int bs_queue_start(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg);
 /* Stop popping, wait for in-flight requests, join the thread.  *base
  * receives what GET_VRING_BASE must return (same encoding as
- * bs_vring_cfg.base).  No-op if not running. */
+ * bs_vring_cfg.base).  No-op if not running.  The wait is bounded by the
+ * target's drain_timeout_ms; requests still in flight then are cancelled
+ * and, after a 1 s grace, abandoned without a status (left marked in the
+ * inflight region, if any, for the next backend to redo): the queue is
+ * stopped all the same and -ETIMEDOUT is returned. */
 int bs_queue_stop(bs_queue *q, uint32_t *base);
 int bs_queue_running(bs_queue *q);
 int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out);

@@ -37,6 +37,9 @@
 #define UD_KICK 1ULL
 #define UD_CTL 2ULL
 #define UD_CALL 3ULL          /* the guest notification write: no follow-up */
+#define UD_CANCEL 4ULL        /* a stop's cancellation of overdue I/O */
+#define DRAIN_TIMEOUT_MS 30000  /* bs_target_cfg.drain_timeout_ms = 0 */
+#define CANCEL_GRACE_NS 1000000000ULL
 
 /* Fixed-file slots registered with each ring (io_uring_register_files). */
 #define FIXED_DIRECT 0
@@ -98,15 +101,26 @@ struct bs_queue {
     sem_t started;
     int start_err;
 
-    struct bs_inflight_split *inflight_region; /* set_inflight, or NULL */
+    void *inflight_region;   /* set_inflight, or NULL */
     uint64_t inflight_size;
-    struct bs_inflight_split *inf;  /* while running: the region, split rings only */
+    struct bs_inflight_split *inf;   /* while running: the region of a split ring */
+    struct bs_inflight_packed *pinf; /* ... or of a packed ring */
     uint64_t inf_counter;    /* pop counter of the latest popped head */
-    uint16_t *batch;         /* heads pushed since the last publish (private: the
-                                region's copy is the frontend's to scribble on) */
+    uint16_t *batch;         /* heads (split) or slots (packed) pushed since the
+                                last publish (private: the region's copy is the
+                                frontend's to scribble on) */
     uint32_t nbatch;
-    uint16_t *resubmit;      /* heads to resubmit at start, in pop order */
+    uint16_t *resubmit;      /* heads (split) or slots (packed) to resubmit at
+                                start, in pop order */
     int nresubmit;
+    int pend_free;           /* packed inflight: slots freed at the next publish */
+    int pfirst_pos;          /* packed: the unpublished batch's first used
+                                descriptor (its flags are written last), or -1 */
+    uint16_t pfirst_flags;
+    uint32_t pfirst_state;   /* its position | wrap << 15 */
+    uint64_t stop_deadline;  /* stopping with I/O in flight: give up at (ns) */
+    int stop_expired;        /* 1: in-flight I/O cancelled; 2: abandoned */
+    int abandoned;           /* requests a stop gave up on */
     uint64_t t_now;          /* CLOCK_MONOTONIC ns, read once per batch of pops
                                 or completions (the latency histograms' clock) */
     struct bs_queue_stats *st;   /* st_local, or a shared block */
@@ -210,13 +224,25 @@ static void push_used(struct bs_queue *q, const struct slot *s, uint32_t len)
     }
     /* Packed: write the used descriptor in place (used_pos < num), flags
      * last so the driver never sees a half-written one; the position then
-     * skips the rest of the chain's descriptors. */
+     * skips the rest of the chain's descriptors.  The flags of a batch's
+     * first descriptor wait for publish_used: the driver reads used
+     * descriptors in ring order, so the whole batch appears at once. */
     struct bs_pdesc *d = &q->vr.pdesc[q->used_pos];
+    uint16_t flags = (uint16_t)(q->used_wrap ? BS_PDESC_F_AVAIL | BS_PDESC_F_USED : 0);
     d->id = s->head;
     d->len = len;
-    __atomic_store_n(&d->flags,
-                     (uint16_t)(q->used_wrap ? BS_PDESC_F_AVAIL | BS_PDESC_F_USED : 0),
-                     __ATOMIC_RELEASE);
+    if (q->pfirst_pos < 0) {
+        q->pfirst_pos = q->used_pos;
+        q->pfirst_flags = flags;
+        q->pfirst_state = q->used_pos | (q->used_wrap ? 0x8000u : 0);
+    } else {
+        __atomic_store_n(&d->flags, flags, __ATOMIC_RELEASE);
+    }
+    if (q->pinf && q->nbatch < (uint32_t)q->nslots) {
+        uint16_t i = (uint16_t)(s - q->slots);
+        q->pinf->slot[i].next = q->nbatch ? q->batch[q->nbatch - 1] : BS_INFLIGHT_NONE;
+        q->batch[q->nbatch++] = i;
+    }
     uint32_t pos = (uint32_t)q->used_pos + s->ndesc;
     if (pos >= q->vr.num) {
         pos -= q->vr.num;
@@ -229,6 +255,13 @@ static void push_used(struct bs_queue *q, const struct slot *s, uint32_t len)
 static void slot_put(struct bs_queue *q, struct slot *s)
 {
     int i = (int)(s - q->slots);
+    if (q->pinf) {
+        /* the slot's inflight record stays marked until its used descriptor
+         * is published: no new request may take it before */
+        s->free_next = q->pend_free;
+        q->pend_free = i;
+        return;
+    }
     s->free_next = q->free_head;
     q->free_head = i;
 }
@@ -394,6 +427,14 @@ static int submit_io(struct bs_queue *q, struct slot *s)
     return 0;
 }
 
+static void slot_init(struct slot *s)
+{
+    s->done = 0;
+    s->cur = 0;
+    s->fallback = 0;
+    s->ndesc = 1;
+}
+
 static struct slot *slot_take(struct bs_queue *q)
 {
     struct slot *s = &q->slots[q->free_head];
@@ -528,6 +569,24 @@ static void drain_avail(struct bs_queue *q)
     }
 }
 
+/* Record a popped packed chain (at q->last_avail) in its slot's inflight
+ * record: a copy of its ring descriptors, which later used descriptors may
+ * overwrite in the ring while it is still in flight. */
+static void inflight_mark_packed(struct bs_queue *q, const struct slot *s)
+{
+    struct bs_inflight_pslot *r = &q->pinf->slot[s - q->slots];
+    uint16_t n = s->ndesc <= BS_INFLIGHT_PMAXD ? s->ndesc : 0;
+    uint32_t pos = q->last_avail;
+    for (uint16_t i = 0; i < n; i++) {
+        memcpy(&r->d[i], (const void *)&q->vr.pdesc[pos], sizeof(r->d[i]));
+        pos = pos + 1 == q->vr.num ? 0 : pos + 1;
+    }
+    r->id = s->head;
+    r->ndesc = s->ndesc;
+    r->nsaved = n;
+    __atomic_store_n(&r->counter, ++q->inf_counter, __ATOMIC_RELEASE);
+}
+
 /* Packed ring: pop every available chain.  Our device event area always
  * says ENABLE, so every new buffer comes with a kick and there is no
  * re-check race to close. */
@@ -550,12 +609,18 @@ static void drain_packed(struct bs_queue *q)
             mark_broken(q, ret);   /* a chain with no end: nothing to complete */
             return;
         }
+        if (q->pinf)
+            inflight_mark_packed(q, s);
         uint32_t pos = (uint32_t)q->last_avail + s->ndesc;
         if (pos >= vr->num) {
             pos -= vr->num;
             q->avail_wrap ^= 1;
         }
         q->last_avail = (uint16_t)pos;
+        if (q->pinf)
+            __atomic_store_n(&q->pinf->avail_state,
+                             q->inf_counter << 16 | pos | (q->avail_wrap ? 0x8000u : 0),
+                             __ATOMIC_RELEASE);
         start_request(q, s, ret);
         sync_progress(q);
     }
@@ -585,6 +650,38 @@ static int packed_wants_notify(struct bs_queue *q, uint16_t old, uint16_t now)
     return bs_vring_need_event((uint16_t)(now - diff), now, old);
 }
 
+static uint32_t used_state(const struct bs_queue *q)
+{
+    return q->used_pos | (q->used_wrap ? 0x8000u : 0);
+}
+
+/* Make a packed batch visible: one store of its first descriptor's flags,
+ * bracketed by the inflight region's record of the batch. */
+static void publish_packed(struct bs_queue *q)
+{
+    struct bs_inflight_packed *in = q->pinf;
+    if (in && q->nbatch) {
+        in->batch_used = q->pfirst_state;
+        in->batch_end = used_state(q);
+        __atomic_store_n(&in->batch_head, q->batch[q->nbatch - 1], __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(&q->vr.pdesc[q->pfirst_pos].flags, q->pfirst_flags, __ATOMIC_RELEASE);
+    q->pfirst_pos = -1;
+    if (in && q->nbatch) {
+        __atomic_store_n(&in->used, used_state(q), __ATOMIC_RELEASE);
+        for (uint32_t i = 0; i < q->nbatch; i++)
+            __atomic_store_n(&in->slot[q->batch[i]].counter, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&in->batch_head, (uint16_t)BS_INFLIGHT_NONE, __ATOMIC_RELEASE);
+        q->nbatch = 0;
+    }
+    while (q->pend_free >= 0) {
+        struct slot *f = &q->slots[q->pend_free];
+        q->pend_free = f->free_next;
+        f->free_next = q->free_head;
+        q->free_head = (int)(f - q->slots);
+    }
+}
+
 static void publish_used(struct bs_queue *q)
 {
     struct bs_vring *vr = &q->vr;
@@ -601,6 +698,8 @@ static void publish_used(struct bs_queue *q)
                          __ATOMIC_RELEASE);
     if (!vr->packed)
         __atomic_store_n(&vr->used->idx, now, __ATOMIC_RELEASE);
+    else if (q->pfirst_pos >= 0)
+        publish_packed(q);
     if (q->inf) {
         for (uint32_t i = 0; i < q->nbatch; i++)
             __atomic_store_n(&q->inf->desc[q->batch[i]].inflight, 0, __ATOMIC_RELEASE);
@@ -639,6 +738,13 @@ static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res)
 {
     struct bs_blk_req *r = &s->req;
 
+    if (res == -ECANCELED && q->stop_expired) {
+        /* A stop gave up on it: no status for the guest.  Its inflight
+         * mark stays, so the next backend redoes it. */
+        q->inflight--;
+        q->abandoned++;
+        return;
+    }
     if (res == -EAGAIN || res == -EINTR) {
         if (submit_io(q, s) == 0)
             return;
@@ -800,6 +906,61 @@ static int poll_for_work(struct bs_queue *q)
     return avail_pending(q);
 }
 
+/* Redo a packed request a previous backend left in flight, from the ring
+ * descriptors its record kept (s->head and s->ndesc were set from it). */
+static void resubmit_packed(struct bs_queue *q, struct slot *s)
+{
+    struct bs_pdesc d[BS_INFLIGHT_PMAXD];
+    const struct bs_inflight_pslot *r = &q->pinf->slot[s - q->slots];
+    uint16_t n = __atomic_load_n(&r->nsaved, __ATOMIC_RELAXED);
+    uint16_t id, nd = 0;
+    int ret = -E2BIG;      /* not kept: completed empty, as a bad chain */
+
+    uint16_t head = s->head, ndesc = s->ndesc;
+    slot_init(s);
+    s->head = head;
+    s->ndesc = ndesc;
+    if (n && n == ndesc) {
+        memcpy(d, r->d, n * sizeof(d[0]));
+        struct bs_vring fake = { .num = n, .packed = 1, .pdesc = d };
+        ret = bs_vring_packed_chain(&fake, q->mem, 0, &s->chain, &id, &nd);
+        if (ret == 0 && nd != n)
+            ret = -EINVAL;
+    }
+    start_request(q, s, ret);
+}
+
+/* Stopping with I/O in flight: wait for completions until the deadline;
+ * then cancel what is left and allow a short grace; then give up on it
+ * (stop_expired 2: the thread leaves, the requests stay marked in the
+ * inflight region for the next backend).  A hung backing store must not
+ * hold GET_VRING_BASE or SIGTERM forever. */
+static int stop_wait(struct bs_queue *q)
+{
+    uint64_t now = now_ns();
+    if (now >= q->stop_deadline) {
+        if (q->stop_expired) {
+            q->stop_expired = 2;
+            q->abandoned += q->inflight;
+            __atomic_store_n(&q->st->last_error, -ETIMEDOUT, __ATOMIC_RELAXED);
+            return -ETIME;
+        }
+        struct io_uring_sqe *sqe = get_sqe(q);
+        if (sqe) {
+            io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+            io_uring_sqe_set_data64(sqe, UD_CANCEL);
+        }
+        q->stop_expired = 1;
+        q->stop_deadline = now + CANCEL_GRACE_NS;
+    }
+    uint64_t left = q->stop_deadline - now;
+    struct __kernel_timespec ts = { .tv_sec = (long long)(left / 1000000000ULL),
+                                    .tv_nsec = (long long)(left % 1000000000ULL) };
+    struct io_uring_cqe *cqe;
+    int ret = io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL);
+    return ret == -ETIME ? 0 : ret;
+}
+
 static void *queue_thread(void *arg)
 {
     struct bs_queue *q = arg;
@@ -822,10 +983,14 @@ static void *queue_thread(void *arg)
     /* requests a previous backend left in flight, in the order it popped them */
     q->t_now = now_ns();
     for (int i = 0; i < q->nresubmit; i++) {
-        struct slot *s = slot_take(q);
-        s->head = q->resubmit[i];
         BS_STAT_ADD(q->st->resubmitted, 1);
-        start_request(q, s, bs_vring_chain(&q->vr, q->mem, s->head, &s->chain));
+        if (q->pinf) {
+            resubmit_packed(q, &q->slots[q->resubmit[i]]);
+        } else {
+            struct slot *s = slot_take(q);
+            s->head = q->resubmit[i];
+            start_request(q, s, bs_vring_chain(&q->vr, q->mem, s->head, &s->chain));
+        }
         sync_progress(q);
     }
 
@@ -854,6 +1019,13 @@ static void *queue_thread(void *arg)
         if (polled) {
             kicked = 1;
             ret = 0;
+        } else if (q->stopping && q->inflight) {
+            ret = stop_wait(q);
+            if (ret == -ETIME && q->stop_expired == 2)
+                break;
+        } else if (q->starved && q->free_head >= 0 && !broken) {
+            ret = io_uring_submit(&q->ring);   /* slots came free: pop more */
+            kicked = 1;
         } else {
             ret = io_uring_submit_and_wait(&q->ring, 1);
         }
@@ -877,8 +1049,12 @@ static void *queue_thread(void *arg)
                 if (arm_poll(q, q->kick_fd, UD_KICK))
                     mark_broken(q, -EBUSY);
             } else if (ud == UD_CTL) {
+                if (!q->stopping) {
+                    uint32_t ms = q->target->cfg.drain_timeout_ms;
+                    q->stop_deadline = q->t_now + (uint64_t)(ms ? ms : DRAIN_TIMEOUT_MS) * 1000000;
+                }
                 q->stopping = 1;
-            } else if (ud == UD_CALL) {
+            } else if (ud == UD_CALL || ud == UD_CANCEL) {
                 if (cqe->res < 0)   /* fall back to a plain write */
                     eventfd_write(q->call_fd, 1);
             } else {
@@ -911,10 +1087,26 @@ int bs_queue_new(bs_target *t, int index, bs_queue **out)
     return 0;
 }
 
+static uint32_t nslots_for(uint32_t num)
+{
+    return num < BS_MAX_SLOTS ? num : BS_MAX_SLOTS;
+}
+
+static uint64_t packed_region_bytes(uint32_t num)
+{
+    return sizeof(struct bs_inflight_packed) +
+           (uint64_t)nslots_for(num) * sizeof(struct bs_inflight_pslot);
+}
+
+/* The ring layout (split or packed) may not be negotiated yet when the
+ * frontend asks for the region: room for either. */
 uint64_t bs_inflight_queue_bytes(uint32_t queue_size)
 {
     uint64_t n = sizeof(struct bs_inflight_split) +
                  (uint64_t)queue_size * sizeof(struct bs_inflight_desc);
+    uint64_t p = packed_region_bytes(queue_size);
+    if (p > n)
+        n = p;
     return (n + 63) & ~63ULL;
 }
 
@@ -988,6 +1180,96 @@ static int inflight_recover(struct bs_queue *q, uint32_t num)
     return 0;
 }
 
+/* Start of a packed ring with an inflight region.  The frontend's base is
+ * no guide after a crash (QEMU has nothing in shared memory to rebuild a
+ * packed ring's positions from and sends what it had at the last start):
+ * positions come from the region, which this backend kept.  Every value in
+ * it is checked.  Marked requests keep their slot (their record). */
+static int inflight_recover_packed(struct bs_queue *q, uint32_t num)
+{
+    struct bs_inflight_packed *in = q->inflight_region;
+    uint32_t nslots = (uint32_t)q->nslots;
+
+    if (q->inflight_size < packed_region_bytes(num))
+        return -EINVAL;
+    if (in->version != BS_INFLIGHT_PACKED_VERSION || in->desc_num != num ||
+        in->nslots != nslots) {
+        memset(in, 0, packed_region_bytes(num));
+        in->version = BS_INFLIGHT_PACKED_VERSION;
+        in->desc_num = (uint16_t)num;
+        in->nslots = (uint16_t)nslots;
+        in->batch_head = BS_INFLIGHT_NONE;
+        in->avail_state = q->last_avail | (q->avail_wrap ? 0x8000u : 0);
+        in->used = used_state(q);
+        q->inf_counter = 0;
+        q->pinf = in;
+        return 0;
+    }
+    uint16_t bh = in->batch_head;
+    if (bh != BS_INFLIGHT_NONE) {
+        /* A batch was being published.  Its first descriptor still reads as
+         * available (the driver's old one) unless the batch reached the
+         * guest: used now, or reused by the driver for the next lap. */
+        uint32_t bu = in->batch_used, be = in->batch_end;
+        if ((bu & 0x7fff) >= num || (be & 0x7fff) >= num)
+            return -EINVAL;
+        if (!bs_vring_packed_avail(&q->vr, (uint16_t)(bu & 0x7fff), (int)(bu >> 15) & 1)) {
+            for (uint32_t n = 0; bh < nslots && n < nslots; n++, bh = in->slot[bh].next)
+                in->slot[bh].counter = 0;
+            in->used = be;
+        }
+        in->batch_head = BS_INFLIGHT_NONE;
+    }
+    uint32_t used = in->used;
+    uint64_t av = in->avail_state;
+    if ((used & 0x7fff) >= num || (av & 0x7fff) >= num)
+        return -EINVAL;
+    uint64_t av_counter = av >> 16, max = 0;
+    int count = 0;
+    uint32_t descs = 0;
+    for (uint32_t i = 0; i < nslots; i++) {
+        struct slot *s = &q->slots[i];
+        uint64_t c = in->slot[i].counter;
+        if (!c)
+            continue;
+        uint16_t nd = in->slot[i].ndesc;
+        if (nd == 0 || nd > num || (descs += nd) > num)
+            return -EINVAL;     /* more than the ring could ever hold */
+        s->head = in->slot[i].id;
+        s->ndesc = nd;
+        int k = count++;
+        while (k > 0 && in->slot[q->resubmit[k - 1]].counter > c) {
+            q->resubmit[k] = q->resubmit[k - 1];
+            k--;
+        }
+        q->resubmit[k] = (uint16_t)i;
+        if (c > max)
+            max = c;
+    }
+    uint32_t pos = av & 0x7fff;
+    int wrap = (int)(av >> 15) & 1;
+    if (max > av_counter + 1)
+        return -EINVAL;
+    if (max == av_counter + 1) {
+        /* stopped between marking its latest pop and recording the new
+         * avail position: the chain is in flight, skip it */
+        pos += q->slots[q->resubmit[count - 1]].ndesc;
+        if (pos >= num) {
+            pos -= num;
+            wrap ^= 1;
+        }
+        in->avail_state = max << 16 | pos | (wrap ? 0x8000u : 0);
+    }
+    q->last_avail = (uint16_t)pos;
+    q->avail_wrap = wrap;
+    q->used_pos = (uint16_t)(used & 0x7fff);
+    q->used_wrap = (int)(used >> 15) & 1;
+    q->nresubmit = count;
+    q->inf_counter = max > av_counter ? max : av_counter;
+    q->pinf = in;
+    return 0;
+}
+
 static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)
 {
     int ret;
@@ -1034,26 +1316,41 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     q->sync_head = NULL;
     q->sync_tail = &q->sync_head;
     __atomic_store_n(&q->st->broken, 0, __ATOMIC_RELAXED);
-    q->nslots = (int)(cfg->num < BS_MAX_SLOTS ? cfg->num : BS_MAX_SLOTS);
+    q->nslots = (int)nslots_for(cfg->num);
     q->slots = calloc((size_t)q->nslots, sizeof(*q->slots));
     if (!q->slots)
         return -ENOMEM;
-    for (int i = 0; i < q->nslots; i++)
-        q->slots[i].free_next = i + 1 < q->nslots ? i + 1 : -1;
-    q->free_head = 0;
     q->inf = NULL;
+    q->pinf = NULL;
     q->nresubmit = 0;
     q->nbatch = 0;
-    if (q->inflight_region && !q->vr.packed) {
+    q->pend_free = -1;
+    q->pfirst_pos = -1;
+    q->stop_expired = 0;
+    q->abandoned = 0;
+    if (q->inflight_region) {
         q->resubmit = calloc((size_t)q->nslots, sizeof(*q->resubmit));
         q->batch = calloc(cfg->num, sizeof(*q->batch));
         if (!q->resubmit || !q->batch) {
             ret = -ENOMEM;
             goto err_slots;
         }
-        ret = inflight_recover(q, cfg->num);
+        ret = q->vr.packed ? inflight_recover_packed(q, cfg->num)
+                           : inflight_recover(q, cfg->num);
         if (ret)
             goto err_slots;
+    }
+    /* free slots: all but those a packed restart gives back to their
+     * resubmitted requests */
+    q->free_head = -1;
+    for (int i = q->nslots - 1; i >= 0; i--) {
+        int taken = 0;
+        for (int k = 0; q->pinf && k < q->nresubmit && !taken; k++)
+            taken = q->resubmit[k] == i;
+        if (!taken) {
+            q->slots[i].free_next = q->free_head;
+            q->free_head = i;
+        }
     }
     q->ctl_fd = eventfd(0, EFD_CLOEXEC);
     if (q->ctl_fd < 0) {
@@ -1094,6 +1391,7 @@ err_slots:
     free(q->batch);
     q->batch = NULL;
     q->inf = NULL;
+    q->pinf = NULL;
     return ret;
 }
 
@@ -1137,9 +1435,10 @@ static int queue_stop_locked(bs_queue *q, uint32_t *last_avail)
     free(q->batch);
     q->batch = NULL;
     q->inf = NULL;
+    q->pinf = NULL;
     if (last_avail)
         *last_avail = ring_base(q);
-    return 0;
+    return q->abandoned ? -ETIMEDOUT : 0;
 }
 
 int bs_queue_stop(bs_queue *q, uint32_t *last_avail)

@@ -129,6 +129,41 @@ struct bs_pevent {
     uint16_t flags;
 };
 
+/* The inflight region of one packed queue.  Used descriptors overwrite the
+ * ring slots of chains still in flight (completion is out of order, and the
+ * driver may reuse a slot as soon as it saw it used), so every popped chain
+ * keeps a copy of its ring descriptors here, in the record of the engine
+ * slot that serves it.  A restart gives each request back its old slot.
+ * avail_state: pop counter << 16 | position | wrap << 15 after the latest
+ * pop (one store).  While a batch of used descriptors is published, its
+ * first descriptor's flags are written last and batch_head names the batch
+ * (chained through next): a restart looks at those flags to tell whether
+ * the batch reached the guest. */
+#define BS_INFLIGHT_PACKED_VERSION 0x5062   /* not BS_INFLIGHT_VERSION */
+#define BS_INFLIGHT_PMAXD 128               /* BS_SEG_MAX + header + status */
+struct bs_inflight_pslot {
+    uint64_t counter;        /* pop order; 0: not in flight */
+    uint16_t id;             /* buffer id */
+    uint16_t ndesc;          /* ring descriptors the chain spans */
+    uint16_t nsaved;         /* copied into d[]: < ndesc if it did not fit */
+    uint16_t next;           /* batch chain */
+    struct bs_pdesc d[BS_INFLIGHT_PMAXD];
+};
+
+struct bs_inflight_packed {
+    uint64_t features;
+    uint16_t version;        /* same offset as in bs_inflight_split */
+    uint16_t desc_num;
+    uint16_t nslots;
+    uint16_t batch_head;     /* BS_INFLIGHT_NONE: no batch being published */
+    uint64_t avail_state;
+    uint32_t used;           /* next used position | wrap << 15 (published) */
+    uint32_t batch_used;     /* first used position | wrap << 15 of the batch */
+    uint32_t batch_end;      /* used position | wrap << 15 after the batch */
+    uint32_t padding;
+    struct bs_inflight_pslot slot[];
+};
+
 struct bs_vring {
     uint32_t num;
     int packed;

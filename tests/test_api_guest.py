@@ -252,8 +252,8 @@ BLKIO = Path("/sys/fs/cgroup/blkio")
 SLOW_CG = BLKIO / "blkserve-test-slow"
 
 
-def _throttle_writes(pid: int, on: Path) -> bool:
-    """Move PID into a cgroup-v1 blkio group limited to 20 write IOPS on the
+def _throttle_writes(pid: int, on: Path, iops: int = 20) -> bool:
+    """Move PID into a cgroup-v1 blkio group limited to IOPS write IOPS on the
     device holding ON; False if this machine has no such controller."""
     if not (BLKIO / "blkio.throttle.write_iops_device").exists():
         return False
@@ -261,7 +261,7 @@ def _throttle_writes(pid: int, on: Path) -> bool:
     try:
         SLOW_CG.mkdir(exist_ok=True)
         (SLOW_CG / "blkio.throttle.write_iops_device").write_text(
-            f"{os.major(st.st_dev)}:{os.minor(st.st_dev)} 20")
+            f"{os.major(st.st_dev)}:{os.minor(st.st_dev)} {iops}")
         (SLOW_CG / "cgroup.procs").write_text(str(pid))
     except OSError:
         return False

@@ -380,6 +380,40 @@ def test_sigterm_drains_and_removes_socket(tmp_path):
             assert e.image(8 * i, 4096) == b"\x11" * 4096
 
 
+def test_sigterm_is_bounded_when_the_backing_stalls(tmp_path):
+    """A backing store that stops answering must not hold SIGTERM forever:
+    with writes throttled to 1 IOPS (cgroup-v1 blkio), 24 in-flight writes
+    would take 24 s to drain; --drain-timeout 0.5 gives up on them after
+    0.5 s plus a 1 s cancellation grace and the export exits."""
+    from test_api_guest import _throttle_writes, _unthrottle
+
+    e = start_export(tmp_path, "--drain-timeout", "0.5")
+    if not _throttle_writes(e.proc.pid, tmp_path, iops=1):
+        stop_export(e)
+        pytest.skip("no cgroup-v1 blkio write throttling here (needed to stall the backing)")
+    try:
+        d = e.device(queues=1)
+        d.data_align = 4096  # O_DIRECT, so the writes reach the throttled disk
+        reqs = d.submit_many([(vc.BLK_T_OUT, 8 * i, b"\x22" * 4096) for i in range(24)],
+                             indirect=True, wait=False)
+        time.sleep(1)
+        t0 = time.monotonic()
+        e.proc.send_signal(signal.SIGTERM)
+        rc = e.proc.wait(20)
+        took = time.monotonic() - t0
+        d.poll()
+        done = sum(1 for r in reqs if r.done)
+        d.close()
+    finally:
+        if e.proc.poll() is None:
+            e.proc.kill()
+        _unthrottle()
+    assert rc == 0, e.logtext()
+    assert done < len(reqs), "every write completed: the backing never stalled"
+    assert took < 15, took
+    assert "stopped with requests still in flight after the drain timeout" in e.logtext()
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "blkserve", *args],
                           capture_output=True, text=True, timeout=30)

@@ -5,11 +5,13 @@ reconnect=1):
 - kill -9 of an export while the guest's fio verify runs (writes throttled so
   requests are surely in flight), a new export on the same socket: QEMU hands
   it the inflight region, it redoes what was in flight, fio sees no error;
+  once on a split ring (vda) and once on a packed ring (vdc, packed=on: QEMU
+  restarts a packed ring at a stale base, the region alone says where it is);
 - a sparse volume on a full filesystem (a 4 MiB tmpfs): the guest's writes
   fail with I/O errors, the export keeps serving, and once the filesystem has
   room again the same writes succeed.
 
-One guest serves both checks."""
+One guest serves all checks."""
 
 from __future__ import annotations
 
@@ -68,16 +70,22 @@ def setup(guest_image, tmp_path_factory):
     full = small / "full.img"
     with open(full, "wb") as f:
         f.truncate(64 * MiB)  # sparse: 64 MiB promised on a 4 MiB filesystem
+    packed = work / "packed.img"
+    with open(packed, "wb") as f:
+        f.truncate(256 * MiB)
     ex = Exports(work, g.short_socket_dir("bs-rel-"))
     try:
         ex.start("data", data)
         ex.start("full", full)
+        ex.start("packed", packed)
         vm = g.Guest([g.Disk(ex.procs["data"].socket_path, reconnect=1),
-                      g.Disk(ex.procs["full"].socket_path, reconnect=1)],
+                      g.Disk(ex.procs["full"].socket_path, reconnect=1),
+                      g.Disk(ex.procs["packed"].socket_path, reconnect=1,
+                             props={"packed": "on"})],
                      image=guest_image, log_dir=work / "guest")
         with vm:
-            vm.wait_for_block_device("vdb")
-            yield vm, ex, small, data
+            vm.wait_for_block_device("vdc")
+            yield vm, ex, small, {"vda": ("data", data), "vdc": ("packed", packed)}
     finally:
         ex.stop_all()
         subprocess.run(["umount", "-l", str(small)], check=False)
@@ -87,25 +95,30 @@ def _engine(vm) -> str:
     return "libaio" if re.search(r"\blibaio\b", vm.check("/usr/bin/fio --enghelp")) else "psync"
 
 
-def test_standalone_export_kill9_restart_guest_sees_no_error(setup):
-    vm, ex, _, data = setup
+@pytest.mark.parametrize("dev", ["vda", "vdc"], ids=["split", "packed"])
+def test_standalone_export_kill9_restart_guest_sees_no_error(setup, dev):
+    vm, ex, _, disks = setup
+    name, data = disks[dev]
+    # bit 34 of the negotiated features: VIRTIO_F_RING_PACKED
+    features = vm.check(f"cat /sys/block/{dev}/device/features")
+    assert features[34] == ("1" if dev == "vdc" else "0"), features
     engine = _engine(vm)
     vm.check("/bin/dmesg -c > /dev/null; rm -f /tmp/k.out")
     vm.check(
-        f"setsid sh -c '/usr/bin/fio --name=k --filename=/dev/vda --direct=1 "
+        f"setsid sh -c '/usr/bin/fio --name=k --filename=/dev/{dev} --direct=1 "
         f"--ioengine={engine} --iodepth=16 --rw=randwrite --bs=4k --size=48M "
         f"--verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
         f"--randrepeat=0 > /tmp/k.out 2>&1; echo fio-rc=$? >> /tmp/k.out' "
         f"> /dev/null 2>&1 < /dev/null")
     time.sleep(2)
-    old = ex.procs["data"]
+    old = ex.procs[name]
     throttled = _throttle_writes(old.proc.pid, data.parent)
     time.sleep(2)
     old.proc.send_signal(signal.SIGKILL)
     old.proc.wait()
     if throttled:
         _unthrottle()
-    new = ex.start("data", data)  # same socket; QEMU re-dials within a second
+    new = ex.start(name, data)  # same socket; QEMU re-dials within a second
     deadline = time.monotonic() + 600
     out = ""
     while time.monotonic() < deadline:

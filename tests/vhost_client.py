@@ -1370,6 +1370,8 @@ class BlkDevice:
         if not self.inflight and self._scratch_mark is not None:
             self.mem.release(self._scratch_mark)
 
+    data_align = 16  # alignment of device-readable data buffers after the header
+
     def _alloc(self, size: int, align: int = 16) -> int:
         return self.mem.alloc(max(size, 1), align)
 
@@ -1405,7 +1407,9 @@ class BlkDevice:
                 bufs.append((gpa, content, bool(writable)))
             else:
                 content = bytes(content)
-                gpa = self._alloc(len(content))
+                # data buffers (not the 16-byte header) may be asked to be
+                # aligned, e.g. for O_DIRECT on the backend's side
+                gpa = self._alloc(len(content), self.data_align if i else 16)
                 self.mem.write(gpa, content)
                 bufs.append((gpa, len(content), bool(writable)))
         vq = self.vqs[queue]

@@ -692,6 +692,206 @@ static void test_packed_ring(void)
     drv_fini(&p.d);
 }
 
+/* A stop does not wait forever for a backing store that never answers: a
+ * read from an empty pipe is cancelled after drain_timeout_ms and left
+ * marked in the inflight region for the next backend. */
+static void test_stop_timeout(void)
+{
+    struct drv d;
+    int pfd[2];
+    if (sync_io)
+        return;     /* a blocking syscall in the queue thread is not bounded */
+    drv_init(&d, 0);
+    CHECK(pipe(pfd) == 0);
+    d.cfg.fd = d.cfg.fd_buffered = pfd[0];
+    d.cfg.drain_timeout_ms = 100;
+    bs_queue_free(d.q);
+    bs_target_free(d.tgt);
+    CHECK(bs_target_new(&d.cfg, &d.tgt) == 0);
+    CHECK(bs_queue_new(d.tgt, 0, &d.q) == 0);
+    uint64_t isz = bs_inflight_queue_bytes(QSZ);
+    struct bs_inflight_split *in = calloc(1, isz);
+    CHECK(bs_queue_set_inflight(d.q, in, isz) == 0);
+    CHECK(drv_start(&d, 1) == 0);
+    struct req r = submit(&d, BS_BLK_T_IN, 0, 512, 1);
+    kick(&d);
+    usleep(50000);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    uint32_t base = 0;
+    CHECK(bs_queue_stop(d.q, &base) == -ETIMEDOUT);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+    CHECK(secs < 10);       /* 0.1 s, then the cancellation; never the 30 s default */
+    CHECK(base == 1 && status_of(&d, &r) == 0xff);
+    CHECK(__atomic_load_n(&d.vr.used->idx, __ATOMIC_ACQUIRE) == 0);
+    CHECK(in->desc[r.head].inflight == 1 && in->used_idx == 0);
+    bs_queue_set_inflight(d.q, NULL, 0);
+    close(pfd[1]);
+    drv_fini(&d);       /* closes d.backing (the file), not the pipe's read end */
+    close(pfd[0]);
+    free(in);
+}
+
+/* ---- INFLIGHT_SHMFD on a packed ring ---- */
+
+/* What a backend records when it pops the 3-descriptor chain at pos into
+ * slot `slot` (a copy of the ring descriptors, as the engine keeps them). */
+static void pmark(struct pdrv *p, struct bs_inflight_packed *in, int slot, uint16_t pos,
+                  uint64_t counter)
+{
+    struct bs_inflight_pslot *r = &in->slot[slot];
+    for (int i = 0; i < 3; i++)
+        r->d[i] = p->ring[(pos + i) % PQSZ];
+    r->id = p->ring[pos].id;
+    r->ndesc = 3;
+    r->nsaved = 3;
+    r->counter = counter;
+}
+
+static uint32_t pstate(uint16_t pos, int wrap) { return pos | (wrap ? 0x8000u : 0); }
+
+static int pstart(struct pdrv *p, uint32_t base)
+{
+    struct bs_vring_cfg vc = {
+        .num = PQSZ, .desc_uva = UVA_BASE + p->ring_gpa, .avail_uva = UVA_BASE + p->drv_gpa,
+        .used_uva = UVA_BASE + p->dev_gpa, .base = base, .kick_fd = p->d.kick,
+        .call_fd = p->d.call, .event_idx = 0, .packed = 1,
+    };
+    return bs_queue_start(p->d.q, p->d.mem, &vc);
+}
+
+static int backing_byte(struct drv *d, uint64_t sector)
+{
+    uint8_t b = 0;
+    return pread(d->backing, &b, 1, (off_t)(sector * 512)) == 1 ? b : -1;
+}
+
+/* A killed backend's packed state: the ring's own descriptors of an
+ * in-flight chain may be overwritten (by used descriptors of chains that
+ * finished before it), and QEMU restarts the ring at a stale base.  The
+ * region alone tells where the ring is and what to redo. */
+static void test_inflight_packed(void)
+{
+    struct pdrv p;
+    memset(&p, 0, sizeof(p));
+    drv_init(&p.d, 0);
+    p.ring_gpa = alloc(&p.d, 16 * PQSZ, 16);
+    p.drv_gpa = alloc(&p.d, 4, 4);
+    p.dev_gpa = alloc(&p.d, 4, 4);
+    p.ring = gp(&p.d, p.ring_gpa);
+    p.drv_evt = gp(&p.d, p.drv_gpa);
+    p.dev_evt = gp(&p.d, p.dev_gpa);
+    p.wrap = 1;
+    p.used_wrap = 1;
+    const uint32_t stale = 0x80008000u;   /* what QEMU had at the first start */
+    uint64_t isz = bs_inflight_queue_bytes(PQSZ);
+    CHECK(isz >= sizeof(struct bs_inflight_packed) + PQSZ * sizeof(struct bs_inflight_pslot));
+    struct bs_inflight_packed *in = calloc(1, isz);
+    CHECK(bs_queue_set_inflight(p.d.q, in, isz) == 0);
+    CHECK(pstart(&p, stale) == 0);
+    CHECK(in->version == BS_INFLIGHT_PACKED_VERSION && in->nslots == PQSZ);
+    struct req a = psubmit(&p, 11, BS_BLK_T_OUT, 72, 4096, 0);
+    memset(gp(&p.d, a.data), 0xa1, 4096);
+    kick(&p.d);
+    uint32_t len = 0;
+    CHECK(pwait(&p, &len) == 11 && len == 1);
+    uint32_t base = 0;
+    CHECK(bs_queue_stop(p.d.q, &base) == 0);
+    CHECK(in->used == pstate(3, 1) && (in->avail_state & 0xffff) == pstate(3, 1));
+    CHECK(in->avail_state >> 16 == 1 && in->batch_head == BS_INFLIGHT_NONE);
+    for (int i = 0; i < PQSZ; i++)
+        CHECK(in->slot[i].counter == 0);
+
+    /* Round 1: B (slot 4) and C (slot 1) popped, neither done; the backend
+     * died after marking C but before recording the avail position past
+     * it.  B's head descriptor in the ring is junk by now. */
+    struct req b = psubmit(&p, 21, BS_BLK_T_OUT, 80, 4096, 0);   /* ring 3..5 */
+    memset(gp(&p.d, b.data), 0xb1, 4096);
+    struct req c = psubmit(&p, 22, BS_BLK_T_OUT, 88, 4096, 0);   /* ring 0..2, lap 2 */
+    memset(gp(&p.d, c.data), 0xc2, 4096);
+    pmark(&p, in, 4, 3, 2);
+    pmark(&p, in, 1, 0, 3);
+    in->avail_state = 2ULL << 16 | pstate(0, 0);
+    p.ring[3].addr = 0xdead0000;
+    CHECK(pstart(&p, stale) == 0);
+    CHECK(pwait(&p, &len) == 21 && len == 1);      /* in pop order */
+    CHECK(pwait(&p, &len) == 22 && len == 1);
+    CHECK(status_of(&p.d, &b) == BS_BLK_S_OK && status_of(&p.d, &c) == BS_BLK_S_OK);
+    CHECK(backing_byte(&p.d, 80) == 0xb1 && backing_byte(&p.d, 88) == 0xc2);
+    struct req d = psubmit(&p, 31, BS_BLK_T_IN, 80, 512, 1);     /* ring 3..5 */
+    kick(&p.d);
+    CHECK(pwait(&p, &len) == 31 && ((uint8_t *)gp(&p.d, d.data))[0] == 0xb1);
+    usleep(20000);
+    CHECK(bs_queue_stop(p.d.q, &base) == 0);
+    CHECK((base & 0xffff) == pstate(p.next, p.wrap) && (base >> 16) == pstate(p.used, p.used_wrap));
+    struct bs_queue_stats st;
+    bs_queue_get_stats(p.d.q, &st);
+    CHECK(st.resubmitted == 2);
+    for (int i = 0; i < PQSZ; i++)
+        CHECK(in->slot[i].counter == 0);
+
+    /* Round 2: E popped and completed, its batch published (the used
+     * descriptor is in the ring) but the region not yet told: not redone. */
+    struct req e = psubmit(&p, 41, BS_BLK_T_OUT, 96, 4096, 0);   /* ring 0..2 */
+    memset(gp(&p.d, e.data), 0xe4, 4096);
+    CHECK(pwrite(p.d.backing, gp(&p.d, e.data), 4096, 96 * 512) == 4096);
+    memset(gp(&p.d, e.data), 0xee, 4096);                /* a redo would write 0xee */
+    pmark(&p, in, 2, 0, 10);
+    in->avail_state = 10ULL << 16 | pstate(3, 1);
+    in->slot[2].next = BS_INFLIGHT_NONE;
+    in->batch_used = pstate(0, 1);
+    in->batch_end = pstate(3, 1);
+    in->batch_head = 2;
+    *(uint8_t *)gp(&p.d, e.status) = BS_BLK_S_OK;
+    p.ring[0].len = 1;
+    __atomic_store_n(&p.ring[0].flags, BS_PDESC_F_AVAIL | BS_PDESC_F_USED, __ATOMIC_RELEASE);
+    CHECK(pstart(&p, stale) == 0);
+    CHECK(pwait(&p, &len) == 41);
+    struct req f = psubmit(&p, 51, BS_BLK_T_IN, 96, 512, 1);     /* ring 3..5 */
+    kick(&p.d);
+    CHECK(pwait(&p, &len) == 51 && ((uint8_t *)gp(&p.d, f.data))[0] == 0xe4);
+    usleep(20000);
+    CHECK(bs_queue_stop(p.d.q, &base) == 0);
+    CHECK(backing_byte(&p.d, 96) == 0xe4);
+    bs_queue_get_stats(p.d.q, &st);
+    CHECK(st.resubmitted == 2 && in->slot[2].counter == 0 && in->used == pstate(0, 0));
+
+    /* Round 3: G completed into an unpublished batch (id and len written,
+     * not the flags): redone. */
+    struct req g = psubmit(&p, 61, BS_BLK_T_OUT, 104, 4096, 0);  /* ring 0..2 */
+    memset(gp(&p.d, g.data), 0x66, 4096);
+    pmark(&p, in, 5, 0, 20);
+    in->avail_state = 20ULL << 16 | pstate(3, 0);
+    in->slot[5].next = BS_INFLIGHT_NONE;
+    in->batch_used = pstate(0, 0);
+    in->batch_end = pstate(3, 0);
+    in->batch_head = 5;
+    p.ring[0].len = 1;
+    CHECK(pstart(&p, stale) == 0);
+    CHECK(pwait(&p, &len) == 61 && len == 1);
+    CHECK(status_of(&p.d, &g) == BS_BLK_S_OK && backing_byte(&p.d, 104) == 0x66);
+    usleep(20000);
+    CHECK(bs_queue_stop(p.d.q, &base) == 0);
+    bs_queue_get_stats(p.d.q, &st);
+    CHECK(st.resubmitted == 3 && in->batch_head == BS_INFLIGHT_NONE);
+
+    /* A region the frontend scribbled on is refused, never followed. */
+    in->slot[0] = in->slot[1] = (struct bs_inflight_pslot){ .counter = 1, .ndesc = 4 };
+    CHECK(pstart(&p, stale) == -EINVAL);         /* 8 descriptors on a 6-ring */
+    in->slot[1].counter = 0;
+    in->batch_head = 0;
+    in->batch_used = 0x7fff;
+    CHECK(pstart(&p, stale) == -EINVAL);         /* batch position past the ring */
+    in->batch_head = BS_INFLIGHT_NONE;
+    in->avail_state = 5ULL << 16;
+    in->slot[0].counter = 9;
+    CHECK(pstart(&p, stale) == -EINVAL);         /* popped after the last pop */
+    bs_queue_set_inflight(p.d.q, NULL, 0);
+    drv_fini(&p.d);
+    free(in);
+}
+
 /* INFLIGHT_SHMFD: requests a dead backend had popped are redone once, in
  * pop order, on the next start; a batch already published to the guest is
  * not redone; the ring resumes after them. */
@@ -790,6 +990,8 @@ int main(void)
     test_block_size_4k_and_writethrough();
     test_packed_ring();
     test_inflight_resubmit();
+    test_inflight_packed();
+    test_stop_timeout();
     /* the sync engine behind the same interface (the fallback and oracle) */
     sync_io = 1;
     test_rw_roundtrip();
@@ -800,6 +1002,8 @@ int main(void)
     test_block_size_4k_and_writethrough();
     test_packed_ring();
     test_inflight_resubmit();
+    test_inflight_packed();
+    test_stop_timeout();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
