@@ -1205,6 +1205,16 @@ class Guest:
             timeout=timeout + 30,
         )
 
+    def reboot(self, timeout: float = 180.0) -> None:
+        """Hard reset (QMP system_reset, the virtual reset button): the guest
+        boots again from its kernel; returns when its control shell is back."""
+        with self._cond:
+            start = len(self._buf)
+        self.qmp("set-action", reboot="reset")  # we run with -no-reboot
+        self.qmp("system_reset")
+        self._wait_for(b"BLKSERVE_GUEST_READY", start, timeout)
+        self.run("true", timeout=30)
+
     # -- QMP ---------------------------------------------------------------
 
     def qmp(self, command: str, **arguments):
