@@ -920,7 +920,8 @@ static void resubmit_packed(struct bs_queue *q, struct slot *s)
     slot_init(s);
     s->head = head;
     s->ndesc = ndesc;
-    if (n && n == ndesc) {
+    /* the region is the frontend's to scribble on: n is checked before use */
+    if (n && n == ndesc && n <= BS_INFLIGHT_PMAXD) {
         memcpy(d, r->d, n * sizeof(d[0]));
         struct bs_vring fake = { .num = n, .packed = 1, .pdesc = d };
         ret = bs_vring_packed_chain(&fake, q->mem, 0, &s->chain, &id, &nd);

@@ -876,6 +876,22 @@ static void test_inflight_packed(void)
     bs_queue_get_stats(p.d.q, &st);
     CHECK(st.resubmitted == 3 && in->batch_head == BS_INFLIGHT_NONE);
 
+    /* A saved chain longer than a record holds (the frontend wrote it) is
+     * completed empty, never copied. */
+    struct req h = psubmit(&p, 71, BS_BLK_T_OUT, 112, 4096, 0);  /* ring 3..5 */
+    pmark(&p, in, 3, 3, 30);
+    in->slot[3].ndesc = in->slot[3].nsaved = PQSZ;    /* fits the ring, so accepted */
+    in->slot[3].nsaved = 60000;
+    in->avail_state = 30ULL << 16 | pstate(0, 1);
+    CHECK(pstart(&p, stale) == 0);
+    CHECK(pwait(&p, &len) == 71 && len == 0 && status_of(&p.d, &h) == 0xff);
+    CHECK(bs_queue_stop(p.d.q, &base) == 0);
+    in->slot[3].nsaved = PQSZ;
+    in->slot[3].counter = 31;
+    in->avail_state = 31ULL << 16 | pstate(0, 1);
+    CHECK(pstart(&p, stale) == 0);   /* 6 claimed, the chain ends after 3: done empty */
+    CHECK(bs_queue_stop(p.d.q, &base) == 0);
+
     /* A region the frontend scribbled on is refused, never followed. */
     in->slot[0] = in->slot[1] = (struct bs_inflight_pslot){ .counter = 1, .ndesc = 4 };
     CHECK(pstart(&p, stale) == -EINVAL);         /* 8 descriptors on a 6-ring */
