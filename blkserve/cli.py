@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import socket
 import sys
 
-from blkserve import __version__, bench, client, trace
+from blkserve import __version__, bench, client, logs, trace
 from blkserve.api import serve
 
 
@@ -14,15 +17,34 @@ def _export(args: argparse.Namespace) -> int:
     from blkserve.export import ExportError, ExportOptions, run_export
 
     try:
+        if args.backing and args.blk_file and args.backing != args.blk_file:
+            raise ExportError("give the backing either as BACKING or as --blk-file, not both")
+        backing = args.backing or args.blk_file
+        if not backing:
+            raise ExportError("the backing (BACKING or --blk-file PATH) is required")
+        if (args.socket is None) == (args.fd is None):
+            raise ExportError("give exactly one of --socket PATH (alias --socket-path) "
+                              "and --fd FD")
         return run_export(ExportOptions(
-            backing=args.backing, socket=args.socket, queues=args.queues,
+            backing=backing, socket=args.socket, fd=args.fd, queues=args.queues,
             read_only=args.read_only, cache=args.cache, serial=args.serial,
             block_size=args.block_size, poll_us=args.poll_us, io_engine=args.io_engine,
-            stats_file=args.stats_file,
+            drain_timeout=args.drain_timeout, stats_file=args.stats_file,
         ))
     except ExportError as e:
         print(f"blkserve export: error: {e}", file=sys.stderr)
         return 2
+
+
+def _wants_capabilities(argv: list[str]) -> bool:
+    """`blkserve [-v] export ... --print-capabilities ...`: QEMU's backend
+    conventions say every other option and argument is then ignored, so this
+    is decided before argparse sees (and perhaps refuses) them."""
+    for i, a in enumerate(argv):
+        if a in ("-v", "--verbose"):
+            continue
+        return a == "export" and "--print-capabilities" in argv[i + 1:]
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,13 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
             "SIGINT/SIGTERM drain in-flight I/O, remove the socket and exit 0. "
             "SIGHUP re-reads the backing's size: if it grew, the new capacity is served "
             "and the frontend is told (CONFIG_CHANGE_MSG), so the guest sees it online. "
-            "Bad arguments exit with code 2."
+            "Bad arguments exit with code 2. The options follow QEMU's vhost-user "
+            "backend program conventions (--socket-path, --fd, --blk-file, --read-only, "
+            "--print-capabilities)."
         ),
     )
-    ex.add_argument("backing", metavar="BACKING",
+    ex.add_argument("backing", metavar="BACKING", nargs="?",
                     help="regular file or block device; its size is the disk's capacity")
-    ex.add_argument("--socket", required=True, metavar="PATH",
-                    help="unix socket path to listen on (a stale socket file is replaced)")
+    ex.add_argument("--blk-file", metavar="PATH",
+                    help="the same as BACKING (QEMU's vhost-user backend conventions)")
+    ex.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
+                    help="unix socket path to listen on (a stale socket file is replaced, "
+                         "and the socket is removed on exit)")
+    ex.add_argument("--fd", type=int, metavar="FD",
+                    help="instead of --socket: serve on FD, an already listening unix "
+                         "stream socket inherited from the management layer (e.g. systemd "
+                         "socket activation: --fd 3); it is left in place on exit")
+    ex.add_argument("--print-capabilities", action="store_true",
+                    help="print the backend's capabilities as JSON (QEMU's vhost-user.json: "
+                         "type block and its features) and exit 0; everything else is "
+                         "ignored")
     ex.add_argument("--queues", type=int, default=1, metavar="N",
                     help="number of virtqueues offered, each served by its own engine "
                          "thread and io_uring (default: 1)")
@@ -70,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the last request, busy-poll each queue for N microseconds "
                          "with guest kicks suppressed before sleeping: lower latency for "
                          "a CPU core per busy queue (default: 0, sleep at once)")
+    ex.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="how long stopping a queue (GET_VRING_BASE, SIGTERM) waits for "
+                         "in-flight I/O before cancelling it; what is still in flight then "
+                         "is left to the next backend through the inflight region "
+                         "(default: 30)")
     ex.add_argument("--io-engine", choices=("auto", "io_uring", "sync"), default="auto",
                     help="io_uring: every request is an SQE; sync: plain syscalls in the "
                          "queue thread; auto (default): io_uring, unless the backing cannot "
@@ -79,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the engine's counters and latency histograms in PATH, a "
                          "shared stats block other processes can read while I/O runs "
                          "(`blkserve serve` reads it for /metrics); removed on exit")
+    logs.add_format_option(ex)
     ex.set_defaults(func=_export)
     bench.add_parser(sub)
     client.add_parsers(sub)
@@ -87,14 +128,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def _socket_name(fd: int) -> str:
+    """The path a socket passed as --fd is bound to ('' if none)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            name = s.getsockname()
+    except OSError:
+        return ""
+    return name if isinstance(name, str) else ""
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.INFO
+    fmt = getattr(args, "log_format", None)
+    if fmt is None:  # the client, bench and trace commands: the human format
+        logs.setup("text", level, journal=False)
+        return
+    if args.command == "serve":
+        # the export workers it starts inherit the format
+        os.environ["BLKSERVE_LOG_FORMAT"] = fmt
+        logs.setup(fmt, level)
+        return
+    sock = args.socket or (_socket_name(args.fd) if args.fd is not None else "")
+    static = {"volume": os.path.basename(sock).removesuffix(".sock")} if sock else None
+    if os.environ.get("BLKSERVE_WORKER_LOGS") == "journal":
+        why = logs.worker_to_journal(fmt, level, static)
+        if why is None:
+            return
+        logs.setup(fmt, level, static)
+        logging.getLogger("blkserve.export").warning(
+            "journal mode: %s; logging to stderr", why)
+        return
+    logs.setup(fmt, level, static)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if _wants_capabilities(sys.argv[1:] if argv is None else argv):
+        print(json.dumps(CAPABILITIES, indent=2))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s blkserve %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _setup_logging(args)
     return args.func(args)
 
 

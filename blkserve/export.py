@@ -11,10 +11,12 @@ import logging
 import mmap
 import os
 import signal
+import socket
 import stat
 import struct
 from dataclasses import dataclass
 
+from blkserve.logs import log_event
 from blkserve.native import SERIAL_BYTES, Target, TargetConfig
 from blkserve.stats import StatsWriter
 from blkserve.vhost.blk import SECTOR, BlkDeviceModel, Topology
@@ -38,7 +40,7 @@ class ExportError(Exception):
 @dataclass
 class ExportOptions:
     backing: str
-    socket: str
+    socket: str | None = None
     queues: int = 1
     read_only: bool = False
     cache: str = "none"
@@ -47,6 +49,8 @@ class ExportOptions:
     poll_us: int = 0
     io_engine: str = "auto"
     stats_file: str | None = None
+    drain_timeout: float = 30.0
+    fd: int | None = None  # an inherited listening socket, instead of socket
 
 
 def default_serial(path: str) -> bytes:
@@ -150,6 +154,50 @@ def _sysfs_discard_granularity(rdev: int) -> int:
         return 0
 
 
+class _InheritedSocketServer(VhostUserServer):
+    """Serves on a listening socket the management layer created and passed
+    as a file descriptor (--fd): nothing to bind, and on exit the socket is
+    closed but its file left alone (it is not ours)."""
+
+    def __init__(self, listener: socket.socket, *args) -> None:
+        super().__init__(*args)
+        self._inherited = listener
+
+    def bind(self) -> None:
+        self._inherited.setblocking(False)
+        self._listener = self._inherited
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        super().close()
+
+
+def inherited_listener(fd: int) -> tuple[socket.socket, str]:
+    """The listening unix stream socket on FD and its name, or ExportError."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ExportError(f"--fd {fd}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ExportError(f"--fd {fd} is not a socket")
+    s = socket.socket(fileno=fd)
+    try:
+        listening = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM or not listening:
+            raise ExportError(f"--fd {fd} is not a listening unix stream socket (bind and "
+                              "listen on it before passing it)")
+        name = s.getsockname()
+    except BaseException:
+        s.detach()  # not ours to close on a refusal
+        raise
+    os.set_inheritable(fd, False)
+    if isinstance(name, bytes):  # abstract namespace
+        name = "@" + name.lstrip(b"\0").decode(errors="replace")
+    return s, name or f"fd {fd}"
+
+
 def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
     """Validate options, open the backing and bind the socket (no I/O yet)."""
     if not 1 <= opts.queues <= MAX_QUEUES:
@@ -160,6 +208,8 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
         raise ExportError("--io-engine must be auto, io_uring or sync")
     if not 0 <= opts.poll_us <= 1_000_000:
         raise ExportError("--poll-us must be between 0 and 1000000")
+    if not 0.001 <= opts.drain_timeout <= 3600:
+        raise ExportError("--drain-timeout must be between 0.001 and 3600 seconds")
     if opts.block_size not in (None, 512, 4096):
         raise ExportError("--block-size must be 512 or 4096")
     if opts.serial is not None:
@@ -187,12 +237,20 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
             fd=backing.fd, fd_buffered=backing.fd_buffered, capacity=capacity,
             dio_align=backing.dio_align, read_only=opts.read_only, serial=serial,
             block_size=block_size, is_block_device=backing.is_block, poll_us=opts.poll_us,
-            sync_io=sync_io,
+            sync_io=sync_io, drain_timeout_ms=max(1, round(opts.drain_timeout * 1000)),
         ))
         model = BlkDeviceModel(capacity=capacity, num_queues=opts.queues,
                                read_only=opts.read_only, blk_size=block_size,
                                topology=backing.topology)
-        server = VhostUserServer(os.path.abspath(opts.socket), model, target)
+        if opts.fd is not None:
+            try:
+                listener, name = inherited_listener(opts.fd)
+            except ExportError:
+                target.close()
+                raise
+            server = _InheritedSocketServer(listener, name, model, target)
+        else:
+            server = VhostUserServer(os.path.abspath(opts.socket), model, target)
         if backing.is_block:
             server.size_probe = lambda: _ioctl_int(backing.fd_buffered, BLKGETSIZE64, "<Q")
         else:
@@ -225,11 +283,14 @@ async def _run(server: VhostUserServer) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: %s", server.grow()))
-    log.info("serving %s on %s (%d queue(s), %d bytes%s)", "vhost-user-blk", server.path,
-             server.model.num_queues, server.model.capacity,
-             ", read-only" if server.model.read_only else "")
+    m = server.model
+    log_event(log, "export.listening", socket=server.path, queues=m.num_queues,
+              capacity=m.capacity, read_only=m.read_only, pid=os.getpid(),
+              msg=f"serving vhost-user-blk on {server.path} ({m.num_queues} queue(s), "
+                  f"{m.capacity} bytes{', read-only' if m.read_only else ''})")
     await server.serve(stop)
-    log.info("stopped: in-flight I/O drained, socket removed")
+    log_event(log, "export.drained", msg="stopped: in-flight I/O drained, socket "
+              + ("closed" if isinstance(server, _InheritedSocketServer) else "removed"))
 
 
 def run_export(opts: ExportOptions) -> int:

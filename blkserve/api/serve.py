@@ -8,6 +8,7 @@ import os
 import secrets
 import sys
 
+from blkserve import logs
 from blkserve.api import config
 
 log = logging.getLogger("blkserve.serve")
@@ -46,7 +47,9 @@ def add_parser(sub) -> None:
             "serving guests when this daemon stops and is adopted when it starts again. "
             "Every /v1 route needs 'Authorization: Bearer TOKEN': env BLKSERVE_API_TOKEN, "
             "else STATE_DIR/api-token (generated on first start, mode 0600). "
-            "OpenAPI docs at /docs."),
+            "OpenAPI docs at /docs. Logs go to stderr, one line per event (--log-format), "
+            "with an access line per request carrying its request id (X-Request-ID, "
+            "taken from the request or generated, and returned)."),
     )
     p.add_argument("--listen", metavar="HOST:PORT",
                    help=f"address to bind (default: {config.DEFAULT_LISTEN}, loopback only)")
@@ -55,6 +58,15 @@ def add_parser(sub) -> None:
                         f"{config.DEFAULT_STATE_DIR})")
     p.add_argument("--config", metavar="FILE",
                    help="TOML config file (see deploy/blkserve.toml); flags override it")
+    logs.add_format_option(p)
+    p.add_argument("--worker-logs", choices=("auto", "file", "journal"),
+                   default=os.environ.get("BLKSERVE_WORKER_LOGS") or "auto",
+                   help="where export workers log: file: STATE_DIR/logs/VOLUME.log; "
+                        "journal: the systemd journal (each worker opens its own stream, "
+                        "so its lines outlive a restart of this daemon), keeping only a "
+                        "bounded tail in that file for error messages; auto (default; env "
+                        "BLKSERVE_WORKER_LOGS): journal when this daemon's stderr is the "
+                        "journal (JOURNAL_STREAM), else file")
     p.set_defaults(func=run)
 
 
@@ -74,15 +86,23 @@ def run(args: argparse.Namespace) -> int:
     except (config.ConfigError, OSError) as e:
         print(f"blkserve serve: error: {e}", file=sys.stderr)
         return 2
+    worker_logs = args.worker_logs
+    if worker_logs == "auto":
+        worker_logs = "journal" if logs.stderr_is_journal() else "file"
+    os.environ["BLKSERVE_WORKER_LOGS"] = worker_logs  # inherited by the workers
     controller = Controller(settings)
     app = create_app(controller, token)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    log.info("state in %s; listening on %s (OpenAPI docs: %s/docs)", settings.state_dir,
-             url, url)
+    logs.log_event(log, "api.starting", state_dir=settings.state_dir, listen=url,
+                   token_source=source, worker_logs=worker_logs,
+                   msg=f"state in {settings.state_dir}; listening on {url} "
+                       f"(OpenAPI docs: {url}/docs)")
     header = ('"Authorization: Bearer $BLKSERVE_API_TOKEN"' if source.startswith("env")
               else f'"Authorization: Bearer $(cat {source})"')
-    log.info("API token: %s. Try:\n  curl -H %s %s/v1/volumes\n  curl -H %s "
-             "-H 'Content-Type: application/json' -d '{\"name\": \"vol1\", \"size_bytes\": "
-             "1073741824}' %s/v1/volumes", source, header, url, header, url)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    log.info("API token: %s. Try: curl -H %s %s/v1/volumes", source, header, url)
+    log.info("create a volume: curl -H %s -H 'Content-Type: application/json' -d "
+             "'{\"name\": \"vol1\", \"size_bytes\": 1073741824}' %s/v1/volumes", header, url)
+    # log_config=None: uvicorn's own records go through the root logger too
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                log_config=None)
     return 0
