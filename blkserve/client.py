@@ -22,6 +22,7 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:8470"
 DEFAULT_STATE_DIR = "./var"
 DEFAULT_TIMEOUT = 120.0
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 TOKEN_FILE = "api-token"
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -152,10 +153,20 @@ def volume_table(volumes: Sequence[dict]) -> str:
     return format_table(headers, rows, right=(1, 3, 5))
 
 
+def _vm(att: dict) -> str | None:
+    """Where an attachment is: the QMP socket, or the libvirt domain (and a
+    URI other than the default)."""
+    if att.get("hypervisor") == "libvirt":
+        uri = att.get("uri")
+        return att.get("domain") if uri in (None, DEFAULT_LIBVIRT_URI) \
+            else f"{att.get('domain')} ({uri})"
+    return att.get("qmp_socket")
+
+
 def attachment_table(attachments: Sequence[dict]) -> str:
-    headers = ("ID", "STATE", "HYPERVISOR", "BUS", "DEVICE", "QMP SOCKET", "CREATED", "ERROR")
+    headers = ("ID", "STATE", "HYPERVISOR", "BUS", "DEVICE", "VM", "CREATED", "ERROR")
     rows = [(a.get("id"), a.get("state"), a.get("hypervisor"), a.get("bus"),
-             a.get("device_id"), a.get("qmp_socket"), a.get("created_at"), a.get("error"))
+             a.get("device_id"), _vm(a), a.get("created_at"), a.get("error"))
             for a in attachments]
     return format_table(headers, rows)
 
@@ -361,16 +372,27 @@ def _cmd_export(api: Api, args: argparse.Namespace) -> int:
 
 
 def _cmd_attach(api: Api, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"hypervisor": "qemu", "qmp_socket": os.path.abspath(args.qmp)}
-    if args.bus is not None:
-        body["bus"] = args.bus
+    body: dict[str, Any]
+    if args.libvirt_domain is not None:
+        if args.bus is not None:
+            raise CliError("--bus is for --qmp; libvirt picks the slot itself")
+        body = {"hypervisor": "libvirt", "domain": args.libvirt_domain}
+        if args.libvirt_uri is not None:
+            body["uri"] = args.libvirt_uri
+    else:
+        if args.libvirt_uri is not None:
+            raise CliError("--libvirt-uri goes with --libvirt-domain")
+        body = {"hypervisor": "qemu", "qmp_socket": os.path.abspath(args.qmp)}
+        if args.bus is not None:
+            body["bus"] = args.bus
     _, att = api.call("POST", _volume_path(args.name) + "/attachments", body)
     if args.json:
         _print_json(att)
         return 0
+    where = (f"libvirt domain {_vm(att)}, target {_cell(att.get('target'))}"
+             if att.get("hypervisor") == "libvirt" else f"QMP {att.get('qmp_socket')}")
     print(f"attached volume {att.get('volume', args.name)} as attachment {att.get('id')} "
-          f"(device {att.get('device_id')}, bus {_cell(att.get('bus'))}, "
-          f"QMP {att.get('qmp_socket')})")
+          f"(device {att.get('device_id')}, bus {_cell(att.get('bus'))}, {where})")
     return 0
 
 
@@ -524,14 +546,23 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "attach", parents=[common], epilog=epilog,
-        help="hot-attach a volume to a running QEMU VM via the REST API",
-        description="Hot-plug a volume into a running QEMU VM over its QMP socket "
-                    "(exporting it first if needed) and print the attachment id.")
+        help="hot-attach a volume to a running QEMU VM or libvirt domain via the REST API",
+        description="Hot-plug a volume into a running QEMU VM over its QMP socket, or into "
+                    "a running libvirt domain (exporting it first if needed) and print the "
+                    "attachment id.")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--qmp", required=True, metavar="PATH",
-                   help="the VM's QMP unix socket (its guest RAM must be shared)")
+    vm = p.add_mutually_exclusive_group(required=True)
+    vm.add_argument("--qmp", metavar="PATH",
+                    help="the VM's QMP unix socket (its guest RAM must be shared)")
+    vm.add_argument("--libvirt-domain", metavar="NAME",
+                    help="a running libvirt domain (its memory must be shared: "
+                         "<memoryBacking><source type='memfd'/><access mode='shared'/>"
+                         "</memoryBacking>)")
+    p.add_argument("--libvirt-uri", metavar="URI",
+                   help=f"libvirt connection URI (default: {DEFAULT_LIBVIRT_URI})")
     p.add_argument("--bus", metavar="BUS",
-                   help="QEMU bus id to plug into (default: a free pcie-root-port, or pci.0)")
+                   help="QEMU bus id to plug into (--qmp; default: a free pcie-root-port, "
+                        "or pci.0)")
     p.set_defaults(func=_run(_cmd_attach))
 
     p = sub.add_parser(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import time
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -13,11 +14,73 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from blkserve import __version__
+from blkserve import __version__, logs
 from blkserve.api import metrics, models
 from blkserve.api.service import ApiError, Controller
 
 log = logging.getLogger("blkserve.api")
+access_log = logging.getLogger("blkserve.access")
+# Polled routes: their successful requests are access-logged at debug level.
+QUIET_PATHS = ("/healthz", "/metrics")
+
+
+class RequestIdMiddleware:
+    """The outermost layer: every request gets an id (the client's
+    X-Request-ID if it is a sane token, else a new one), returned in the
+    X-Request-ID response header and put as request_id= on every log line
+    emitted while the request is handled; then one access line per request
+    with method, path, status and duration."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = None
+        for k, v in scope.get("headers", ()):
+            if k == b"x-request-id":
+                given = v.decode("latin-1").strip()
+                break
+        rid = logs.new_request_id(given)
+        ctx = logs.begin_request(rid)
+        status = 500
+        started = False
+        start = time.monotonic()
+
+        async def send_with_id(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                headers = [(k, v) for k, v in message.get("headers", ())
+                           if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # answered here rather than by Starlette's outermost error layer,
+            # so the 500 carries the request id too
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            await JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"},
+                               status_code=500)(scope, receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            ms = (time.monotonic() - start) * 1000
+            quiet = status < 400 and path in QUIET_PATHS
+            client = scope.get("client")
+            logs.log_event(
+                access_log, "http.request", level=logging.DEBUG if quiet else logging.INFO,
+                msg=f"{scope.get('method')} {path} {status}", method=scope.get("method"),
+                path=path, status=status, duration_ms=round(ms, 3),
+                client=f"{client[0]}:{client[1]}" if client else None)
+            # tasks and callbacks started by this request keep a copy of the
+            # context: from now on their lines are no longer this request's
+            ctx.active = False
 
 DESCRIPTION = """\
 Control plane of blkserve, a vhost-user-blk storage backend.
@@ -25,8 +88,9 @@ Control plane of blkserve, a vhost-user-blk storage backend.
 A **volume** is a sparse file under the state dir (or an allow-listed file or
 block device). An **export** serves it on a vhost-user unix socket through a
 supervised `blkserve export` worker process. An **attachment** plugs the
-export into a running QEMU VM over QMP (hot-plug; the guest sees a new
-virtio disk whose serial is the volume name, truncated to 20 bytes).
+export into a running QEMU VM over QMP, or into a running libvirt domain
+(hot-plug; the guest sees a new virtio disk whose serial is the volume name,
+truncated to 20 bytes).
 
 Every `/v1` route needs `Authorization: Bearer <token>` (env
 `BLKSERVE_API_TOKEN` of the daemon, else the file `STATE_DIR/api-token`).
@@ -55,7 +119,11 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         try:
             yield
         finally:
+            running = sum(1 for w in controller.workers.values() if w.pid)
             await controller.close()
+            logs.log_event(log, "api.stopped", workers_left_running=running,
+                           msg=f"stopped; {running} export worker(s) keep serving and are "
+                               "adopted by the next daemon")
 
     app = FastAPI(title="blkserve", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)
@@ -101,11 +169,8 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"},
-                            status_code=500)
+    # Any other exception: a 500 {"detail": "internal error: ..."} from
+    # RequestIdMiddleware, logged with its traceback.
 
     @app.get("/healthz", response_model=models.Health, tags=["service"],
              summary="Liveness (no token needed)")
@@ -208,17 +273,45 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         return Response(status_code=204)
 
     @v1.post("/volumes/{name}/attachments", status_code=201, response_model=models.Attachment,
-             tags=["attachments"], summary="Hot-attach a volume to a running QEMU VM",
+             tags=["attachments"], summary="Hot-attach a volume to a running QEMU VM or "
+                                           "libvirt domain",
              responses={**UNREADABLE, **NOT_FOUND,
-                        **_err(409, "Already attached to that VM, or no free hotplug slot."),
-                        **_err(422, "Invalid body, or qmp_socket is not a live QMP socket."),
-                        **_err(502, "QEMU refused (its message is in detail).")})
+                        **_err(409, "Already attached to that VM, no free hotplug slot, or "
+                                    "(libvirt) the domain does not share its memory, is not "
+                                    "running, or its QEMU user cannot reach the socket."),
+                        **_err(422, "Invalid body, qmp_socket is not a live QMP socket, or "
+                                    "no such libvirt domain."),
+                        **_err(501, "libvirt: the libvirt Python bindings are not "
+                                    "installed (pip install libvirt-python)."),
+                        **_err(502, "QEMU or libvirt refused, or libvirt is unreachable "
+                                    "(the message is in detail).")})
     async def attach(name: str, body: models.AttachmentCreate):
-        """Export the volume if needed, then over QMP `chardev-add` a socket
-        client (reconnect=1) and `device_add vhost-user-blk-pci` on a free
-        pcie-root-port (q35), on pci.0 (pc), or on `bus`."""
+        """Export the volume if needed, then plug it into the VM.
+
+        `qemu`: over QMP `chardev-add` a socket client (reconnect=1) and
+        `device_add vhost-user-blk-pci` on a free pcie-root-port (q35), on
+        pci.0 (pc), or on `bus`.
+
+        `libvirt`: `attachDeviceFlags(VIR_DOMAIN_AFFECT_LIVE)` of a
+        `<disk type='vhostuser'>` on the export's socket (reconnecting) with
+        the first free `vdX` target; the socket is given to the user the
+        domain's QEMU runs as (its DAC label)."""
         async with controller.lock(name):
+            if isinstance(body, models.LibvirtAttachmentCreate):
+                return vars(await controller.attach_libvirt(name, body.domain, body.uri))
             return vars(await controller.attach(name, body.qmp_socket, body.bus))
+
+    @v1.get("/volumes/{name}/libvirt-xml", response_model=models.LibvirtDiskXml,
+            tags=["attachments"], summary="libvirt disk XML of a volume (cold attach)",
+            responses={**NOT_FOUND, **INVALID})
+    async def libvirt_xml(name: str, target: str = Query(
+            default="vdb", pattern=r"^vd[a-z]{1,3}$", description=(
+                "`<target dev>` to put in the XML; must be free in the domain."))):
+        """The `<disk type='vhostuser'>` element that gives a libvirt domain this
+        volume from its next start (`virsh attach-device DOMAIN FILE --config`,
+        or paste it into `<devices>`). The export must run then: PUT
+        .../export (a hot attach does not need this route)."""
+        return controller.libvirt_xml(name, target)
 
     @v1.get("/volumes/{name}/attachments", response_model=list[models.Attachment],
             tags=["attachments"], summary="List a volume's attachments",
@@ -236,16 +329,20 @@ def create_app(controller: Controller, token: str) -> FastAPI:
     @v1.delete("/volumes/{name}/attachments/{att_id}", status_code=204,
                response_class=Response, tags=["attachments"], summary="Detach a volume",
                responses={**NOT_FOUND, **INVALID,
-                          **_err(502, "QEMU refused (its message is in detail)."),
+                          **_err(501, "libvirt: the libvirt Python bindings are not "
+                                      "installed."),
+                          **_err(502, "QEMU or libvirt refused, or libvirt is unreachable "
+                                      "(the message is in detail)."),
                           **_err(504, "The guest did not release the disk in time; the "
                                       "attachment is left `detaching`, retry.")})
     async def detach(name: str, att_id: str, timeout_s: float | None = Query(
             default=None, gt=0, le=600, description=(
                 "How long to wait for the guest to release the disk (default: the "
                 "config's detach_timeout_s, 60 s)."))):
-        """`device_del`, wait for DEVICE_DELETED, `chardev-remove`; the export
-        stops if it was only there for attachments. A stale attachment (VM
-        gone) is just forgotten."""
+        """`device_del`, wait for DEVICE_DELETED, `chardev-remove` (libvirt:
+        `detachDeviceAlias`, wait until the disk has left the live domain XML);
+        the export stops if it was only there for attachments. A stale
+        attachment (VM gone) is just forgotten."""
         async with controller.lock(name):
             await controller.detach(name, att_id, timeout_s)
         return Response(status_code=204)
@@ -263,4 +360,5 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         return await controller.trace(body.volume, body.duration_s, body.breakdown)
 
     app.include_router(v1)
+    app.add_middleware(RequestIdMiddleware)  # added last: the outermost
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -85,11 +85,12 @@ class Export(BaseModel):
     started_at: str | None = Field(description="When the current worker started (UTC).")
 
 
-class AttachmentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"hypervisor": "qemu", "qmp_socket": "/run/vm1/qmp.sock"}]})
+class QemuAttachmentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="QemuAttachmentCreate",
+                              json_schema_extra={"examples": [
+                                  {"hypervisor": "qemu", "qmp_socket": "/run/vm1/qmp.sock"}]})
 
-    hypervisor: Literal["qemu"] = Field(description="Only `qemu` (QMP) for now.")
+    hypervisor: Literal["qemu"] = Field(description="`qemu`: talk to QEMU over QMP.")
     qmp_socket: str = Field(min_length=1, max_length=4096, description=(
         "Absolute path of the running VM's QMP unix socket (`-qmp unix:PATH,server=on,"
         "wait=off`). Its guest RAM must be shared (memory-backend-memfd with share=on)."),
@@ -99,20 +100,74 @@ class AttachmentCreate(BaseModel):
         "pci.0 (pc)."), examples=["hp0"])
 
 
+# Local libvirt connections only: the export is a unix socket on this host, so
+# a remote hypervisor could not reach it anyway.
+LIBVIRT_URI_PATTERN = r"^qemu(\+unix)?:///(system|session)(\?socket=/[^?&#\s]+)?$"
+
+
+class LibvirtAttachmentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="LibvirtAttachmentCreate",
+                              json_schema_extra={"examples": [
+                                  {"hypervisor": "libvirt", "domain": "vm1"},
+                                  {"hypervisor": "libvirt", "domain": "vm1",
+                                   "uri": "qemu:///system"}]})
+
+    hypervisor: Literal["libvirt"] = Field(description=(
+        "`libvirt`: hot-attach through libvirt (`attachDeviceFlags`, live) as a "
+        "`<disk type='vhostuser'>`. Needs the `libvirt-python` bindings on the daemon's "
+        "host (else 501)."))
+    domain: str = Field(min_length=1, max_length=256, pattern=r"^[^/\x00-\x1f\x7f]+$",
+                        description=(
+        "Name of the running libvirt domain. Its memory must be shared: "
+        "`<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>` "
+        "(else 409)."), examples=["vm1"])
+    uri: str = Field(default="qemu:///system", max_length=4096,
+                     pattern=LIBVIRT_URI_PATTERN, description=(
+        "Local libvirt connection URI: `qemu:///system` (default), `qemu:///session`, or "
+        "`qemu+unix:///system?socket=/path`. A session daemon is not started on demand."),
+        examples=["qemu:///system"])
+
+
+AttachmentCreate = Annotated[QemuAttachmentCreate | LibvirtAttachmentCreate,
+                             Field(discriminator="hypervisor")]
+
+
 class Attachment(BaseModel):
     id: str = Field(examples=["a1b2c3d4"])
     volume: str
-    hypervisor: str
-    qmp_socket: str
-    bus: str | None
-    device_id: str = Field(description="QEMU device id (device_add id).")
-    chardev_id: str = Field(description="QEMU chardev id.")
+    hypervisor: Literal["qemu", "libvirt"]
+    qmp_socket: str | None = Field(description="QMP socket of the VM (`qemu`).")
+    bus: str | None = Field(description="Bus the disk sits on: the QEMU bus id (`qemu`), "
+                            "or the alias of the libvirt PCI controller (`libvirt`).")
+    device_id: str = Field(description="QEMU device id (device_add id), or for `libvirt` "
+                           "the disk's alias (`ua-blkserve-ID`).")
+    chardev_id: str = Field(description="QEMU chardev id (for `libvirt`, the one libvirt "
+                            "made for the disk).")
+    uri: str | None = Field(default=None, description="libvirt connection URI (`libvirt`).")
+    domain: str | None = Field(default=None, description="libvirt domain name (`libvirt`).")
+    target: str | None = Field(default=None, description=(
+        "libvirt `<target dev>` of the disk (`libvirt`; the guest names its disks in "
+        "probe order, not after it)."), examples=["vdb"])
     state: Literal["attaching", "attached", "detaching", "stale"] = Field(description=(
-        "`attaching`: QEMU is being asked to plug the disk; `detaching`: an unplug "
-        "timed out and is still pending in the guest; "
-        "`stale`: the VM is gone (its QMP socket does not answer); delete it."))
+        "`attaching`: the hypervisor is being asked to plug the disk; `detaching`: an "
+        "unplug timed out and is still pending in the guest; "
+        "`stale`: the VM is gone (its QMP socket does not answer, or the libvirt domain "
+        "is no longer running or no longer has the disk); delete it."))
     created_at: str
     error: str | None = Field(description="Last error seen for this attachment.")
+
+
+class LibvirtDiskXml(BaseModel):
+    volume: str
+    socket: str = Field(description="The export's vhost-user socket the XML points at.",
+                        examples=["/var/lib/blkserve/sockets/db1.sock"])
+    exported: bool = Field(description="The export runs now. Without one, a domain "
+                           "started with this disk fails to start (PUT .../export first).")
+    target: str = Field(description="The `<target dev>` used.", examples=["vdb"])
+    xml: str = Field(description=(
+        "A `<disk type='vhostuser'>` element for `virsh attach-device --config` or the "
+        "domain XML."), examples=[
+        "<disk type='vhostuser' device='disk'>...</disk>"])
 
 
 class Volume(BaseModel):

@@ -15,10 +15,12 @@ import stat
 import struct
 import uuid
 
+from blkserve.api import libvirt as virt
 from blkserve.api import qemu
 from blkserve.api.config import SOCKET_PATH_MAX, Settings
 from blkserve.api.state import AttachmentRow, State, VolumeRow, now
-from blkserve.api.workers import Worker, WorkerSpec, WorkerStartError
+from blkserve.api.workers import Worker, WorkerSpec, WorkerStartError, own_socket
+from blkserve.logs import log_event
 
 log = logging.getLogger("blkserve.api")
 
@@ -37,6 +39,18 @@ def _not_found(name: str) -> ApiError:
     return ApiError(404, f"volume '{name}' does not exist")
 
 
+def _owner(text: str | None) -> tuple[int, int] | None:
+    """'UID:GID' (exports.socket_owner) as a tuple."""
+    if not text:
+        return None
+    uid, _, gid = text.partition(":")
+    return int(uid), int(gid)
+
+
+def _owner_text(owner: tuple[int, int] | None) -> str | None:
+    return f"{owner[0]}:{owner[1]}" if owner else None
+
+
 def _backing_size(path: str) -> int:
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
@@ -48,9 +62,12 @@ def _backing_size(path: str) -> int:
 class Controller:
     def __init__(self, settings: Settings):
         self.settings = settings
-        for d in (settings.state_dir, settings.volumes_dir, settings.logs_dir,
-                  settings.stats_dir):
-            os.makedirs(d, exist_ok=True)
+        os.makedirs(settings.state_dir, exist_ok=True)
+        # private: the state dir may be made searchable for the QEMU user, who
+        # must reach the sockets through it, and nothing else
+        for d in (settings.volumes_dir, settings.logs_dir, settings.stats_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
         os.makedirs(settings.sockets_dir, exist_ok=True)
         self.state = State(settings.db_path)
         self.workers: dict[str, Worker] = {}
@@ -65,7 +82,7 @@ class Controller:
         ones that died meanwhile."""
         for exp in self.state.exports():
             vol = self.state.volume(exp.volume)
-            worker = self._new_worker(vol, exp.socket)
+            worker = self._new_worker(vol, exp.socket, _owner(exp.socket_owner))
             if exp.pid and worker.adopt(exp.pid, exp.pid_start):
                 self.workers[vol.name] = worker
                 continue
@@ -84,6 +101,22 @@ class Controller:
     async def _settle_attaching(self, att: AttachmentRow) -> None:
         """A previous daemon died during this attach: keep the attachment if
         the device made it into the VM, else forget it."""
+        if att.hypervisor == "libvirt":
+            try:
+                present = await self._virt(virt.disk_present, att.uri, att.domain,
+                                           att.device_id)
+            except virt.DomainGone:
+                present = False
+            except ApiError as e:
+                self.state.set_attachment_state(att.id, "attached", e.detail)
+                return
+            if present:
+                self.state.set_attachment_state(att.id, "attached")
+            else:
+                self.state.delete_attachment(att.id)
+            log.info("attachment %s of %s interrupted by a daemon restart: %s", att.id,
+                     att.volume, "kept" if present else "dropped")
+            return
         try:
             present = await qemu.device_present(att.qmp_socket, att.device_id,
                                                 self.settings.qmp_timeout_s)
@@ -118,11 +151,63 @@ class Controller:
     async def _watch_vms(self) -> None:
         while True:
             await asyncio.sleep(STALE_CHECK_S)
+            try:
+                await self._watch_libvirt()
+            except Exception:
+                log.exception("checking libvirt attachments failed")
             for att in self.state.attachments():
+                if att.hypervisor != "qemu":
+                    continue
                 if att.state != "stale" and not qemu.vm_alive(att.qmp_socket):
-                    log.warning("attachment %s of %s: VM at %s is gone; marked stale",
-                                att.id, att.volume, att.qmp_socket)
                     self.state.set_attachment_state(att.id, "stale", "the VM is gone")
+                    log_event(log, "attachment.stale", level=logging.WARNING, volume=att.volume,
+                              attachment=att.id, qmp_socket=att.qmp_socket,
+                              reason="the VM is gone")
+
+    async def _watch_libvirt(self) -> None:
+        """Mark stale the libvirt attachments whose domain is gone, no longer
+        runs, or no longer has the disk (libvirt calls in a thread, one
+        connection per URI; a URI that does not answer says nothing)."""
+        by_uri: dict[str, list[AttachmentRow]] = {}
+        for att in self.state.attachments():
+            if att.hypervisor == "libvirt" and att.state not in ("stale", "attaching"):
+                by_uri.setdefault(att.uri, []).append(att)
+        for uri, atts in by_uri.items():
+            try:
+                gone = await self._virt(virt.stale_reasons, uri,
+                                        [(a.domain, a.device_id) for a in atts])
+            except ApiError as e:
+                log.debug("stale check on %s: %s", uri, e.detail)
+                continue
+            for att in atts:
+                why = gone.get((att.domain, att.device_id))
+                current = self.state.attachment(att.volume, att.id)
+                if why and current is not None and current.state == att.state:
+                    self.state.set_attachment_state(att.id, "stale", why)
+                    log_event(log, "attachment.stale", level=logging.WARNING,
+                              volume=att.volume, attachment=att.id, reason=why)
+
+    async def _virt(self, fn, *args, bounded: bool = True):
+        """A blocking libvirt call in a thread, bounded by qmp_timeout_s unless
+        it changes the domain (then libvirt's own job timeouts bound it: giving
+        up on it while it goes on could leave a disk nobody knows of); errors
+        as ApiError (except DomainGone, for the caller)."""
+        try:
+            if not bounded:
+                return await asyncio.to_thread(fn, *args)
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args),
+                                          self.settings.qmp_timeout_s)
+        except TimeoutError:
+            raise ApiError(502, f"libvirt did not answer in "
+                                f"{self.settings.qmp_timeout_s:.0f} s") from None
+        except virt.Unavailable as e:
+            raise ApiError(501, str(e)) from None
+        except virt.DomainNotFound as e:
+            raise ApiError(422, str(e)) from None
+        except (virt.NotRunning, virt.NoSharedMemory, virt.NoFreeSlot) as e:
+            raise ApiError(409, str(e)) from None
+        except (virt.ConnectFailed, virt.LibvirtFailed) as e:
+            raise ApiError(502, str(e)) from None
 
     # -- views -------------------------------------------------------------
 
@@ -189,7 +274,7 @@ class Controller:
         except Exception:
             os.unlink(path)
             raise
-        log.info("volume %s created: %d bytes at %s", name, size, path)
+        log_event(log, "volume.created", volume=name, size_bytes=size, backing=path)
         return row
 
     def _create_external(self, name: str, size: int | None, read_only: bool, queues: int,
@@ -238,7 +323,7 @@ class Controller:
                 raise ApiError(422, f"cannot create backing {backing}: {e.strerror}") from None
         row = VolumeRow(name, size, read_only, queues, real, False, now())
         self.state.add_volume(row)
-        log.info("volume %s created on %s (%d bytes)", name, real, size)
+        log_event(log, "volume.created", volume=name, size_bytes=size, backing=real)
         return row
 
     def resize_volume(self, name: str, size: int) -> VolumeRow:
@@ -264,7 +349,7 @@ class Controller:
             raise ApiError(507 if e.errno == 28 else 409,
                            f"cannot resize {v.backing}: {e.strerror}") from None
         self.state.set_volume_size(name, size)
-        log.info("volume %s resized from %d to %d bytes", name, v.size_bytes, size)
+        log_event(log, "volume.resized", volume=name, size_bytes=size, old_size_bytes=v.size_bytes)
         w = self.workers.get(name)
         if w is not None and w.pid is not None and size > v.size_bytes:
             # the worker re-reads the size and tells the guest (online resize)
@@ -283,20 +368,21 @@ class Controller:
         if v.managed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(v.backing)
-        log.info("volume %s deleted", name)
+        log_event(log, "volume.deleted", volume=name)
 
     # -- exports -----------------------------------------------------------
 
     def stats_path(self, name: str) -> str:
         return os.path.join(self.settings.stats_dir, f"{name}.stats")
 
-    def _new_worker(self, v: VolumeRow, socket_path: str) -> Worker:
+    def _new_worker(self, v: VolumeRow, socket_path: str,
+                    socket_owner: tuple[int, int] | None = None) -> Worker:
         spec = WorkerSpec(volume=v.name, backing=v.backing, socket=socket_path,
                           queues=v.queues, read_only=v.read_only,
                           cache=self.settings.export_cache,
                           io_engine=self.settings.export_io_engine,
                           poll_us=self.settings.export_poll_us,
-                          stats_file=self.stats_path(v.name))
+                          stats_file=self.stats_path(v.name), socket_owner=socket_owner)
         return Worker(spec, os.path.join(self.settings.logs_dir, f"{v.name}.log"),
                       on_pid=self.state.set_export_pid, on_restart=self.state.count_restart)
 
@@ -312,16 +398,57 @@ class Controller:
         if len(sock.encode()) > SOCKET_PATH_MAX:
             raise ApiError(422, f"socket path {sock} is longer than {SOCKET_PATH_MAX} bytes; "
                                 "use a shorter volume name or socket_dir")
-        worker = self._new_worker(v, sock)
+        # the socket goes to the host's libvirt QEMU user (if any), so that
+        # a domain given the disk in its config reaches it too
+        owner = virt.default_qemu_owner()
+        if owner is not None:
+            for d in self._reach_socket_dir(sock, owner):
+                log.warning("export %s: %s cannot search %s, so QEMU running as it cannot "
+                            "reach %s", name, virt.owner_name(owner), d, sock)
+        worker = self._new_worker(v, sock, owner)
         self.state.add_export(name, sock, explicit)
+        self.state.set_export_socket_owner(name, _owner_text(owner))
         self.workers[name] = worker
         try:
             await worker.start(self.settings.worker_start_timeout_s)
         except WorkerStartError as e:
             self.workers.pop(name, None)
             self.state.delete_export(name)
+            log_event(log, "export.failed", level=logging.ERROR, volume=name, error=str(e))
             raise ApiError(502, str(e)) from None
+        log_event(log, "export.started", volume=name, socket=sock, pid=worker.pid)
         return self.export_view(name), True
+
+    def _reach_socket_dir(self, sock: str, owner: tuple[int, int]) -> list[str]:
+        """Let OWNER search the directories blkserve manages on the way to
+        SOCK (the socket dir, and the state dir with what lies between);
+        returns the other directories it cannot search (not ours to change)."""
+        roots = (self.settings.sockets_dir, self.settings.state_dir)
+        still = []
+        for d in virt.unreachable_dirs(sock, owner):
+            if any(d == r or d.startswith(r + os.sep) for r in roots):
+                virt.grant_search(d, owner)
+            else:
+                still.append(d)
+        return still
+
+    def set_socket_owner(self, name: str, owner: tuple[int, int]) -> None:
+        """Give the export's socket (now and after every worker restart) to
+        OWNER; ApiError 409 when OWNER could not reach it anyway."""
+        exp = self.state.export(name)
+        if exp is None:
+            return
+        blocked = self._reach_socket_dir(exp.socket, owner)
+        if blocked:
+            raise ApiError(409, f"QEMU runs as {virt.owner_name(owner)}, which cannot search "
+                                f"{', '.join(blocked)} on the way to the export socket "
+                                f"{exp.socket}: grant it search permission (chmod o+x, or an "
+                                "ACL), or set socket_dir to a directory it can reach")
+        self.state.set_export_socket_owner(name, _owner_text(owner))
+        w = self.workers.get(name)
+        if w is not None:
+            w.spec.socket_owner = owner
+        own_socket(exp.socket, owner)
 
     async def stop_export(self, name: str, force_check: bool = True) -> None:
         self.get_volume(name)
@@ -333,7 +460,7 @@ class Controller:
         if worker is not None:
             await worker.stop(self.settings.worker_stop_timeout_s)
         self.state.delete_export(name)
-        log.info("export %s stopped", name)
+        log_event(log, "export.stopped", volume=name)
 
     # -- tracing -----------------------------------------------------------
 
@@ -403,11 +530,89 @@ class Controller:
             raise
         row.state = "attached"
         self.state.set_attachment_state(att_id, "attached", bus=row.bus)
+        log_event(log, "attachment.created", volume=name, attachment=att_id, bus=row.bus)
         return row
+
+    async def attach_libvirt(self, name: str, domain: str, uri: str) -> AttachmentRow:
+        """Hot-plug the volume into the running libvirt DOMAIN as a vhostuser disk."""
+        v = self.get_volume(name)
+        await self._virt(virt.bindings)  # 501 without the bindings
+        for a in self.state.attachments(name):
+            if a.hypervisor == "libvirt" and (a.uri, a.domain) == (uri, domain) \
+                    and a.state != "stale":
+                raise ApiError(409, f"volume '{name}' is already attached to libvirt domain "
+                                    f"'{domain}' (attachment {a.id})")
+        info = await self._virt(virt.inspect, uri, domain)
+        had_export = self.state.export(name) is not None
+        exp, _ = await self.ensure_export(name, explicit=False)
+        att_id = uuid.uuid4().hex[:8]
+        alias = virt.ALIAS_PREFIX + att_id
+        # recorded before libvirt is touched (see _settle_attaching);
+        # chardev: the id libvirt gives the disk's vhost-user chardev
+        row = AttachmentRow(att_id, name, "libvirt", None, None, alias, f"chr-vu-{alias}",
+                            "attaching", now(), None, uri=uri, domain=domain)
+        try:
+            if info.owner is not None:
+                self.set_socket_owner(name, info.owner)
+            self.state.add_attachment(row)
+            async with self.vm_lock(f"libvirt:{uri}:{domain}"):
+                row.target, row.bus = await self._virt(virt.attach, uri, domain,
+                                                       exp["socket"], v.queues, alias,
+                                                       bounded=False)
+        except ApiError:
+            self.state.delete_attachment(att_id)
+            if not had_export:
+                await self.stop_export(name, force_check=False)
+            raise
+        except BaseException:
+            self.state.delete_attachment(att_id)
+            raise
+        row.state = "attached"
+        self.state.set_attachment_state(att_id, "attached", bus=row.bus, target=row.target)
+        log_event(log, "attachment.created", volume=name, attachment=att_id, bus=row.bus)
+        return row
+
+    async def _detach_libvirt(self, a: AttachmentRow, timeout: float) -> None:
+        """Ask the guest to release the disk, then wait (up to TIMEOUT s) until
+        it has left the domain's live XML."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            async with self.vm_lock(f"libvirt:{a.uri}:{a.domain}"):
+                asked = await self._virt(virt.request_detach, a.uri, a.domain, a.device_id,
+                                         bounded=False)
+                while asked and await self._virt(virt.disk_present, a.uri, a.domain,
+                                                 a.device_id):
+                    left = deadline - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        msg = (f"the guest did not release disk {a.target} ({a.device_id}) "
+                               f"of libvirt domain '{a.domain}' within {timeout:g} s; the "
+                               "unplug request stays pending")
+                        self.state.set_attachment_state(a.id, "detaching", msg)
+                        log_event(log, "attachment.detach_timeout", volume=a.volume,
+                                  attachment=a.id)
+                        raise ApiError(504, f"{msg}; retry DELETE to wait again")
+                    await asyncio.sleep(min(0.2, left))
+        except virt.DomainGone as e:
+            log.warning("attachment %s of %s: %s; dropping it", a.id, a.volume, e)
+        except ApiError as e:
+            if e.status != 504:
+                self.state.set_attachment_state(a.id, a.state, e.detail)
+            raise
+        log.info("detached %s from libvirt domain %s", a.device_id, a.domain)
+
+    def libvirt_xml(self, name: str, target: str) -> dict:
+        """The <disk> element for a domain's persistent config (cold attach)."""
+        v = self.get_volume(name)
+        exp = self.state.export(name)
+        sock = exp.socket if exp else os.path.join(self.settings.sockets_dir, f"{name}.sock")
+        return {"volume": name, "socket": sock, "exported": exp is not None,
+                "target": target, "xml": virt.disk_xml(sock, target, v.queues)}
 
     async def detach(self, name: str, att_id: str, timeout: float | None = None) -> None:
         a = self.get_attachment(name, att_id)
-        if a.state != "stale":
+        if a.state != "stale" and a.hypervisor == "libvirt":
+            await self._detach_libvirt(a, timeout or self.settings.detach_timeout_s)
+        elif a.state != "stale":
             try:
                 async with self.vm_lock(a.qmp_socket):
                     await qemu.detach(a.qmp_socket, a.chardev_id, a.device_id,
@@ -417,11 +622,13 @@ class Controller:
                 log.warning("attachment %s of %s: %s; dropping it", att_id, name, e)
             except qemu.DetachTimeout as e:
                 self.state.set_attachment_state(att_id, "detaching", str(e))
+                log_event(log, "attachment.detach_timeout", volume=name, attachment=att_id)
                 raise ApiError(504, f"{e}; retry DELETE to wait again") from None
             except qemu.QMPFailed as e:
                 self.state.set_attachment_state(att_id, a.state, str(e))
                 raise ApiError(502, str(e)) from None
         self.state.delete_attachment(att_id)
+        log_event(log, "attachment.detached", volume=name, attachment=att_id, was=a.state)
         exp = self.state.export(name)
         if exp is not None and not exp.explicit and not self.state.attachments(name):
             await self.stop_export(name)

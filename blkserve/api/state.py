@@ -6,7 +6,9 @@ so a restarted daemon adopts the workers that kept running."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import sqlite3
 from dataclasses import dataclass
 
@@ -27,21 +29,58 @@ CREATE TABLE IF NOT EXISTS exports (
     pid         INTEGER,
     pid_start   INTEGER,
     restarts    INTEGER NOT NULL DEFAULT 0,
-    started_at  TEXT
+    started_at  TEXT,
+    socket_owner TEXT
 );
 CREATE TABLE IF NOT EXISTS attachments (
     id          TEXT PRIMARY KEY,
     volume      TEXT NOT NULL REFERENCES volumes(name),
     hypervisor  TEXT NOT NULL,
-    qmp_socket  TEXT NOT NULL,
+    qmp_socket  TEXT,
     bus         TEXT,
     device_id   TEXT NOT NULL,
     chardev_id  TEXT NOT NULL,
     state       TEXT NOT NULL,
     created_at  TEXT NOT NULL,
-    error       TEXT
+    error       TEXT,
+    uri         TEXT,
+    domain      TEXT,
+    target      TEXT
 );
 """
+
+# Upgrades of a database written by an older daemon: MIGRATIONS[i] takes
+# PRAGMA user_version i to i + 1.  A new database gets SCHEMA, which is the
+# latest version already.
+MIGRATIONS = [
+    # 1: libvirt attachments (uri, domain, target; no QMP socket) and the
+    # owner given to an export's socket
+    """
+    CREATE TABLE attachments_v1 (
+        id          TEXT PRIMARY KEY,
+        volume      TEXT NOT NULL REFERENCES volumes(name),
+        hypervisor  TEXT NOT NULL,
+        qmp_socket  TEXT,
+        bus         TEXT,
+        device_id   TEXT NOT NULL,
+        chardev_id  TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        error       TEXT,
+        uri         TEXT,
+        domain      TEXT,
+        target      TEXT
+    );
+    INSERT INTO attachments_v1 (id, volume, hypervisor, qmp_socket, bus, device_id,
+                                chardev_id, state, created_at, error)
+        SELECT id, volume, hypervisor, qmp_socket, bus, device_id, chardev_id, state,
+               created_at, error FROM attachments;
+    DROP TABLE attachments;
+    ALTER TABLE attachments_v1 RENAME TO attachments;
+    ALTER TABLE exports ADD COLUMN socket_owner TEXT;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def now() -> str:
@@ -68,30 +107,53 @@ class ExportRow:
     pid_start: int | None
     restarts: int
     started_at: str | None
+    socket_owner: str | None = None  # "UID:GID" the socket is chowned to (see workers)
 
 
 @dataclass
 class AttachmentRow:
     id: str
     volume: str
-    hypervisor: str
-    qmp_socket: str
+    hypervisor: str  # qemu | libvirt
+    qmp_socket: str | None  # qemu
     bus: str | None
-    device_id: str
+    device_id: str  # qemu: device_add id; libvirt: the disk's alias (ua-...)
     chardev_id: str
     state: str
     created_at: str
     error: str | None
+    uri: str | None = None  # libvirt: connection URI
+    domain: str | None = None  # libvirt: domain name
+    target: str | None = None  # libvirt: <target dev=...> of the disk
 
 
 class State:
     def __init__(self, path: str):
+        # private: the state dir may be searchable by others (export sockets
+        # are reached through it); SQLite gives -wal and -shm the db's mode
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for f in (path, path + "-wal", path + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f, 0o600)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        new = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                              "name = 'volumes'").fetchone() is None
+        if new:
+            self.db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; "
+                                  "COMMIT;")
+            return
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        for i in range(version, SCHEMA_VERSION):
+            # one transaction per step: a daemon killed mid-upgrade redoes the step
+            self.db.executescript(f"BEGIN; {MIGRATIONS[i]} PRAGMA user_version = {i + 1}; "
+                                  "COMMIT;")
 
     def close(self) -> None:
         self.db.close()
@@ -144,6 +206,9 @@ class State:
         self._exec("UPDATE exports SET pid = ?, pid_start = ?, started_at = ? WHERE volume = ?",
                    (pid, pid_start, now() if pid else None, volume))
 
+    def set_export_socket_owner(self, volume: str, owner: str | None) -> None:
+        self._exec("UPDATE exports SET socket_owner = ? WHERE volume = ?", (owner, volume))
+
     def count_restart(self, volume: str) -> None:
         self._exec("UPDATE exports SET restarts = restarts + 1 WHERE volume = ?", (volume,))
 
@@ -166,14 +231,17 @@ class State:
         return AttachmentRow(**dict(r)) if r else None
 
     def add_attachment(self, a: AttachmentRow) -> None:
-        self._exec("INSERT INTO attachments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._exec("INSERT INTO attachments (id, volume, hypervisor, qmp_socket, bus, "
+                   "device_id, chardev_id, state, created_at, error, uri, domain, target) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (a.id, a.volume, a.hypervisor, a.qmp_socket, a.bus, a.device_id,
-                    a.chardev_id, a.state, a.created_at, a.error))
+                    a.chardev_id, a.state, a.created_at, a.error, a.uri, a.domain, a.target))
 
     def set_attachment_state(self, att_id: str, state: str, error: str | None = None,
-                             bus: str | None = None) -> None:
-        self._exec("UPDATE attachments SET state = ?, error = ?, bus = COALESCE(?, bus) "
-                   "WHERE id = ?", (state, error, bus, att_id))
+                             bus: str | None = None, target: str | None = None) -> None:
+        self._exec("UPDATE attachments SET state = ?, error = ?, bus = COALESCE(?, bus), "
+                   "target = COALESCE(?, target) WHERE id = ?",
+                   (state, error, bus, target, att_id))
 
     def delete_attachment(self, att_id: str) -> None:
         self._exec("DELETE FROM attachments WHERE id = ?", (att_id,))

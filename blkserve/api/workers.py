@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blkserve.logs import worker_event
+
 log = logging.getLogger("blkserve.workers")
 
 BACKOFF_FIRST_S = 0.2
@@ -83,6 +85,23 @@ def _socket_inode(path: str) -> int | None:
     return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
 
 
+SOCKET_MODE = 0o660
+
+
+def own_socket(path: str, owner: tuple[int, int] | None) -> None:
+    """Give the socket to OWNER (uid, gid), the user QEMU runs as, mode 0660:
+    connecting to a unix socket needs write permission on it, and libvirt does
+    not relabel vhost-user sockets.  Nobody else may connect: a vhost-user
+    frontend reads and writes the whole volume."""
+    if owner is None:
+        return
+    try:
+        os.chown(path, *owner)
+        os.chmod(path, SOCKET_MODE)
+    except OSError as e:
+        log.warning("cannot give socket %s to %d:%d: %s", path, *owner, e.strerror)
+
+
 @dataclass
 class WorkerSpec:
     volume: str
@@ -94,6 +113,7 @@ class WorkerSpec:
     io_engine: str = "auto"
     poll_us: int = 0
     stats_file: str | None = None
+    socket_owner: tuple[int, int] | None = None  # chowned to this after every start
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "blkserve", "export", self.backing,
@@ -155,6 +175,7 @@ class Worker:
         while time.monotonic() < deadline and not self._exited.is_set():
             ino = _socket_inode(self.spec.socket)
             if ino is not None and ino != old_inode:
+                own_socket(self.spec.socket, self.spec.socket_owner)
                 self.state = "running"
                 return True
             await asyncio.sleep(0.02)
@@ -168,8 +189,7 @@ class Worker:
         finally:
             self._initial = False
         if ok:
-            log.info("export %s: worker %d listening on %s", self.spec.volume,
-                     self.pid, self.spec.socket)
+            worker_event(self, "worker.started", socket=self.spec.socket)
             return
         reason = self.last_exit or f"no socket after {timeout:.0f} s"
         tail = self.log_tail()
@@ -188,8 +208,9 @@ class Worker:
             self._watch()
         except ProcessLookupError:
             return False
+        own_socket(self.spec.socket, self.spec.socket_owner)  # in case we died before
         self.state = "running"
-        log.info("export %s: adopted running worker %d", self.spec.volume, pid)
+        worker_event(self, "worker.adopted")
         return True
 
     # -- exit and restart --------------------------------------------------
@@ -220,6 +241,7 @@ class Worker:
         self._exited.set()
         self.on_pid(self.spec.volume, None, None)
         if not self._wanted or self._initial or self.state == "stopping":
+            worker_event(self, "worker.exited", pid=old_pid, lived_s=lived)
             if self.state == "stopping":
                 self.state = "stopped"
             return
@@ -229,6 +251,7 @@ class Worker:
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
         log.warning("export %s: worker %d %s after %.1f s; restarting in %.1f s: %s",
                     self.spec.volume, old_pid, self.last_exit, lived, delay, self.log_tail())
+        worker_event(self, "worker.exited", "warning", pid=old_pid, lived_s=lived, backoff_s=delay)
         self.state = "backoff"
         self._restart_task = loop.create_task(self._restart_after(delay))
 
@@ -247,7 +270,7 @@ class Worker:
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
             return
         if ok:
-            log.info("export %s: worker restarted as %d", self.spec.volume, self.pid)
+            worker_event(self, "worker.restarted", socket=self.spec.socket)
         elif self.pid is not None and self._wanted:
             # alive but no socket: kill it; its exit schedules the next try
             log.warning("export %s: restarted worker %d has no socket after 15 s; killing "
