@@ -689,6 +689,32 @@ def test_restart_replaces_a_worker_that_died_meanwhile(fresh_state):
         cfg.unlink()
 
 
+def test_attach_interrupted_by_a_daemon_kill_is_settled_on_restart(fresh_state):
+    """A daemon killed between writing an attachment as `attaching` and
+    plugging it: the next daemon asks the VM; a VM that is not there means
+    the device never made it, so the row is dropped (and the volume is
+    deletable again)."""
+    import sqlite3
+
+    d, new = fresh_state
+    s1 = new()
+    with s1.client() as c:
+        create(c, "half1")
+    s1.stop(signal.SIGKILL)
+    db = sqlite3.connect(d / "blkserve.db")
+    with db:
+        db.execute(
+            "INSERT INTO attachments (id, volume, hypervisor, qmp_socket, device_id, "
+            "chardev_id, state, created_at) VALUES ('a1', 'half1', 'qemu', ?, 'dev-a1', "
+            "'chr-a1', 'attaching', '2026-01-01T00:00:00Z')", (str(d / "no-vm.sock"),))
+    db.close()
+    s2 = new()
+    with s2.client() as c:
+        assert ok(c.get("/v1/volumes/half1/attachments")) == []
+        assert c.delete("/v1/volumes/half1").status_code == 204
+    assert "interrupted by a daemon restart: dropped" in s2.log()
+
+
 # -- attachments (no VM) -------------------------------------------------------
 
 def test_attach_missing_volume(http, ext_dir):

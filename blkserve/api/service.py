@@ -101,27 +101,18 @@ class Controller:
     async def _settle_attaching(self, att: AttachmentRow) -> None:
         """A previous daemon died during this attach: keep the attachment if
         the device made it into the VM, else forget it."""
-        if att.hypervisor == "libvirt":
-            try:
+        try:
+            if att.hypervisor == "libvirt":
                 present = await self._virt(virt.disk_present, att.uri, att.domain,
                                            att.device_id)
-            except virt.DomainGone:
-                present = False
-            except ApiError as e:
-                self.state.set_attachment_state(att.id, "attached", e.detail)
-                return
-            if present:
-                self.state.set_attachment_state(att.id, "attached")
             else:
-                self.state.delete_attachment(att.id)
-            log.info("attachment %s of %s interrupted by a daemon restart: %s", att.id,
-                     att.volume, "kept" if present else "dropped")
-            return
-        try:
-            present = await qemu.device_present(att.qmp_socket, att.device_id,
-                                                self.settings.qmp_timeout_s)
-        except qemu.VMGone:
+                present = await qemu.device_present(att.qmp_socket, att.device_id,
+                                                    self.settings.qmp_timeout_s)
+        except (virt.DomainGone, qemu.VMGone):
             present = False
+        except ApiError as e:
+            self.state.set_attachment_state(att.id, "attached", e.detail)
+            return
         except qemu.QMPFailed as e:
             self.state.set_attachment_state(att.id, "attached", str(e))
             return
