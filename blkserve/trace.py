@@ -147,6 +147,7 @@ class Tracer:
     block: bool = True
     _bpf: object = field(default=None, repr=False)
     _devs: list[int] = field(default_factory=list, repr=False)
+    not_traced: list[Worker] = field(default_factory=list)
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -161,6 +162,15 @@ class Tracer:
         libs = sorted({w.native_lib for w in self.workers if w.native_lib})
         if not libs:
             raise TraceError("the workers have no blkserve engine library mapped")
+        if len(libs) > 1:
+            # Workers of two installs (or of an upgraded one still running
+            # the old library): bcc names each USDT argument reader after
+            # its probe function, so one program can serve one library.
+            # Trace the library most workers run; name the others.
+            lib = max(libs, key=lambda p: sum(w.native_lib == p for w in self.workers))
+            self.not_traced = [w for w in self.workers if w.native_lib != lib]
+            self.workers = [w for w in self.workers if w.native_lib == lib]
+            libs = [lib]
         cflags = ["-Wno-visibility"]
         if self.breakdown:
             cflags.append("-DBREAKDOWN")
@@ -208,6 +218,11 @@ class Tracer:
         time.sleep(duration)
         elapsed = time.monotonic() - t0
         result: dict = {"duration_s": round(elapsed, 3), "volumes": {}}
+        if self.not_traced:
+            result["not_traced"] = [
+                {"volume": w.volume, "pid": w.pid, "engine_library": w.native_lib,
+                 "why": "runs another engine library than the traced workers; "
+                        "trace it on its own with its volume"} for w in self.not_traced]
         for w in self.workers:
             result["volumes"].setdefault(w.volume, {"pids": [], "latency": {}})
             result["volumes"][w.volume]["pids"].append(w.pid)
@@ -279,6 +294,10 @@ def _print_hist(title: str, summary: dict, out) -> None:
 
 def print_result(result: dict, out=sys.stdout) -> None:
     print(f"traced for {result['duration_s']} s", file=out)
+    for w in result.get("not_traced", []):
+        print(f"not traced: volume {w['volume']} (pid {w['pid']}) runs another engine "
+              f"library ({w['engine_library']}); trace it with --volume {w['volume']}",
+              file=out)
     for vol, entry in sorted(result["volumes"].items()):
         if not entry["latency"]:
             print(f"\nvolume {vol}: no requests", file=out)

@@ -162,3 +162,47 @@ def test_api_tracing(api):
     assert body["volumes"]["t1"]["latency"]["read"]["count"] > 0
     assert body["volumes"]["t1"]["breakdown"]["submit->complete"]["count"] > 0
     assert http.post("/v1/tracing", json={"duration_s": 1}).status_code == 200
+
+
+def test_workers_of_another_install_are_named_not_traced(api, tmp_path):
+    """Workers that map another copy of the engine library (a second install,
+    or an upgrade whose old workers still run): one BPF program serves one
+    library, so the trace covers the library most workers run and names the
+    others instead of failing."""
+    import shutil
+
+    other = tmp_path / "other-install"
+    shutil.copytree(REPO / "blkserve", other / "blkserve",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    img = tmp_path / "other.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    sock = str(tmp_path / "other.sock")
+    exp = subprocess.Popen([sys.executable, "-m", "blkserve", "export", str(img), "--socket",
+                            sock, "--serial", "other"], cwd=other,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert os.path.exists(sock), "the second install's export did not start"
+        with Load(api.sockets["t1"], 6):
+            p = subprocess.run([sys.executable, "-m", "blkserve", "trace", "--duration", "2",
+                                "--json"], cwd=REPO, capture_output=True, text=True,
+                               timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+        r = json.loads(p.stdout)
+        assert r["volumes"]["t1"]["latency"]["read"]["count"] > 0
+        skipped = {w["volume"]: w for w in r["not_traced"]}
+        assert set(skipped) == {"other"}, r["not_traced"]
+        assert skipped["other"]["pid"] == exp.pid
+        assert str(other) in skipped["other"]["engine_library"]
+        # on its own it is traced
+        p = subprocess.run([sys.executable, "-m", "blkserve", "trace", "--duration", "1",
+                            "--volume", "other", "--json"], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "not_traced" not in json.loads(p.stdout)
+    finally:
+        exp.terminate()
+        exp.wait(15)
