@@ -8,7 +8,7 @@ STATE_DIR ?= $(CURDIR)/var
 APT_PACKAGES := build-essential pkg-config liburing-dev python3-venv \
 	qemu-system-x86 qemu-utils qemu-system-common fio busybox-static cpio \
 	e2fsprogs util-linux clang libclang-rt-14-dev systemtap-sdt-dev prometheus binutils \
-	python3-bpfcc linux-headers-amd64 libvirt-daemon-system libvirt-dev
+	python3-bpfcc linux-headers-amd64 libvirt-daemon-system libvirt-dev libxen-dev
 NATIVE_SRC := $(wildcard native/*.c native/*.h)
 CFLAGS_NATIVE := -O2 -g -Wall -Wextra -Werror -std=gnu11 -Inative
 
@@ -67,13 +67,19 @@ soak: setup
 	BLKSERVE_SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -v tests/test_soak.py
 
 # The engine's own C tests, with the same warnings as the extension.
+ENGINE_C := native/mem.c native/virtq.c native/blk.c native/core.c native/engine.c native/blkif.c
 build/test_engine: native/tests/test_engine.c $(NATIVE_SRC)
 	mkdir -p build
-	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_engine.c native/mem.c \
-		native/virtq.c native/blk.c native/engine.c -luring -lpthread
+	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_engine.c $(ENGINE_C) -luring -lpthread
 
-test-native: apt build/test_engine
+# The blkif transport against a fake Xen (grant table over a memfd).
+build/test_blkif: native/tests/test_blkif.c $(NATIVE_SRC)
+	mkdir -p build
+	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_blkif.c $(ENGINE_C) -luring -lpthread
+
+test-native: apt build/test_engine build/test_blkif
 	./build/test_engine
+	./build/test_blkif
 
 # The engine under AddressSanitizer and UndefinedBehaviorSanitizer: its C
 # tests, then the export and adversarial-frontend tests against an export
@@ -85,9 +91,14 @@ asan: setup
 	mkdir -p build
 	$(CC) $(CFLAGS_NATIVE) -fsanitize=address,undefined -fno-sanitize-recover=all \
 		-fno-omit-frame-pointer -o build/test_engine_asan native/tests/test_engine.c \
-		native/mem.c native/virtq.c native/blk.c native/engine.c -luring -lpthread
+		$(ENGINE_C) -luring -lpthread
+	$(CC) $(CFLAGS_NATIVE) -fsanitize=address,undefined -fno-sanitize-recover=all \
+		-fno-omit-frame-pointer -o build/test_blkif_asan native/tests/test_blkif.c \
+		$(ENGINE_C) -luring -lpthread
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		./build/test_engine_asan
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		./build/test_blkif_asan
 	rm -rf build/asan-pkg && mkdir -p build/asan-pkg
 	cp -r blkserve build/asan-pkg/ && rm -f build/asan-pkg/blkserve/_native*.so
 	BLKSERVE_SANITIZE=address,undefined $(BIN)/python blkserve/_native_build.py build/asan-pkg

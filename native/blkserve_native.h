@@ -167,6 +167,50 @@ int bs_queue_set_inflight(bs_queue *q, void *region, uint64_t size);
 int bs_queue_set_stats(bs_queue *q, struct bs_queue_stats *area);
 void bs_queue_free(bs_queue *q);
 
+/* ---- Xen blkif rings (native/blkif.c) ----
+ * One engine thread and io_uring per blkif ring, on the same request core
+ * as the virtqueues.  The caller (Python, through cffi) opens the Xen
+ * libraries, maps the shared ring, binds the event channel and passes the
+ * handles and library functions here: the engine links no Xen library. */
+typedef struct bs_blkif bs_blkif;
+
+struct bs_xen_ops {
+    void *gnttab;           /* xengnttab_handle *                            */
+    void *evtchn;           /* xenevtchn_handle *                            */
+    /* xengnttab_map_domain_grant_refs, xengnttab_unmap, xenevtchn_notify,
+     * xenevtchn_pending, xenevtchn_unmask */
+    void *(*map_domain_grant_refs)(void *xgt, uint32_t count, uint32_t domid,
+                                   uint32_t *refs, int prot);
+    int (*unmap)(void *xgt, void *start_address, uint32_t count);
+    int (*notify)(void *xce, uint32_t port);
+    int (*pending)(void *xce);
+    int (*unmask)(void *xce, uint32_t port);
+};
+
+struct bs_blkif_cfg {
+    void *sring;            /* the shared ring, mapped: ring_pages pages     */
+    uint32_t ring_pages;    /* 2^ring-page-order: 1..16                      */
+    uint32_t domid;         /* the frontend's domain                         */
+    uint32_t port;          /* our end of the bound event channel            */
+    int evtchn_fd;          /* xenevtchn_fd: poll(2)-able                    */
+    int persistent;         /* feature-persistent: keep data grants mapped   */
+    uint32_t max_indirect;  /* feature-max-indirect-segments offered, or 0   */
+    int discard;            /* feature-discard offered                       */
+};
+
+int bs_blkif_new(bs_target *t, int index, bs_blkif **out);
+/* Largest max_indirect bs_blkif_start accepts. */
+uint32_t bs_blkif_max_indirect(void);
+/* Serve the ring from a new thread (ops and cfg are copied). */
+int bs_blkif_start(bs_blkif *b, const struct bs_xen_ops *ops, const struct bs_blkif_cfg *cfg);
+/* Stop popping, wait for in-flight requests (bounded like bs_queue_stop),
+ * unmap every grant, join the thread. */
+int bs_blkif_stop(bs_blkif *b);
+int bs_blkif_running(bs_blkif *b);
+int bs_blkif_get_stats(bs_blkif *b, struct bs_queue_stats *out);
+int bs_blkif_set_stats(bs_blkif *b, struct bs_queue_stats *area);
+void bs_blkif_free(bs_blkif *b);
+
 /* ==== bs_bench: vhost-user-blk frontend load generator (native/bench.c) ====
  * Owned by `blkserve bench`; independent of the engine above.  Lifecycle:
  * bs_bench_new -> bs_bench_connect -> bs_bench_setup -> bs_bench_run (blocks

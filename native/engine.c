@@ -20,45 +20,23 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include <liburing.h>
-#define SDT_USE_VARIADIC
-#include <sys/sdt.h>
-
 #include "internal.h"
 
-/* USDT probes, provider "blkserve" (a nop instruction each until a tracer
- * attaches; see ebpf/).  The first argument of every probe is the target's
- * serial (the volume name under `blkserve serve`), the second the queue. */
-#define BS_PROBE(...) STAP_PROBEV(blkserve, __VA_ARGS__)
-/* Probe arguments are passed as 64-bit values: bcc cannot read an argument
- * that the compiler left in a 32-bit sub-register such as %r14d. */
-#define U64(x) ((uint64_t)(x))
+#define UD_KICK BS_UD_KICK
+#define UD_CTL BS_UD_CTL
+#define UD_CALL BS_UD_CALL       /* the guest notification write: no follow-up */
+#define UD_CANCEL BS_UD_CANCEL   /* a stop's cancellation of overdue I/O */
 
-#define UD_KICK 1ULL
-#define UD_CTL 2ULL
-#define UD_CALL 3ULL          /* the guest notification write: no follow-up */
-#define UD_CANCEL 4ULL        /* a stop's cancellation of overdue I/O */
-#define DRAIN_TIMEOUT_MS 30000  /* bs_target_cfg.drain_timeout_ms = 0 */
-#define CANCEL_GRACE_NS 1000000000ULL
-
-/* Fixed-file slots registered with each ring (io_uring_register_files). */
-#define FIXED_DIRECT 0
-#define FIXED_BUFFERED 1
-
+/* One request in flight: the core's part first (its address is the
+ * io_uring user_data and the probes' request pointer). */
 struct slot {
-    struct bs_chain chain;   /* iovecs into guest memory */
-    struct bs_blk_req req;
+    struct bs_io io;
     uint16_t head;
-    int fd;                  /* fd the I/O goes to */
-    uint64_t done;           /* bytes transferred so far (short I/O) */
     uint16_t ndesc;          /* ring descriptors the chain spans (packed) */
-    int cur;                 /* discard / write-zeroes: range in progress */
-    int fallback;            /* ... and whether its fallback mode is tried */
     int free_next;
-    uint64_t t_pop;          /* CLOCK_MONOTONIC ns when the chain was popped */
-    int sync_res;            /* sync_io: the operation's result ...          */
-    struct slot *sync_next;  /* ... queued for completion like a CQE        */
 };
+
+#define SLOT(iop) ((struct slot *)(void *)(iop))
 
 struct bs_queue {
     bs_target *target;
@@ -79,18 +57,14 @@ struct bs_queue {
     uint16_t signalled_used;
     int signalled_valid;
     int ctl_fd;
-    struct io_uring ring;
-    int fixed_files;         /* backing fds registered: use slot indexes */
+    struct bs_core core;     /* request execution: io_uring, stats, stop */
     uint64_t poll_ns;        /* --poll-us */
-    struct slot *sync_head;  /* sync_io: completed, not yet handled (FIFO) */
-    struct slot **sync_tail;
     uint64_t one;            /* the 8-byte value of a call eventfd write */
     struct slot *slots;
     int nslots;
     int free_head;
-    int inflight;
-    int stopping;
     int starved;
+    int kicked;              /* the guest kicked (or we polled work): drain */
 
     pthread_t thread;
     /* Serialises start/stop/free: a control path may be asked to stop a
@@ -118,14 +92,11 @@ struct bs_queue {
                                 descriptor (its flags are written last), or -1 */
     uint16_t pfirst_flags;
     uint32_t pfirst_state;   /* its position | wrap << 15 */
-    uint64_t stop_deadline;  /* stopping with I/O in flight: give up at (ns) */
-    int stop_expired;        /* 1: in-flight I/O cancelled; 2: abandoned */
-    int abandoned;           /* requests a stop gave up on */
-    uint64_t t_now;          /* CLOCK_MONOTONIC ns, read once per batch of pops
-                                or completions (the latency histograms' clock) */
     struct bs_queue_stats *st;   /* st_local, or a shared block */
     struct bs_queue_stats st_local;
 };
+
+#define QUEUE_OF(c) ((struct bs_queue *)(void *)((char *)(c) - offsetof(struct bs_queue, core)))
 
 /* ---- target ---- */
 
@@ -175,16 +146,6 @@ void bs_target_free(bs_target *t)
 
 /* ---- helpers ---- */
 
-static struct io_uring_sqe *get_sqe(struct bs_queue *q)
-{
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
-    if (!sqe) {
-        io_uring_submit(&q->ring);
-        sqe = io_uring_get_sqe(&q->ring);
-    }
-    return sqe;
-}
-
 /* Wait for an eventfd through the ring.  A poll, not a read: an io_uring
  * read of an eventfd was seen to consume the count without completing
  * (kernel 6.18), which lost stop requests.  The counter is reset with a
@@ -192,7 +153,7 @@ static struct io_uring_sqe *get_sqe(struct bs_queue *q)
  * per request. */
 static int arm_poll(struct bs_queue *q, int fd, uint64_t ud)
 {
-    struct io_uring_sqe *sqe = get_sqe(q);
+    struct io_uring_sqe *sqe = bs_core_sqe(&q->core);
     if (!sqe)
         return -EBUSY;
     io_uring_prep_poll_add(sqe, fd, POLLIN);
@@ -266,195 +227,32 @@ static void slot_put(struct bs_queue *q, struct slot *s)
     q->free_head = i;
 }
 
-static int stat_op(const struct bs_blk_req *r)
-{
-    switch (r->type) {
-    case BS_BLK_T_IN: return BS_STAT_READ;
-    case BS_BLK_T_OUT: return BS_STAT_WRITE;
-    case BS_BLK_T_FLUSH: return BS_STAT_FLUSH;
-    case BS_BLK_T_GET_ID: return BS_STAT_GET_ID;
-    case BS_BLK_T_DISCARD: return BS_STAT_DISCARD;
-    case BS_BLK_T_WRITE_ZEROES: return BS_STAT_WRITE_ZEROES;
-    default: return BS_STAT_OTHER;
-    }
-}
-
-static uint64_t now_ns(void);
-
-static int lat_bucket(uint64_t ns)
-{
-    int b = ns ? 64 - __builtin_clzll(ns) : 0;   /* ns < 2^b */
-    return b < BS_LAT_BUCKETS ? b : BS_LAT_BUCKETS - 1;
-}
-
-static void complete(struct bs_queue *q, struct slot *s, uint8_t status)
-{
-    struct bs_blk_req *r = &s->req;
-    struct bs_queue_stats *st = q->st;
-    int op = stat_op(r);
-    uint64_t lat = q->t_now > s->t_pop ? q->t_now - s->t_pop : 0;
-
-    BS_STAT_ADD(st->op_status[op][status <= BS_BLK_S_UNSUPP ? status : BS_BLK_S_IOERR], 1);
-    BS_STAT_ADD(st->op_lat_sum_ns[op], lat);
-    BS_STAT_ADD(st->op_lat_hist[op][lat_bucket(lat)], 1);
-    if (status == BS_BLK_S_OK)
-        BS_STAT_ADD(st->op_bytes[op], op == BS_STAT_GET_ID ? r->used_len - 1 : r->len);
-    BS_PROBE(request_done, q->target->cfg.serial, U64(q->index), U64(op), U64(r->offset >> 9),
-             U64(r->len), U64(status), lat, s);
-    /* safe: status_ptr was derived from a checked writable descriptor */
-    *r->status_ptr = status;
-    push_used(q, s, status == BS_BLK_S_OK ? r->used_len : 1);
-    slot_put(q, s);
-}
-
-static int dio_aligned(const struct bs_target_cfg *t, const struct bs_blk_req *r,
-                       const struct iovec *iov)
-{
-    uint64_t mask = t->dio_align - 1;
-    if (t->dio_align == 0)
-        return 1;
-    if (r->offset & mask)
-        return 0;
-    for (int i = 0; i < r->iov_count; i++)
-        if (((uintptr_t)iov[i].iov_base | iov[i].iov_len) & mask)
-            return 0;
-    return 1;
-}
-
-/* fallocate mode for the current discard / write-zeroes range.  Files and
- * block devices both take these: on a block device PUNCH_HOLE zeroes by
- * unmapping (no fallback to writing), ZERO_RANGE zeroes without unmapping. */
-static int dwz_mode(const struct bs_blk_req *r, const struct slot *s)
-{
-    const int punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-    const int zero = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
-    if (r->op == BS_OP_DISCARD)
-        return punch;
-    /* write zeroes: unmapping allowed -> punch first; either way the other
-     * mode is the fallback (tmpfs has no ZERO_RANGE, some devices no unmap) */
-    int prefer_punch = r->ranges[s->cur].unmap;
-    return (prefer_punch ^ s->fallback) ? punch : zero;
-}
-
-/* The sync engine: the same operation as an SQE below, as a plain syscall.
- * Returns what the CQE's res would be. */
-static int sync_op(struct bs_queue *q, struct slot *s)
-{
-    struct bs_blk_req *r = &s->req;
-    struct iovec *iov = &s->chain.iov[r->iov_first];
-    off_t off = (off_t)(r->offset + s->done);
-    ssize_t res;
-
-    switch (r->op) {
-    case BS_OP_READ:
-        /* one segment (the common case): no iovec for the kernel to import */
-        res = r->iov_count == 1 ? pread(s->fd, iov->iov_base, iov->iov_len, off)
-                                : preadv(s->fd, iov, r->iov_count, off);
-        break;
-    case BS_OP_WRITE:
-        if (__atomic_load_n(&q->target->cfg.writethrough, __ATOMIC_RELAXED))
-            res = pwritev2(s->fd, iov, r->iov_count, off, RWF_DSYNC);
-        else if (r->iov_count == 1)
-            res = pwrite(s->fd, iov->iov_base, iov->iov_len, off);
-        else
-            res = pwritev(s->fd, iov, r->iov_count, off);
-        break;
-    case BS_OP_FLUSH:
-        res = fdatasync(s->fd);
-        break;
-    case BS_OP_DISCARD:
-    case BS_OP_WRITE_ZEROES:
-        res = fallocate(s->fd, dwz_mode(r, s), (off_t)r->ranges[s->cur].offset,
-                        (off_t)r->ranges[s->cur].len);
-        break;
-    default:
-        return -EINVAL;
-    }
-    return res < 0 ? -errno : (int)res;
-}
-
-/* Queue the SQE for a slot's operation at its current progress. */
-static int submit_io(struct bs_queue *q, struct slot *s)
-{
-    struct bs_blk_req *r = &s->req;
-    if (q->target->cfg.sync_io) {
-        s->sync_res = sync_op(q, s);
-        s->sync_next = NULL;
-        *q->sync_tail = s;
-        q->sync_tail = &s->sync_next;
-        return 0;
-    }
-    struct io_uring_sqe *sqe = get_sqe(q);
-    if (!sqe)
-        return -EBUSY;
-    struct iovec *iov = &s->chain.iov[r->iov_first];
-    const struct bs_target_cfg *t = &q->target->cfg;
-    int fd = s->fd;
-    if (q->fixed_files)
-        fd = s->fd == t->fd ? FIXED_DIRECT : FIXED_BUFFERED;
-    uint64_t off = r->offset + s->done;
-    switch (r->op) {
-    case BS_OP_READ:
-        /* one segment (the common case): no iovec for the kernel to import */
-        if (r->iov_count == 1)
-            io_uring_prep_read(sqe, fd, iov->iov_base, (unsigned)iov->iov_len, off);
-        else
-            io_uring_prep_readv(sqe, fd, iov, (unsigned)r->iov_count, off);
-        break;
-    case BS_OP_WRITE:
-        if (r->iov_count == 1)
-            io_uring_prep_write(sqe, fd, iov->iov_base, (unsigned)iov->iov_len, off);
-        else
-            io_uring_prep_writev(sqe, fd, iov, (unsigned)r->iov_count, off);
-        if (__atomic_load_n(&t->writethrough, __ATOMIC_RELAXED))
-            sqe->rw_flags = RWF_DSYNC;
-        break;
-    case BS_OP_FLUSH:
-        io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
-        break;
-    case BS_OP_DISCARD:
-    case BS_OP_WRITE_ZEROES:
-        io_uring_prep_fallocate(sqe, fd, dwz_mode(r, s),
-                                (off_t)r->ranges[s->cur].offset,
-                                (off_t)r->ranges[s->cur].len);
-        break;
-    default:
-        return -EINVAL;
-    }
-    if (q->fixed_files)
-        sqe->flags |= IOSQE_FIXED_FILE;
-    io_uring_sqe_set_data(sqe, s);
-    return 0;
-}
-
-static void slot_init(struct slot *s)
-{
-    s->done = 0;
-    s->cur = 0;
-    s->fallback = 0;
-    s->ndesc = 1;
-}
-
 static struct slot *slot_take(struct bs_queue *q)
 {
     struct slot *s = &q->slots[q->free_head];
     q->free_head = s->free_next;
-    s->done = 0;
-    s->cur = 0;
-    s->fallback = 0;
     s->ndesc = 1;
     return s;
+}
+
+/* The core's done(): the status byte, the used entry, the slot back. */
+static void slot_done(struct bs_core *c, struct bs_io *io, uint8_t status)
+{
+    struct bs_queue *q = QUEUE_OF(c);
+    struct slot *s = SLOT(io);
+    /* safe: status_ptr was derived from a checked writable descriptor */
+    *io->req.status_ptr = status;
+    push_used(q, s, status == BS_BLK_S_OK ? io->req.used_len : 1);
+    slot_put(q, s);
 }
 
 /* Validate and start one popped request whose chain walk returned ret. */
 static void start_request(struct bs_queue *q, struct slot *s, int ret)
 {
-    const struct bs_target_cfg *t = &q->target->cfg;
-
-    s->t_pop = q->t_now;
+    s->io.t_pop = q->core.t_now;
     if (ret == 0)
-        bs_blk_parse(t, &s->chain, &s->req);
-    if (ret || !s->req.status_ptr) {
+        bs_blk_parse(&q->target->cfg, &s->io.chain, &s->io.req);
+    if (ret || !s->io.req.status_ptr) {
         /* No status byte we may write: complete the chain empty so the
          * guest gets its descriptors back, and count the fault. */
         BS_STAT_ADD(q->st->bad_chains, 1);
@@ -463,19 +261,7 @@ static void start_request(struct bs_queue *q, struct slot *s, int ret)
         slot_put(q, s);
         return;
     }
-    BS_PROBE(request_start, t->serial, U64(q->index), U64(stat_op(&s->req)),
-             U64(s->req.offset >> 9), U64(s->req.len), s);
-    if (s->req.op == BS_OP_NONE) {
-        complete(q, s, s->req.status);
-        return;
-    }
-    s->fd = dio_aligned(t, &s->req, &s->chain.iov[s->req.iov_first])
-                ? t->fd : t->fd_buffered;
-    if (submit_io(q, s)) {
-        complete(q, s, BS_BLK_S_IOERR);
-        return;
-    }
-    q->inflight++;
+    bs_core_start(&q->core, &s->io);
 }
 
 static void mark_broken(struct bs_queue *q, int err)
@@ -485,22 +271,6 @@ static void mark_broken(struct bs_queue *q, int err)
 }
 
 static void publish_used(struct bs_queue *q);
-static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res);
-
-/* sync_io: complete what ran inline, in order, like CQEs. */
-static void run_sync_completions(struct bs_queue *q)
-{
-    /* each sync request completes before the next is popped: time them all */
-    if (q->sync_head)
-        q->t_now = now_ns();
-    while (q->sync_head) {
-        struct slot *done = q->sync_head;
-        q->sync_head = done->sync_next;
-        if (!q->sync_head)
-            q->sync_tail = &q->sync_head;
-        handle_io_cqe(q, done, done->sync_res);
-    }
-}
 
 /* sync_io serves a whole batch inside one drain: publish every few requests
  * so the driver refills the ring while we work instead of waiting for the
@@ -512,13 +282,13 @@ static void sync_progress(struct bs_queue *q)
 {
     if (!q->target->cfg.sync_io)
         return;
-    run_sync_completions(q);
+    bs_core_run_sync(&q->core);
     if ((uint16_t)(q->used_idx - q->published) >= SYNC_PUBLISH_EVERY) {
         publish_used(q);
         /* a notification the driver asked for goes out now, not at the end
          * of the batch (the only SQE a sync queue ever has pending) */
-        if (io_uring_sq_ready(&q->ring))
-            io_uring_submit(&q->ring);
+        if (io_uring_sq_ready(&q->core.ring))
+            io_uring_submit(&q->core.ring);
     }
 }
 
@@ -530,7 +300,7 @@ static void drain_avail(struct bs_queue *q)
     uint16_t mask = (uint16_t)(vr->num - 1);
 
     q->starved = 0;
-    q->t_now = now_ns();
+    q->core.t_now = bs_now_ns();
     for (;;) {
         uint16_t avail = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
         if ((uint16_t)(avail - q->last_avail) > vr->num) {
@@ -555,7 +325,7 @@ static void drain_avail(struct bs_queue *q)
             }
             struct slot *s = slot_take(q);
             s->head = head;
-            start_request(q, s, bs_vring_chain(vr, q->mem, head, &s->chain));
+            start_request(q, s, bs_vring_chain(vr, q->mem, head, &s->io.chain));
             sync_progress(q);
         }
         if (!q->event_idx)
@@ -595,14 +365,14 @@ static void drain_packed(struct bs_queue *q)
     struct bs_vring *vr = &q->vr;
 
     q->starved = 0;
-    q->t_now = now_ns();
+    q->core.t_now = bs_now_ns();
     while (bs_vring_packed_avail(vr, q->last_avail, q->avail_wrap)) {
         if (q->free_head < 0) {
             q->starved = 1;
             return;
         }
         struct slot *s = slot_take(q);
-        int ret = bs_vring_packed_chain(vr, q->mem, q->last_avail, &s->chain, &s->head,
+        int ret = bs_vring_packed_chain(vr, q->mem, q->last_avail, &s->io.chain, &s->head,
                                         &s->ndesc);
         if (s->ndesc == 0) {
             slot_put(q, s);
@@ -722,7 +492,7 @@ static void publish_used(struct bs_queue *q)
     if (notify && q->call_fd >= 0) {
         /* The eventfd write rides in the same io_uring_enter as the batch's
          * I/O instead of costing a syscall of its own. */
-        struct io_uring_sqe *sqe = get_sqe(q);
+        struct io_uring_sqe *sqe = bs_core_sqe(&q->core);
         if (sqe) {
             io_uring_prep_write(sqe, q->call_fd, &q->one, sizeof(q->one), 0);
             io_uring_sqe_set_data64(sqe, UD_CALL);
@@ -732,118 +502,6 @@ static void publish_used(struct bs_queue *q)
         BS_STAT_ADD(q->st->notifies, 1);
         BS_PROBE(notify, q->target->cfg.serial, U64(q->index), U64(now));
     }
-}
-
-static void handle_io_cqe(struct bs_queue *q, struct slot *s, int res)
-{
-    struct bs_blk_req *r = &s->req;
-
-    if (res == -ECANCELED && q->stop_expired) {
-        /* A stop gave up on it: no status for the guest.  Its inflight
-         * mark stays, so the next backend redoes it. */
-        q->inflight--;
-        q->abandoned++;
-        return;
-    }
-    if (res == -EAGAIN || res == -EINTR) {
-        if (submit_io(q, s) == 0)
-            return;
-        res = -EIO;
-    }
-    if (res == -EINVAL && s->fd != q->target->cfg.fd_buffered &&
-        (r->op == BS_OP_READ || r->op == BS_OP_WRITE)) {
-        /* O_DIRECT refused the alignment (a backing with a larger logical
-         * block than we assumed): redo it through the page cache. */
-        s->fd = q->target->cfg.fd_buffered;
-        if (submit_io(q, s) == 0)
-            return;
-    }
-    if (r->op == BS_OP_DISCARD || r->op == BS_OP_WRITE_ZEROES) {
-        if ((res == -EOPNOTSUPP || res == -EINVAL) && !s->fallback &&
-            r->op == BS_OP_WRITE_ZEROES) {
-            s->fallback = 1;
-            if (submit_io(q, s) == 0)
-                return;
-        }
-        if (res == -EOPNOTSUPP && r->op == BS_OP_DISCARD)
-            res = 0;    /* discard is advisory */
-        if (res >= 0 && ++s->cur < r->nranges) {
-            s->fallback = 0;
-            if (submit_io(q, s) == 0)
-                return;
-            res = -EIO;
-        }
-    }
-    if (res < 0) {
-        BS_STAT_ADD(q->st->io_errors, 1);
-        __atomic_store_n(&q->st->last_error, res, __ATOMIC_RELAXED);
-        q->inflight--;
-        complete(q, s, BS_BLK_S_IOERR);
-        return;
-    }
-    int rw = r->op == BS_OP_READ || r->op == BS_OP_WRITE;
-    if (rw && res > 0 && s->done + (uint64_t)res < r->len) {
-        /* Short transfer: advance the iovecs and go on from there. */
-        size_t skip = (size_t)res;
-        s->done += (uint64_t)res;
-        while (skip > 0 && r->iov_count > 0) {
-            struct iovec *v = &s->chain.iov[r->iov_first];
-            if (v->iov_len > skip) {
-                v->iov_base = (uint8_t *)v->iov_base + skip;
-                v->iov_len -= skip;
-                break;
-            }
-            skip -= v->iov_len;
-            r->iov_first++;
-            r->iov_count--;
-        }
-        if (submit_io(q, s) == 0)
-            return;
-        res = -EIO;
-    }
-    q->inflight--;
-    if (rw && res == 0 && s->done < r->len) {
-        /* EOF inside the capacity: the backing shrank under us. */
-        BS_STAT_ADD(q->st->io_errors, 1);
-        __atomic_store_n(&q->st->last_error, -EIO, __ATOMIC_RELAXED);
-        complete(q, s, BS_BLK_S_IOERR);
-        return;
-    }
-    complete(q, s, BS_BLK_S_OK);
-}
-
-static int ring_init(struct bs_queue *q)
-{
-    unsigned entries = (unsigned)q->nslots + 8;
-    /* Newest first: completions run only when this thread enters the ring
-     * (DEFER_TASKRUN, 6.1+), else without IPIs (COOP_TASKRUN, 5.19+). */
-    static const unsigned flag_sets[] = {
-        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
-        IORING_SETUP_COOP_TASKRUN,
-        0,
-    };
-    int ret = -EINVAL;
-    for (size_t i = 0; i < sizeof(flag_sets) / sizeof(flag_sets[0]); i++) {
-        ret = io_uring_queue_init(entries, &q->ring, flag_sets[i]);
-        if (ret == 0)
-            break;
-        if (ret != -EINVAL)
-            return ret;
-    }
-    if (ret)
-        return ret;
-    /* Registered files spare an fd lookup per request; optional. */
-    const struct bs_target_cfg *t = &q->target->cfg;
-    int fds[2] = { t->fd, t->fd_buffered };
-    q->fixed_files = io_uring_register_files(&q->ring, fds, 2) == 0;
-    return 0;
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 static inline void cpu_relax(void)
@@ -884,20 +542,20 @@ static void set_kicks(struct bs_queue *q, int enable)
  * 1 if the driver queued new buffers (drain them without a kick). */
 static int poll_for_work(struct bs_queue *q)
 {
-    uint64_t deadline = now_ns() + q->poll_ns;
+    uint64_t deadline = bs_now_ns() + q->poll_ns;
     int spins = 0;
 
     set_kicks(q, 0);
     for (;;) {
         if (avail_pending(q))
             return 1;
-        if (io_uring_cq_ready(&q->ring))
+        if (io_uring_cq_ready(&q->core.ring))
             break;
         /* completions of device I/O are posted when we enter the ring */
-        if (q->inflight && (++spins & 63) == 0)
-            io_uring_get_events(&q->ring);
+        if (q->core.inflight && (++spins & 63) == 0)
+            io_uring_get_events(&q->core.ring);
         cpu_relax();
-        if ((spins & 15) == 0 && now_ns() > deadline)
+        if ((spins & 15) == 0 && bs_now_ns() > deadline)
             break;
     }
     /* Going to sleep (or to reap): kicks back on, then look once more so a
@@ -916,65 +574,50 @@ static void resubmit_packed(struct bs_queue *q, struct slot *s)
     uint16_t id, nd = 0;
     int ret = -E2BIG;      /* not kept: completed empty, as a bad chain */
 
-    uint16_t head = s->head, ndesc = s->ndesc;
-    slot_init(s);
-    s->head = head;
-    s->ndesc = ndesc;
     /* the region is the frontend's to scribble on: n is checked before use */
-    if (n && n == ndesc && n <= BS_INFLIGHT_PMAXD) {
+    if (n && n == s->ndesc && n <= BS_INFLIGHT_PMAXD) {
         memcpy(d, r->d, n * sizeof(d[0]));
         struct bs_vring fake = { .num = n, .packed = 1, .pdesc = d };
-        ret = bs_vring_packed_chain(&fake, q->mem, 0, &s->chain, &id, &nd);
+        ret = bs_vring_packed_chain(&fake, q->mem, 0, &s->io.chain, &id, &nd);
         if (ret == 0 && nd != n)
             ret = -EINVAL;
     }
     start_request(q, s, ret);
 }
 
-/* Stopping with I/O in flight: wait for completions until the deadline;
- * then cancel what is left and allow a short grace; then give up on it
- * (stop_expired 2: the thread leaves, the requests stay marked in the
- * inflight region for the next backend).  A hung backing store must not
- * hold GET_VRING_BASE or SIGTERM forever. */
-static int stop_wait(struct bs_queue *q)
+
+/* The CQEs of our own polls and writes (the core handles the I/O ones). */
+static void queue_event(struct bs_core *c, uint64_t ud, int res)
 {
-    uint64_t now = now_ns();
-    if (now >= q->stop_deadline) {
-        if (q->stop_expired) {
-            q->stop_expired = 2;
-            q->abandoned += q->inflight;
-            __atomic_store_n(&q->st->last_error, -ETIMEDOUT, __ATOMIC_RELAXED);
-            return -ETIME;
-        }
-        struct io_uring_sqe *sqe = get_sqe(q);
-        if (sqe) {
-            io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
-            io_uring_sqe_set_data64(sqe, UD_CANCEL);
-        }
-        q->stop_expired = 1;
-        q->stop_deadline = now + CANCEL_GRACE_NS;
+    struct bs_queue *q = QUEUE_OF(c);
+    if (ud == UD_KICK) {
+        BS_STAT_ADD(q->st->kicks, 1);
+        BS_PROBE(kick, q->target->cfg.serial, U64(q->index));
+        q->kicked = 1;
+        eventfd_drain(q->kick_fd);
+        if (arm_poll(q, q->kick_fd, UD_KICK))
+            mark_broken(q, -EBUSY);
+    } else if (ud == UD_CTL) {
+        bs_core_begin_stop(c);
+    } else if (ud == UD_CALL && res < 0) {
+        eventfd_write(q->call_fd, 1);   /* fall back to a plain write */
     }
-    uint64_t left = q->stop_deadline - now;
-    struct __kernel_timespec ts = { .tv_sec = (long long)(left / 1000000000ULL),
-                                    .tv_nsec = (long long)(left % 1000000000ULL) };
-    struct io_uring_cqe *cqe;
-    int ret = io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL);
-    return ret == -ETIME ? 0 : ret;
 }
 
 static void *queue_thread(void *arg)
 {
     struct bs_queue *q = arg;
-    int kicked = 1;           /* look at the ring once at start */
+    struct bs_core *c = &q->core;
     int ret;
 
-    ret = ring_init(q);
+    q->kicked = 1;           /* look at the ring once at start */
+    ret = bs_core_init(c, (unsigned)q->nslots);
     if (ret == 0) {
         ret = arm_poll(q, q->kick_fd, UD_KICK);
         if (ret == 0)
             ret = arm_poll(q, q->ctl_fd, UD_CTL);
         if (ret)
-            io_uring_queue_exit(&q->ring);
+            bs_core_exit(c);
     }
     q->start_err = ret;
     sem_post(&q->started);
@@ -982,7 +625,7 @@ static void *queue_thread(void *arg)
         return NULL;
 
     /* requests a previous backend left in flight, in the order it popped them */
-    q->t_now = now_ns();
+    c->t_now = bs_now_ns();
     for (int i = 0; i < q->nresubmit; i++) {
         BS_STAT_ADD(q->st->resubmitted, 1);
         if (q->pinf) {
@@ -990,84 +633,57 @@ static void *queue_thread(void *arg)
         } else {
             struct slot *s = slot_take(q);
             s->head = q->resubmit[i];
-            start_request(q, s, bs_vring_chain(&q->vr, q->mem, s->head, &s->chain));
+            start_request(q, s, bs_vring_chain(&q->vr, q->mem, s->head, &s->io.chain));
         }
         sync_progress(q);
     }
 
     for (;;) {
         int broken = __atomic_load_n(&q->st->broken, __ATOMIC_RELAXED);
-        if (!q->stopping && !broken && (kicked || (q->starved && q->free_head >= 0))) {
+        if (!c->stopping && !broken && (q->kicked || (q->starved && q->free_head >= 0))) {
             if (q->vr.packed)
                 drain_packed(q);
             else
                 drain_avail(q);
         }
-        kicked = 0;
-        run_sync_completions(q);
+        q->kicked = 0;
+        bs_core_run_sync(c);
         publish_used(q);
-        __atomic_store_n(&q->st->inflight, (uint64_t)q->inflight, __ATOMIC_RELAXED);
-        if (q->stopping && q->inflight == 0)
+        __atomic_store_n(&q->st->inflight, (uint64_t)c->inflight, __ATOMIC_RELAXED);
+        if (c->stopping && c->inflight == 0)
             break;
 
         int polled = 0;
-        if (q->poll_ns && !q->stopping && !broken) {
+        if (q->poll_ns && !c->stopping && !broken) {
             /* start what was queued (I/O, the guest notification) first */
-            if (io_uring_sq_ready(&q->ring))
-                io_uring_submit(&q->ring);
+            if (io_uring_sq_ready(&c->ring))
+                io_uring_submit(&c->ring);
             polled = poll_for_work(q);
         }
         if (polled) {
-            kicked = 1;
+            q->kicked = 1;
             ret = 0;
-        } else if (q->stopping && q->inflight) {
-            ret = stop_wait(q);
-            if (ret == -ETIME && q->stop_expired == 2)
+        } else if (c->stopping && c->inflight) {
+            ret = bs_core_stop_wait(c);
+            if (ret == -ETIME && c->stop_expired == 2)
                 break;
         } else if (q->starved && q->free_head >= 0 && !broken) {
-            ret = io_uring_submit(&q->ring);   /* slots came free: pop more */
-            kicked = 1;
+            ret = io_uring_submit(&c->ring);   /* slots came free: pop more */
+            q->kicked = 1;
         } else {
-            ret = io_uring_submit_and_wait(&q->ring, 1);
+            ret = io_uring_submit_and_wait(&c->ring, 1);
         }
         if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
             /* The ring itself failed: nothing can complete any more. */
             mark_broken(q, ret);
             break;
         }
-        struct io_uring_cqe *cqe;
-        unsigned head, n = 0;
-        if (io_uring_cq_ready(&q->ring))
-            q->t_now = now_ns();
-        io_uring_for_each_cqe(&q->ring, head, cqe) {
-            uint64_t ud = io_uring_cqe_get_data64(cqe);
-            n++;
-            if (ud == UD_KICK) {
-                BS_STAT_ADD(q->st->kicks, 1);
-                BS_PROBE(kick, q->target->cfg.serial, U64(q->index));
-                kicked = 1;
-                eventfd_drain(q->kick_fd);
-                if (arm_poll(q, q->kick_fd, UD_KICK))
-                    mark_broken(q, -EBUSY);
-            } else if (ud == UD_CTL) {
-                if (!q->stopping) {
-                    uint32_t ms = q->target->cfg.drain_timeout_ms;
-                    q->stop_deadline = q->t_now + (uint64_t)(ms ? ms : DRAIN_TIMEOUT_MS) * 1000000;
-                }
-                q->stopping = 1;
-            } else if (ud == UD_CALL || ud == UD_CANCEL) {
-                if (cqe->res < 0)   /* fall back to a plain write */
-                    eventfd_write(q->call_fd, 1);
-            } else {
-                handle_io_cqe(q, (struct slot *)(uintptr_t)ud, cqe->res);
-            }
-        }
-        io_uring_cq_advance(&q->ring, n);
+        bs_core_reap(c, queue_event);
     }
     publish_used(q);
-    io_uring_submit(&q->ring);   /* a last guest notification, if queued */
+    io_uring_submit(&c->ring);   /* a last guest notification, if queued */
     __atomic_store_n(&q->st->inflight, 0, __ATOMIC_RELAXED);
-    io_uring_queue_exit(&q->ring);
+    bs_core_exit(c);
     return NULL;
 }
 
@@ -1080,6 +696,9 @@ int bs_queue_new(bs_target *t, int index, bs_queue **out)
         return -ENOMEM;
     q->target = t;
     q->index = index;
+    q->core.target = t;
+    q->core.index = index;
+    q->core.done = slot_done;
     q->ctl_fd = -1;
     q->one = 1;
     q->st = &q->st_local;
@@ -1311,11 +930,9 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     }
     q->published = q->used_idx;
     q->signalled_valid = 0;
-    q->stopping = 0;
     q->starved = 0;
-    q->inflight = 0;
-    q->sync_head = NULL;
-    q->sync_tail = &q->sync_head;
+    q->core.st = q->st;
+    q->core.abandoned = 0;
     __atomic_store_n(&q->st->broken, 0, __ATOMIC_RELAXED);
     q->nslots = (int)nslots_for(cfg->num);
     q->slots = calloc((size_t)q->nslots, sizeof(*q->slots));
@@ -1327,8 +944,6 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     q->nbatch = 0;
     q->pend_free = -1;
     q->pfirst_pos = -1;
-    q->stop_expired = 0;
-    q->abandoned = 0;
     if (q->inflight_region) {
         q->resubmit = calloc((size_t)q->nslots, sizeof(*q->resubmit));
         q->batch = calloc(cfg->num, sizeof(*q->batch));
@@ -1439,7 +1054,7 @@ static int queue_stop_locked(bs_queue *q, uint32_t *last_avail)
     q->pinf = NULL;
     if (last_avail)
         *last_avail = ring_base(q);
-    return q->abandoned ? -ETIMEDOUT : 0;
+    return q->core.abandoned ? -ETIMEDOUT : 0;
 }
 
 int bs_queue_stop(bs_queue *q, uint32_t *last_avail)
@@ -1457,27 +1072,7 @@ int bs_queue_running(bs_queue *q)
 
 int bs_queue_get_stats(bs_queue *q, struct bs_queue_stats *out)
 {
-    memcpy(out, q->st, sizeof(*out));
-    /* the per-kind totals are sums of the per-op counters (the hot path
-     * updates only those) */
-    uint64_t reqs[BS_STAT_NOPS];
-    out->err_ioerr = out->err_unsupp = 0;
-    for (int op = 0; op < BS_STAT_NOPS; op++) {
-        reqs[op] = out->op_status[op][0] + out->op_status[op][1] + out->op_status[op][2];
-        out->err_ioerr += out->op_status[op][1];
-        out->err_unsupp += out->op_status[op][2];
-    }
-    out->reqs_read = reqs[BS_STAT_READ];
-    out->reqs_write = reqs[BS_STAT_WRITE];
-    out->reqs_flush = reqs[BS_STAT_FLUSH];
-    out->reqs_get_id = reqs[BS_STAT_GET_ID];
-    out->reqs_discard = reqs[BS_STAT_DISCARD];
-    out->reqs_write_zeroes = reqs[BS_STAT_WRITE_ZEROES];
-    out->reqs_other = reqs[BS_STAT_OTHER];
-    out->bytes_read = out->op_bytes[BS_STAT_READ];
-    out->bytes_write = out->op_bytes[BS_STAT_WRITE];
-    out->bytes_discard = out->op_bytes[BS_STAT_DISCARD];
-    out->bytes_write_zeroes = out->op_bytes[BS_STAT_WRITE_ZEROES];
+    bs_stats_sum(q->st, out);
     return 0;
 }
 

@@ -258,6 +258,7 @@ struct bs_blk_req {
     int iov_first;          /* data iovecs: c->iov[iov_first .. +iov_count) */
     int iov_count;
     uint32_t used_len;      /* bytes written into writable buffers on success */
+    int fua;                /* write: durable before its status (RWF_DSYNC)  */
     int nranges;            /* discard / write-zeroes */
     struct bs_range ranges[BS_MAX_DWZ_SEG];
 };
@@ -272,5 +273,94 @@ void bs_blk_parse(const struct bs_target_cfg *t, struct bs_chain *c,
 struct bs_target {
     struct bs_target_cfg cfg;   /* cfg.writethrough is read atomically */
 };
+
+/* ---- request execution core (core.c) ----
+ * What every transport shares: a parsed request (struct bs_blk_req) and the
+ * buffers of its data become io_uring operations (or plain syscalls with
+ * sync_io); completions are retried, split and mapped to a status; counters,
+ * latency histograms and USDT probes are kept here.  The transport (the
+ * virtqueue engine in engine.c, the Xen blkif ring in blkif.c) pops
+ * requests, fills a struct bs_io, and delivers the status through its
+ * `done` callback. */
+#include <liburing.h>
+
+struct bs_io {
+    struct bs_chain chain;   /* buffers; the data iovecs are named by req */
+    struct bs_blk_req req;
+    int fd;                  /* fd the I/O goes to */
+    uint64_t done;           /* bytes transferred so far (short I/O) */
+    int cur;                 /* discard / write-zeroes: range in progress */
+    int fallback;            /* ... and whether its fallback mode is tried */
+    uint64_t t_pop;          /* CLOCK_MONOTONIC ns when the request was popped */
+    int sync_res;            /* sync_io: the operation's result ... */
+    struct bs_io *sync_next; /* ... queued for completion like a CQE */
+};
+
+struct bs_core;
+/* Deliver the final status of io to the guest and free its slot. */
+typedef void bs_core_done_fn(struct bs_core *c, struct bs_io *io, uint8_t status);
+
+/* io_uring user_data values below this are the transports' own (polls,
+ * notifications); anything else is a struct bs_io pointer. */
+#define BS_UD_KICK 1ULL
+#define BS_UD_CTL 2ULL
+#define BS_UD_CALL 3ULL
+#define BS_UD_CANCEL 4ULL
+#define BS_UD_RESERVED 16ULL
+
+struct bs_core {
+    bs_target *target;
+    int index;
+    struct io_uring ring;
+    int fixed_files;         /* backing fds registered: use slot indexes */
+    int inflight;            /* requests submitted and not completed */
+    int stopping;
+    uint64_t stop_deadline;  /* stopping with I/O in flight: give up at (ns) */
+    int stop_expired;        /* 1: in-flight I/O cancelled; 2: abandoned */
+    int abandoned;           /* requests a stop gave up on */
+    uint64_t t_now;          /* CLOCK_MONOTONIC ns, read once per batch of pops
+                                or completions (the latency histograms' clock) */
+    struct bs_io *sync_head; /* sync_io: completed, not yet handled (FIFO) */
+    struct bs_io **sync_tail;
+    struct bs_queue_stats *st;
+    bs_core_done_fn *done;
+};
+
+uint64_t bs_now_ns(void);
+/* Per start: the io_uring (entries for nslots requests plus the transport's
+ * own polls) and the per-run state. */
+int bs_core_init(struct bs_core *c, unsigned nslots);
+void bs_core_exit(struct bs_core *c);
+struct io_uring_sqe *bs_core_sqe(struct bs_core *c);
+/* Start a parsed request (io->req filled, io->chain holding its buffers):
+ * completes at once through done() for BS_OP_NONE or a failed submit. */
+void bs_core_start(struct bs_core *c, struct bs_io *io);
+/* A CQE (or a sync_io result) for io. */
+void bs_core_cqe(struct bs_core *c, struct bs_io *io, int res);
+/* sync_io: complete what ran inline, in order, like CQEs. */
+void bs_core_run_sync(struct bs_core *c);
+/* Count a request answered without I/O by the transport (e.g. a frontend
+ * fault) with its status, as done() would, without calling done(). */
+void bs_core_account(struct bs_core *c, struct bs_io *io, uint8_t status);
+/* The stop request arrived: the drain deadline starts now. */
+void bs_core_begin_stop(struct bs_core *c);
+/* Stopping with I/O in flight: wait for completions until the deadline,
+ * then cancel, then give up (-ETIME with stop_expired == 2). */
+int bs_core_stop_wait(struct bs_core *c);
+/* Handle the CQEs ready now: the transport's own user_data values go to
+ * other(); the rest to bs_core_cqe. */
+void bs_core_reap(struct bs_core *c, void (*other)(struct bs_core *c, uint64_t ud, int res));
+/* A stats block with its per-kind totals summed from the per-op counters. */
+void bs_stats_sum(const struct bs_queue_stats *in, struct bs_queue_stats *out);
+
+/* USDT probes, provider "blkserve" (a nop instruction each until a tracer
+ * attaches; see ebpf/).  The first argument of every probe is the target's
+ * serial (the volume name under `blkserve serve`), the second the queue.
+ * Arguments are passed as 64-bit values: bcc cannot read an argument that
+ * the compiler left in a 32-bit sub-register such as %r14d. */
+#define SDT_USE_VARIADIC
+#include <sys/sdt.h>
+#define BS_PROBE(...) STAP_PROBEV(blkserve, __VA_ARGS__)
+#define U64(x) ((uint64_t)(x))
 
 #endif

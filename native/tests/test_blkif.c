@@ -1,0 +1,418 @@
+/* C tests of the blkif transport: an in-process "frontend" puts requests on
+ * a blkif ring; the Xen grant and event-channel functions are replaced by
+ * fakes over a memfd of "guest pages" (grant ref N = page N), so the whole
+ * request path (validation, mapping, the request core, responses) runs
+ * without Xen.  Run plain and under ASan/UBSan (make asan). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../internal.h"
+
+#define mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define rmb() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+#define wmb() __atomic_thread_fence(__ATOMIC_RELEASE)
+#include <xen/io/blkif.h>
+
+#define PG 4096u
+#define NPAGES 512          /* guest pages; gref N is page N */
+#define CAP (4u << 20)
+#define PORT 7
+
+static int failures;
+#define CHECK(cond) do { if (!(cond)) { \
+    fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); failures++; } } while (0)
+
+/* ---- fake Xen ---- */
+struct fakexen {
+    int memfd;              /* the guest's pages */
+    uint8_t *pages;         /* our view of them, as the frontend */
+    int evt;                /* "event channel" towards the backend */
+    int notified;           /* eventfd: the backend's notifications */
+    int live_maps;          /* pages mapped through the fake gnttab */
+    int map_calls;
+    int fail_maps;          /* make the next map calls fail */
+};
+static struct fakexen fx;
+
+static void *fake_map(void *xgt, uint32_t count, uint32_t domid, uint32_t *refs, int prot)
+{
+    (void)xgt;
+    if (domid != 5 || count == 0)
+        return NULL;
+    if (fx.fail_maps) {
+        fx.fail_maps--;
+        return NULL;
+    }
+    for (uint32_t i = 0; i < count; i++)
+        if (refs[i] >= NPAGES)
+            return NULL;
+    uint8_t *a = mmap(NULL, (size_t)count * PG, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (a == MAP_FAILED)
+        return NULL;
+    for (uint32_t i = 0; i < count; i++)
+        if (mmap(a + (size_t)i * PG, PG, prot, MAP_SHARED | MAP_FIXED, fx.memfd,
+                 (off_t)refs[i] * PG) == MAP_FAILED)
+            abort();
+    __atomic_add_fetch(&fx.live_maps, (int)count, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&fx.map_calls, 1, __ATOMIC_SEQ_CST);
+    return a;
+}
+
+static int fake_unmap(void *xgt, void *addr, uint32_t count)
+{
+    (void)xgt;
+    __atomic_sub_fetch(&fx.live_maps, (int)count, __ATOMIC_SEQ_CST);
+    return munmap(addr, (size_t)count * PG);
+}
+
+static int fake_notify(void *xce, uint32_t port)
+{
+    (void)xce;
+    CHECK(port == PORT);
+    return eventfd_write(fx.notified, 1);
+}
+
+static int fake_pending(void *xce)
+{
+    eventfd_t v;
+    (void)xce;
+    return eventfd_read(fx.evt, &v) == 0 ? PORT : -1;
+}
+
+static int fake_unmask(void *xce, uint32_t port)
+{
+    (void)xce;
+    (void)port;
+    return 0;
+}
+
+static const struct bs_xen_ops ops = {
+    .map_domain_grant_refs = fake_map, .unmap = fake_unmap, .notify = fake_notify,
+    .pending = fake_pending, .unmask = fake_unmask,
+};
+
+/* ---- the test frontend ---- */
+struct front {
+    blkif_sring_t *sring;
+    blkif_front_ring_t ring;
+    bs_target *tgt;
+    bs_blkif *b;
+    int backing;
+    struct bs_target_cfg cfg;
+    struct bs_blkif_cfg bcfg;
+};
+
+static void front_init(struct front *f, int read_only, int persistent)
+{
+    char path[] = "/tmp/bs-blkif-XXXXXX";
+    memset(f, 0, sizeof(*f));
+    f->sring = aligned_alloc(PG, PG);
+    SHARED_RING_INIT(f->sring);
+    FRONT_RING_INIT(&f->ring, f->sring, PG);
+    f->backing = mkstemp(path);
+    unlink(path);
+    if (ftruncate(f->backing, CAP))
+        exit(2);
+    f->cfg.fd = f->backing;
+    f->cfg.fd_buffered = f->backing;
+    f->cfg.capacity = CAP;
+    f->cfg.read_only = read_only;
+    f->cfg.drain_timeout_ms = 2000;
+    memcpy(f->cfg.serial, "blkif-test", 10);
+    CHECK(bs_target_new(&f->cfg, &f->tgt) == 0);
+    CHECK(bs_blkif_new(f->tgt, 0, &f->b) == 0);
+    f->bcfg = (struct bs_blkif_cfg){ .sring = f->sring, .ring_pages = 1, .domid = 5,
+                                     .port = PORT, .evtchn_fd = fx.evt,
+                                     .persistent = persistent, .max_indirect = 64,
+                                     .discard = 1 };
+    CHECK(bs_blkif_start(f->b, &ops, &f->bcfg) == 0);
+}
+
+static void front_fini(struct front *f)
+{
+    CHECK(bs_blkif_stop(f->b) == 0);
+    CHECK(fx.live_maps == 0);       /* every grant unmapped */
+    bs_blkif_free(f->b);
+    bs_target_free(f->tgt);
+    close(f->backing);
+    free(f->sring);
+}
+
+/* Queue a request and kick; the caller fills it through the pointer. */
+static union { struct blkif_request rw; struct blkif_request_discard d;
+               struct blkif_request_indirect ind; } *next_req(struct front *f)
+{
+    void *r = RING_GET_REQUEST(&f->ring, f->ring.req_prod_pvt);
+    memset(r, 0, sizeof(struct blkif_request));
+    f->ring.req_prod_pvt++;
+    return r;
+}
+
+static void kick(struct front *f)
+{
+    int notify;
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&f->ring, notify);
+    (void)notify;           /* always kick: the backend must cope */
+    eventfd_write(fx.evt, 1);
+}
+
+/* Wait for a response; returns its status, and its id through *id. */
+static int wait_rsp(struct front *f, uint64_t *id)
+{
+    for (int i = 0; i < 5000; i++) {
+        if (RING_HAS_UNCONSUMED_RESPONSES(&f->ring)) {
+            struct blkif_response r;
+            RING_COPY_RESPONSE(&f->ring, f->ring.rsp_cons, &r);
+            f->ring.rsp_cons++;
+            if (id)
+                *id = r.id;
+            return r.status;
+        }
+        usleep(1000);
+    }
+    fprintf(stderr, "no response\n");
+    failures++;
+    return 99;
+}
+
+static void fill_page(uint32_t page, uint8_t seed)
+{
+    for (uint32_t i = 0; i < PG; i++)
+        fx.pages[(size_t)page * PG + i] = (uint8_t)(seed + i * 7);
+}
+
+static void rw(struct front *f, uint8_t op, uint64_t id, uint64_t sector, int nseg,
+               uint32_t first_page, uint8_t first_sect, uint8_t last_sect)
+{
+    struct blkif_request *r = &next_req(f)->rw;
+    r->operation = op;
+    r->nr_segments = (uint8_t)nseg;
+    r->id = id;
+    r->sector_number = sector;
+    for (int i = 0; i < nseg && i < BLKIF_MAX_SEGMENTS_PER_REQUEST; i++) {
+        r->seg[i].gref = first_page + (uint32_t)i;
+        r->seg[i].first_sect = first_sect;
+        r->seg[i].last_sect = last_sect;
+    }
+}
+
+static void test_rw(int persistent)
+{
+    struct front f;
+    uint64_t id = 0;
+    front_init(&f, 0, persistent);
+
+    /* write 3 whole pages at sector 8, read them back into other pages */
+    for (uint32_t p = 10; p < 13; p++)
+        fill_page(p, (uint8_t)p);
+    rw(&f, BLKIF_OP_WRITE, 0x1234, 8, 3, 10, 0, 7);
+    kick(&f);
+    CHECK(wait_rsp(&f, &id) == BLKIF_RSP_OKAY && id == 0x1234);
+    uint8_t buf[3 * PG];
+    CHECK(pread(f.backing, buf, sizeof(buf), 8 * 512) == (ssize_t)sizeof(buf));
+    CHECK(memcmp(buf, fx.pages + 10 * PG, sizeof(buf)) == 0);
+    memset(fx.pages + 20 * PG, 0, 3 * PG);
+    rw(&f, BLKIF_OP_READ, 77, 8, 3, 20, 0, 7);
+    kick(&f);
+    CHECK(wait_rsp(&f, &id) == BLKIF_RSP_OKAY && id == 77);
+    CHECK(memcmp(fx.pages + 20 * PG, fx.pages + 10 * PG, 3 * PG) == 0);
+
+    /* part of a page: sectors 2..3 of page 30 go to sector 100 */
+    fill_page(30, 99);
+    rw(&f, BLKIF_OP_WRITE, 3, 100, 1, 30, 2, 3);
+    kick(&f);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+    CHECK(pread(f.backing, buf, 1024, 100 * 512) == 1024);
+    CHECK(memcmp(buf, fx.pages + 30 * PG + 1024, 1024) == 0);
+
+    /* flush; barrier without data */
+    next_req(&f)->rw.operation = BLKIF_OP_FLUSH_DISKCACHE;
+    next_req(&f)->rw.operation = BLKIF_OP_WRITE_BARRIER;
+    kick(&f);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+
+    /* discard: a hole; secure discard is refused */
+    struct blkif_request_discard *d = &next_req(&f)->d;
+    d->operation = BLKIF_OP_DISCARD;
+    d->sector_number = 8;
+    d->nr_sectors = 8;
+    kick(&f);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+    CHECK(pread(f.backing, buf, PG, 8 * 512) == PG);
+    for (uint32_t i = 0; i < PG; i++)
+        if (buf[i]) {
+            CHECK(!"discarded range reads zero");
+            break;
+        }
+    d = &next_req(&f)->d;
+    d->operation = BLKIF_OP_DISCARD;
+    d->flag = BLKIF_DISCARD_SECURE;
+    d->sector_number = 8;
+    d->nr_sectors = 8;
+    kick(&f);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_EOPNOTSUPP);
+
+    /* indirect: 20 segments listed in one granted page (page 100) */
+    struct blkif_request_segment *segs = (void *)(fx.pages + 100 * PG);
+    for (int i = 0; i < 20; i++) {
+        segs[i] = (struct blkif_request_segment){ .gref = 200 + (uint32_t)i,
+                                                  .first_sect = 0, .last_sect = 7 };
+        fill_page(200 + (uint32_t)i, (uint8_t)(i * 3));
+    }
+    struct blkif_request_indirect *ind = &next_req(&f)->ind;
+    ind->operation = BLKIF_OP_INDIRECT;
+    ind->indirect_op = BLKIF_OP_WRITE;
+    ind->nr_segments = 20;
+    ind->id = 555;
+    ind->sector_number = 1024;
+    ind->indirect_grefs[0] = 100;
+    kick(&f);
+    CHECK(wait_rsp(&f, &id) == BLKIF_RSP_OKAY && id == 555);
+    uint8_t *big = malloc(20 * PG);
+    CHECK(pread(f.backing, big, 20 * PG, 1024 * 512) == 20 * PG);
+    CHECK(memcmp(big, fx.pages + 200 * PG, 20 * PG) == 0);
+    free(big);
+
+    struct bs_queue_stats st;
+    CHECK(bs_blkif_get_stats(f.b, &st) == 0);
+    CHECK(st.reqs_write == 3 && st.reqs_read == 1 && st.reqs_flush == 2);
+    CHECK(st.bytes_write == 3 * PG + 1024 + 20 * PG && st.bad_chains == 0);
+    if (persistent)     /* data grants stay mapped until the stop */
+        CHECK(fx.live_maps == 3 + 3 + 1 + 20);
+    else
+        CHECK(fx.live_maps == 0);
+    front_fini(&f);
+}
+
+/* A misbehaving frontend: every fault is a response, never a crash. */
+static void test_faults(void)
+{
+    struct front f;
+    front_init(&f, 0, 0);
+
+    rw(&f, BLKIF_OP_WRITE, 1, 0, 1, 10, 5, 2);          /* first_sect > last_sect */
+    rw(&f, BLKIF_OP_WRITE, 2, 0, 1, 10, 0, 8);          /* last_sect past the page */
+    rw(&f, BLKIF_OP_READ, 3, 0, 0, 10, 0, 7);           /* no segment */
+    rw(&f, BLKIF_OP_READ, 4, CAP / 512 - 4, 1, 10, 0, 7);   /* crosses the end */
+    rw(&f, BLKIF_OP_READ, 5, ~0ULL / 256, 1, 10, 0, 7); /* sector * 512 overflows */
+    struct blkif_request *r = &next_req(&f)->rw;        /* too many segments */
+    r->operation = BLKIF_OP_READ;
+    r->nr_segments = 200;
+    r->id = 6;
+    rw(&f, BLKIF_OP_READ, 7, 0, 1, NPAGES + 5, 0, 7);   /* a grant that does not map */
+    next_req(&f)->rw.operation = 42;                   /* unknown operation */
+    struct blkif_request_indirect *ind = &next_req(&f)->ind;
+    ind->operation = BLKIF_OP_INDIRECT;                /* more than advertised */
+    ind->indirect_op = BLKIF_OP_READ;
+    ind->nr_segments = 65;
+    ind->indirect_grefs[0] = 100;
+    ind = &next_req(&f)->ind;                          /* indirect page unmappable */
+    ind->operation = BLKIF_OP_INDIRECT;
+    ind->indirect_op = BLKIF_OP_WRITE;
+    ind->nr_segments = 4;
+    ind->indirect_grefs[0] = NPAGES + 1;
+    struct blkif_request_discard *d = &next_req(&f)->d;  /* discard past the end */
+    d->operation = BLKIF_OP_DISCARD;
+    d->sector_number = CAP / 512;
+    d->nr_sectors = 1;
+    kick(&f);
+    /* none of them does I/O: answered in order */
+    int want[] = { BLKIF_RSP_ERROR, BLKIF_RSP_ERROR, BLKIF_RSP_ERROR, BLKIF_RSP_ERROR,
+                   BLKIF_RSP_ERROR, BLKIF_RSP_ERROR, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP,
+                   BLKIF_RSP_ERROR, BLKIF_RSP_ERROR, BLKIF_RSP_ERROR };
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        int st = wait_rsp(&f, NULL);
+        if (st != want[i])
+            fprintf(stderr, "fault %zu: status %d, want %d\n", i, st, want[i]);
+        CHECK(st == want[i]);
+    }
+    struct bs_queue_stats st;
+    bs_blkif_get_stats(f.b, &st);
+    CHECK(st.bad_chains == 7 && !st.broken);
+
+    /* a producer index more than a ring ahead: the ring is broken, the
+     * thread lives on and stops cleanly */
+    f.sring->req_prod = f.ring.req_prod_pvt + RING_SIZE(&f.ring) + 3;
+    eventfd_write(fx.evt, 1);
+    for (int i = 0; i < 1000 && !st.broken; i++) {
+        usleep(1000);
+        bs_blkif_get_stats(f.b, &st);
+    }
+    CHECK(st.broken && st.last_error == -ERANGE);
+    front_fini(&f);
+
+    /* read-only: writes and discards fail, reads and flushes work */
+    front_init(&f, 1, 1);
+    rw(&f, BLKIF_OP_WRITE, 0, 0, 1, 10, 0, 7);
+    rw(&f, BLKIF_OP_READ, 1, 0, 1, 10, 0, 7);
+    r = &next_req(&f)->rw;
+    r->operation = BLKIF_OP_FLUSH_DISKCACHE;
+    r->id = 2;
+    d = &next_req(&f)->d;
+    d->operation = BLKIF_OP_DISCARD;
+    d->nr_sectors = 8;
+    d->id = 3;
+    kick(&f);
+    /* responses come in completion order: match them by id */
+    int ro_want[4] = { BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_RSP_OKAY, BLKIF_RSP_ERROR };
+    for (int i = 0; i < 4; i++) {
+        uint64_t id = 99;
+        int st = wait_rsp(&f, &id);
+        CHECK(id < 4 && st == ro_want[id]);
+    }
+    front_fini(&f);
+}
+
+/* More requests than slots, queued at once: all are answered in turn. */
+static void test_full_ring(void)
+{
+    struct front f;
+    front_init(&f, 0, 1);
+    int total = 0, answered = 0;
+    for (int round = 0; round < 4; round++) {
+        while (!RING_FULL(&f.ring)) {
+            rw(&f, total % 2 ? BLKIF_OP_READ : BLKIF_OP_WRITE, (uint64_t)total,
+               (uint64_t)(total % 64) * 8, 2, 10 + (uint32_t)(total % 8) * 2, 0, 7);
+            total++;
+        }
+        kick(&f);
+        while (answered < total) {
+            CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+            answered++;
+        }
+    }
+    CHECK(total == 4 * (int)RING_SIZE(&f.ring));
+    front_fini(&f);
+}
+
+int main(void)
+{
+    fx.memfd = memfd_create("guest-pages", MFD_CLOEXEC);
+    if (ftruncate(fx.memfd, (off_t)NPAGES * PG))
+        return 2;
+    fx.pages = mmap(NULL, (size_t)NPAGES * PG, PROT_READ | PROT_WRITE, MAP_SHARED, fx.memfd, 0);
+    fx.evt = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    fx.notified = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+
+    test_rw(0);
+    test_rw(1);
+    test_faults();
+    test_full_ring();
+    if (failures) {
+        fprintf(stderr, "test_blkif: %d failure(s)\n", failures);
+        return 1;
+    }
+    printf("test_blkif: all checks passed\n");
+    return 0;
+}
