@@ -379,7 +379,10 @@ static void start_request(struct bs_blkif *b, const union blkif_any *q)
     struct bslot *s = &b->slots[b->free_head];
     b->free_head = s->free_next;
     s->id = q->rw.id;
-    s->operation = q->rw.operation;
+    /* an indirect request is answered with its inner operation (as Linux's
+     * blkback does, and blkfront checks) */
+    s->operation = q->rw.operation == BLKIF_OP_INDIRECT ? q->indirect.indirect_op
+                                                        : q->rw.operation;
     s->map = NULL;
     s->nmap = 0;
     s->io.t_pop = b->core.t_now;

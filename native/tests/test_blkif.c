@@ -166,6 +166,8 @@ static void kick(struct front *f)
     eventfd_write(fx.evt, 1);
 }
 
+static int last_rsp_op;   /* operation of the latest response */
+
 /* Wait for a response; returns its status, and its id through *id. */
 static int wait_rsp(struct front *f, uint64_t *id)
 {
@@ -176,6 +178,7 @@ static int wait_rsp(struct front *f, uint64_t *id)
             f->ring.rsp_cons++;
             if (id)
                 *id = r.id;
+            last_rsp_op = r.operation;
             return r.status;
         }
         usleep(1000);
@@ -279,6 +282,7 @@ static void test_rw(int persistent)
     ind->indirect_grefs[0] = 100;
     kick(&f);
     CHECK(wait_rsp(&f, &id) == BLKIF_RSP_OKAY && id == 555);
+    CHECK(last_rsp_op == BLKIF_OP_WRITE);   /* the inner operation, as blkfront wants */
     uint8_t *big = malloc(20 * PG);
     CHECK(pread(f.backing, big, 20 * PG, 1024 * 512) == 20 * PG);
     CHECK(memcmp(big, fx.pages + 200 * PG, 20 * PG) == 0);
