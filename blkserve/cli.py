@@ -22,14 +22,21 @@ def _export(args: argparse.Namespace) -> int:
         backing = args.backing or args.blk_file
         if not backing:
             raise ExportError("the backing (BACKING or --blk-file PATH) is required")
-        if (args.socket is None) == (args.fd is None):
-            raise ExportError("give exactly one of --socket PATH (alias --socket-path) "
-                              "and --fd FD")
+        if args.xen_domain is not None:
+            if args.fd is not None:
+                raise ExportError("--xen-domain serves a Xen domain through blkif: it takes "
+                                  "no --fd")
+        elif args.xen_devid is not None or args.vdev is not None:
+            raise ExportError("--xen-devid and --vdev need --xen-domain")
+        elif (args.socket is None) == (args.fd is None):
+            raise ExportError("give exactly one of --socket PATH (alias --socket-path), "
+                              "--fd FD and --xen-domain DOMAIN")
         return run_export(ExportOptions(
             backing=backing, socket=args.socket, fd=args.fd, queues=args.queues,
             read_only=args.read_only, cache=args.cache, serial=args.serial,
             block_size=args.block_size, poll_us=args.poll_us, io_engine=args.io_engine,
             drain_timeout=args.drain_timeout, stats_file=args.stats_file,
+            xen_domain=args.xen_domain, xen_devid=args.xen_devid, vdev=args.vdev,
         ))
     except ExportError as e:
         print(f"blkserve export: error: {e}", file=sys.stderr)
@@ -69,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
             "and the frontend is told (CONFIG_CHANGE_MSG), so the guest sees it online. "
             "Bad arguments exit with code 2. The options follow QEMU's vhost-user "
             "backend program conventions (--socket-path, --fd, --blk-file, --read-only, "
-            "--print-capabilities)."
+            "--print-capabilities). With --xen-domain (run in a Xen dom0) BACKING is "
+            "served instead to a Xen domain's blkfront through the blkif protocol: the "
+            "export creates the vbd in xenstore itself, serves it until SIGINT/SIGTERM, "
+            "then detaches it (the guest sees the disk go)."
         ),
     )
     ex.add_argument("backing", metavar="BACKING", nargs="?",
@@ -78,11 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the same as BACKING (QEMU's vhost-user backend conventions)")
     ex.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
                     help="unix socket path to listen on (a stale socket file is replaced, "
-                         "and the socket is removed on exit)")
+                         "and the socket is removed on exit); with --xen-domain, only a "
+                         "readiness handle for supervisors: it listens while the disk is "
+                         "offered")
     ex.add_argument("--fd", type=int, metavar="FD",
                     help="instead of --socket: serve on FD, an already listening unix "
                          "stream socket inherited from the management layer (e.g. systemd "
                          "socket activation: --fd 3); it is left in place on exit")
+    ex.add_argument("--xen-domain", metavar="DOMID|NAME",
+                    help="instead of vhost-user: hot-plug BACKING into this running Xen "
+                         "domain as a PV disk (blkif; needs dom0's xenstored, "
+                         "/dev/xen/gntdev and /dev/xen/evtchn, and Debian's libxenstore4, "
+                         "libxengnttab1, libxenevtchn1)")
+    ex.add_argument("--vdev", metavar="xvdX",
+                    help="with --xen-domain: the guest's disk name (default: xvdb)")
+    ex.add_argument("--xen-devid", type=int, metavar="N",
+                    help="with --xen-domain: the vbd device number instead of --vdev "
+                         "(51728 is xvdb)")
     ex.add_argument("--print-capabilities", action="store_true",
                     help="print the backend's capabilities as JSON (QEMU's vhost-user.json: "
                          "type block and its features) and exit 0; everything else is "

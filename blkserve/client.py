@@ -17,8 +17,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 DEFAULT_URL = "http://127.0.0.1:8470"
 DEFAULT_STATE_DIR = "./var"
 DEFAULT_TIMEOUT = 120.0
@@ -236,6 +234,8 @@ def _seg(name: str) -> str:
 
 class Api:
     def __init__(self, args: argparse.Namespace):
+        import httpx  # here, not at import: every `blkserve` command loads this module
+
         self.url = _base_url(args)
         token = load_token(_state_dir(args))
         headers = {"Accept": "application/json"}
@@ -254,6 +254,8 @@ class Api:
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
         """(status, decoded JSON or None for an empty body); CliError for a
         transport failure or an HTTP error status."""
+        import httpx
+
         try:
             resp = self.client.request(method, path, json=body)
         except httpx.TimeoutException as e:

@@ -4,6 +4,7 @@ vhost-user-blk device until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -31,6 +32,7 @@ BLKIOOPT = 0x1279
 BLKALIGNOFF = 0x127A
 BLKPBSZGET = 0x127B
 MAX_QUEUES = 64
+XEN_LOCK_DIR = "/run/blkserve"
 
 
 class ExportError(Exception):
@@ -51,6 +53,9 @@ class ExportOptions:
     stats_file: str | None = None
     drain_timeout: float = 30.0
     fd: int | None = None  # an inherited listening socket, instead of socket
+    xen_domain: str | None = None  # serve a Xen domain (blkif) instead of vhost-user
+    xen_devid: int | None = None
+    vdev: str | None = None
 
 
 def default_serial(path: str) -> bytes:
@@ -198,8 +203,9 @@ def inherited_listener(fd: int) -> tuple[socket.socket, str]:
     return s, name or f"fd {fd}"
 
 
-def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
-    """Validate options, open the backing and bind the socket (no I/O yet)."""
+def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
+    """Validate the backing options, open the backing and configure the
+    engine's target (shared by the vhost-user and Xen transports)."""
     if not 1 <= opts.queues <= MAX_QUEUES:
         raise ExportError(f"--queues must be between 1 and {MAX_QUEUES}")
     if opts.cache not in ("none", "writeback"):
@@ -239,6 +245,17 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
             block_size=block_size, is_block_device=backing.is_block, poll_us=opts.poll_us,
             sync_io=sync_io, drain_timeout_ms=max(1, round(opts.drain_timeout * 1000)),
         ))
+    except BaseException:
+        backing.close()
+        raise
+    return target, backing
+
+
+def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
+    """Validate options, open the backing and bind the socket (no I/O yet)."""
+    target, backing = open_target(opts)
+    capacity, block_size = target.config.capacity, target.config.block_size
+    try:
         model = BlkDeviceModel(capacity=capacity, num_queues=opts.queues,
                                read_only=opts.read_only, blk_size=block_size,
                                topology=backing.topology)
@@ -293,7 +310,109 @@ async def _run(server: VhostUserServer) -> None:
               + ("closed" if isinstance(server, _InheritedSocketServer) else "removed"))
 
 
+def _remove_stale(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+
+
+def run_xen_export(opts: ExportOptions) -> int:
+    """Serve the backing to a Xen domain's blkfront until SIGINT/SIGTERM,
+    then detach the device (the guest sees it go)."""
+    from blkserve import xen
+
+    if opts.xen_devid is not None and opts.vdev is not None:
+        raise ExportError("give --xen-devid or --vdev, not both")
+    try:
+        devid = opts.xen_devid if opts.xen_devid is not None else \
+            xen.vdev_to_devid(opts.vdev or "xvdb")
+        xs = xen.XenStore()
+        try:
+            domid, name = xen.resolve_domain(xs, opts.xen_domain or "")
+        finally:
+            xs.close()
+    except (xen.XenUnavailable, xen.XenError) as e:
+        raise ExportError(str(e)) from None
+    if domid == 0:
+        raise ExportError("--xen-domain: dom0 cannot be its own blkif frontend here")
+    # one backend per vbd: the lock tells a live one from one that died
+    os.makedirs(XEN_LOCK_DIR, exist_ok=True)
+    lock_fd = os.open(os.path.join(XEN_LOCK_DIR, f"vbd-{domid}-{devid}.lock"),
+                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise ExportError(f"another blkserve export serves vbd {devid} of Xen domain "
+                          f"{name} ({domid})") from None
+    try:
+        return _serve_xen(opts, xen, domid, name, devid)
+    finally:
+        os.close(lock_fd)
+
+
+def _serve_xen(opts: ExportOptions, xen, domid: int, name: str, devid: int) -> int:
+    target, backing = open_target(opts)
+    stats = None
+    rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: os.write(wfd, b"x"))
+    be = None
+    try:
+        if opts.stats_file:
+            try:
+                stats = StatsWriter(opts.stats_file, xen.MAX_QUEUES, target.config.capacity)
+            except OSError as e:
+                raise ExportError(f"cannot create --stats-file {opts.stats_file}: "
+                                  f"{e.strerror}") from None
+        try:
+            be = xen.BlkifBackend(
+                target, domid, devid, read_only=opts.read_only,
+                physical_sector_size=backing.topology.physical_block or SECTOR,
+                discard_granularity=backing.topology.discard_granularity or 4096,
+                stats_areas=stats.area if stats else None)
+            be.create(reclaim=True)
+        except (xen.XenUnavailable, xen.XenError) as e:
+            raise ExportError(str(e)) from None
+        log_event(log, "export.xen", domain=name, domid=domid, devid=devid,
+                  capacity=target.config.capacity, read_only=opts.read_only, pid=os.getpid(),
+                  msg=f"offering a {target.config.capacity}-byte blkif disk (vbd {devid}) to "
+                      f"Xen domain {name} ({domid}){', read-only' if opts.read_only else ''}")
+        ready = None
+        if opts.socket:
+            # a supervisor's readiness and liveness handle: listening while
+            # the vbd is offered (nothing is served on it)
+            _remove_stale(opts.socket)
+            ready = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            ready.bind(opts.socket)
+            ready.listen(1)
+        try:
+            be.serve(rfd)
+            be.destroy()
+        finally:
+            if ready is not None:
+                ready.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(opts.socket)
+        log_event(log, "export.drained", msg="stopped: in-flight I/O drained, vbd removed")
+    finally:
+        if be is not None:
+            be.close()
+        target.close()
+        backing.close()
+        os.close(rfd)
+        os.close(wfd)
+        if stats is not None and opts.stats_file:
+            try:
+                os.unlink(opts.stats_file)
+            except OSError:
+                pass
+    return 0
+
+
 def run_export(opts: ExportOptions) -> int:
+    if opts.xen_domain is not None:
+        return run_xen_export(opts)
     server, backing = prepare(opts)
     target = server.target
     try:

@@ -273,18 +273,22 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         return Response(status_code=204)
 
     @v1.post("/volumes/{name}/attachments", status_code=201, response_model=models.Attachment,
-             tags=["attachments"], summary="Hot-attach a volume to a running QEMU VM or "
-                                           "libvirt domain",
+             tags=["attachments"], summary="Hot-attach a volume to a running QEMU VM, "
+                                           "libvirt domain or Xen domain",
              responses={**UNREADABLE, **NOT_FOUND,
                         **_err(409, "Already attached to that VM, no free hotplug slot, or "
                                     "(libvirt) the domain does not share its memory, is not "
-                                    "running, or its QEMU user cannot reach the socket."),
+                                    "running, or its QEMU user cannot reach the socket, or "
+                                    "(xen) the volume is exported or attached elsewhere, or "
+                                    "the domain has that disk already."),
                         **_err(422, "Invalid body, qmp_socket is not a live QMP socket, or "
-                                    "no such libvirt domain."),
+                                    "no such libvirt or Xen domain."),
                         **_err(501, "libvirt: the libvirt Python bindings are not "
-                                    "installed (pip install libvirt-python)."),
-                        **_err(502, "QEMU or libvirt refused, or libvirt is unreachable "
-                                    "(the message is in detail).")})
+                                    "installed (pip install libvirt-python); xen: the Xen "
+                                    "libraries or xenstored are missing (not a Xen dom0)."),
+                        **_err(502, "QEMU or libvirt refused, libvirt is unreachable, or the "
+                                    "Xen blkif worker failed to start (the message is in "
+                                    "detail).")})
     async def attach(name: str, body: models.AttachmentCreate):
         """Export the volume if needed, then plug it into the VM.
 
@@ -295,8 +299,14 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         `libvirt`: `attachDeviceFlags(VIR_DOMAIN_AFFECT_LIVE)` of a
         `<disk type='vhostuser'>` on the export's socket (reconnecting) with
         the first free `vdX` target; the socket is given to the user the
-        domain's QEMU runs as (its DAC label)."""
+        domain's QEMU runs as (its DAC label).
+
+        `xen`: a blkif worker (`blkserve export --xen-domain`) creates the
+        vbd in xenstore and serves it; the guest's blkfront connects and the
+        disk appears as `vdev`. The daemon must run in dom0."""
         async with controller.lock(name):
+            if isinstance(body, models.XenAttachmentCreate):
+                return vars(await controller.attach_xen(name, body.domain, body.vdev))
             if isinstance(body, models.LibvirtAttachmentCreate):
                 return vars(await controller.attach_libvirt(name, body.domain, body.uri))
             return vars(await controller.attach(name, body.qmp_socket, body.bus))

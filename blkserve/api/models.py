@@ -128,31 +128,55 @@ class LibvirtAttachmentCreate(BaseModel):
         examples=["qemu:///system"])
 
 
-AttachmentCreate = Annotated[QemuAttachmentCreate | LibvirtAttachmentCreate,
-                             Field(discriminator="hypervisor")]
+class XenAttachmentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="XenAttachmentCreate",
+                              json_schema_extra={"examples": [
+                                  {"hypervisor": "xen", "domain": "guest1"},
+                                  {"hypervisor": "xen", "domain": "7", "vdev": "xvdc"}]})
+
+    hypervisor: Literal["xen"] = Field(description=(
+        "`xen`: hot-plug into a running Xen domain as a PV disk (blkif), served by a "
+        "blkif worker of this daemon, which must run in dom0 (or a driver domain). Needs "
+        "Debian's libxenstore4, libxengnttab1 and libxenevtchn1 and a running xenstored "
+        "(else 501). The volume is served only to that domain: it must not be exported "
+        "over vhost-user at the same time."))
+    domain: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                        description="Name or numeric id of the running Xen domain.",
+                        examples=["guest1"])
+    vdev: str | None = Field(default=None, pattern=r"^xvd[a-z]{1,2}$", description=(
+        "Disk name in the guest. Default: the first `xvdX` from `xvdb` on the domain "
+        "does not have."), examples=["xvdb"])
+
+
+AttachmentCreate = Annotated[QemuAttachmentCreate | LibvirtAttachmentCreate
+                             | XenAttachmentCreate, Field(discriminator="hypervisor")]
 
 
 class Attachment(BaseModel):
     id: str = Field(examples=["a1b2c3d4"])
     volume: str
-    hypervisor: Literal["qemu", "libvirt"]
+    hypervisor: Literal["qemu", "libvirt", "xen"]
     qmp_socket: str | None = Field(description="QMP socket of the VM (`qemu`).")
     bus: str | None = Field(description="Bus the disk sits on: the QEMU bus id (`qemu`), "
                             "or the alias of the libvirt PCI controller (`libvirt`).")
-    device_id: str = Field(description="QEMU device id (device_add id), or for `libvirt` "
-                           "the disk's alias (`ua-blkserve-ID`).")
+    device_id: str = Field(description="QEMU device id (device_add id), for `libvirt` "
+                           "the disk's alias (`ua-blkserve-ID`), for `xen` `vbd-N` (the "
+                           "xenstore device number).")
     chardev_id: str = Field(description="QEMU chardev id (for `libvirt`, the one libvirt "
-                            "made for the disk).")
+                            "made for the disk; empty for `xen`).")
     uri: str | None = Field(default=None, description="libvirt connection URI (`libvirt`).")
-    domain: str | None = Field(default=None, description="libvirt domain name (`libvirt`).")
+    domain: str | None = Field(default=None, description="libvirt domain name (`libvirt`), "
+                               "Xen domain name (`xen`).")
     target: str | None = Field(default=None, description=(
         "libvirt `<target dev>` of the disk (`libvirt`; the guest names its disks in "
-        "probe order, not after it)."), examples=["vdb"])
+        "probe order, not after it), or the Xen guest's disk name (`xen`)."),
+        examples=["vdb"])
     state: Literal["attaching", "attached", "detaching", "stale"] = Field(description=(
         "`attaching`: the hypervisor is being asked to plug the disk; `detaching`: an "
         "unplug timed out and is still pending in the guest; "
-        "`stale`: the VM is gone (its QMP socket does not answer, or the libvirt domain "
-        "is no longer running or no longer has the disk); delete it."))
+        "`stale`: the VM is gone (its QMP socket does not answer, the libvirt domain "
+        "is no longer running or no longer has the disk, or the Xen domain is gone); "
+        "delete it."))
     created_at: str
     error: str | None = Field(description="Last error seen for this attachment.")
 

@@ -15,6 +15,7 @@ import stat
 import struct
 import uuid
 
+from blkserve import xen
 from blkserve.api import libvirt as virt
 from blkserve.api import qemu
 from blkserve.api.config import SOCKET_PATH_MAX, Settings
@@ -102,7 +103,11 @@ class Controller:
         """A previous daemon died during this attach: keep the attachment if
         the device made it into the VM, else forget it."""
         try:
-            if att.hypervisor == "libvirt":
+            if att.hypervisor == "xen":
+                # the attach is the blkif worker's start
+                w = self.workers.get(att.volume)
+                present = w is not None and w.pid is not None
+            elif att.hypervisor == "libvirt":
                 present = await self._virt(virt.disk_present, att.uri, att.domain,
                                            att.device_id)
             else:
@@ -146,6 +151,10 @@ class Controller:
                 await self._watch_libvirt()
             except Exception:
                 log.exception("checking libvirt attachments failed")
+            try:
+                await self._watch_xen()
+            except Exception:
+                log.exception("checking Xen attachments failed")
             for att in self.state.attachments():
                 if att.hypervisor != "qemu":
                     continue
@@ -154,6 +163,27 @@ class Controller:
                     log_event(log, "attachment.stale", level=logging.WARNING, volume=att.volume,
                               attachment=att.id, qmp_socket=att.qmp_socket,
                               reason="the VM is gone")
+
+    async def _watch_xen(self) -> None:
+        """Mark stale the Xen attachments whose domain is gone; stop their
+        workers (nothing is left to serve)."""
+        atts = [a for a in self.state.attachments()
+                if a.hypervisor == "xen" and a.state == "attached"]
+        if not atts:
+            return
+        for a in atts:
+            try:
+                await asyncio.to_thread(xen.domain_exists, a.domain)
+            except xen.XenError:
+                self.state.set_attachment_state(a.id, "stale", "the Xen domain is gone")
+                log_event(log, "attachment.stale", level=logging.WARNING, volume=a.volume,
+                          attachment=a.id, domain=a.domain, reason="the Xen domain is gone")
+                w = self.workers.pop(a.volume, None)
+                if w is not None:
+                    await w.stop(self.settings.worker_stop_timeout_s)
+                self.state.delete_export(a.volume)
+            except xen.XenUnavailable:
+                return
 
     async def _watch_libvirt(self) -> None:
         """Mark stale the libvirt attachments whose domain is gone, no longer
@@ -368,12 +398,17 @@ class Controller:
 
     def _new_worker(self, v: VolumeRow, socket_path: str,
                     socket_owner: tuple[int, int] | None = None) -> Worker:
+        # a volume attached to a Xen domain is served by a blkif worker
+        xen_att = next((a for a in self.state.attachments(v.name) if a.hypervisor == "xen"),
+                       None)
         spec = WorkerSpec(volume=v.name, backing=v.backing, socket=socket_path,
                           queues=v.queues, read_only=v.read_only,
                           cache=self.settings.export_cache,
                           io_engine=self.settings.export_io_engine,
                           poll_us=self.settings.export_poll_us,
-                          stats_file=self.stats_path(v.name), socket_owner=socket_owner)
+                          stats_file=self.stats_path(v.name), socket_owner=socket_owner,
+                          xen_domain=xen_att.domain if xen_att else None,
+                          xen_vdev=xen_att.target if xen_att else None)
         return Worker(spec, os.path.join(self.settings.logs_dir, f"{v.name}.log"),
                       on_pid=self.state.set_export_pid, on_restart=self.state.count_restart)
 
@@ -563,6 +598,60 @@ class Controller:
         log_event(log, "attachment.created", volume=name, attachment=att_id, bus=row.bus)
         return row
 
+    async def attach_xen(self, name: str, domain: str, vdev: str | None) -> AttachmentRow:
+        """Hot-plug the volume into the running Xen DOMAIN: a blkif worker
+        creates the vbd in xenstore and serves it."""
+        v = self.get_volume(name)
+        for a in self.state.attachments(name):
+            if a.state != "stale":
+                raise ApiError(409, f"volume '{name}' is attached already (attachment {a.id}, "
+                                    f"{a.hypervisor}); a Xen attachment serves the volume "
+                                    "alone")
+        if self.state.export(name) is not None:
+            raise ApiError(409, f"volume '{name}' is exported over vhost-user; a Xen "
+                                "attachment serves the volume from its own blkif worker: "
+                                "DELETE the export first")
+        try:
+            domid, dname, vdev = await asyncio.to_thread(xen.find_domain, domain, vdev)
+        except xen.XenUnavailable as e:
+            raise ApiError(501, f"Xen attach: {e}") from None
+        except xen.VbdInUse as e:
+            raise ApiError(409, str(e)) from None
+        except xen.XenError as e:
+            raise ApiError(422, str(e)) from None
+        sock = os.path.join(self.settings.sockets_dir, f"{name}.xen.sock")
+        if len(sock.encode()) > SOCKET_PATH_MAX:
+            raise ApiError(422, f"socket path {sock} is longer than {SOCKET_PATH_MAX} bytes; "
+                                "use a shorter volume name or socket_dir")
+        att_id = uuid.uuid4().hex[:8]
+        row = AttachmentRow(att_id, name, "xen", None, None,
+                            f"vbd-{xen.vdev_to_devid(vdev)}", "", "attaching", now(), None,
+                            domain=dname, target=vdev)
+        # recorded first: the worker's spec comes from it, and a daemon killed
+        # mid-attach settles it on restart (see _settle_attaching)
+        self.state.add_attachment(row)
+        self.state.add_export(name, sock, False)
+        worker = self._new_worker(v, sock)
+        self.workers[name] = worker
+        try:
+            await worker.start(self.settings.worker_start_timeout_s)
+        except WorkerStartError as e:
+            self.workers.pop(name, None)
+            self.state.delete_export(name)
+            self.state.delete_attachment(att_id)
+            log_event(log, "export.failed", level=logging.ERROR, volume=name, error=str(e))
+            raise ApiError(502, str(e)) from None
+        except BaseException:
+            self.workers.pop(name, None)
+            self.state.delete_export(name)
+            self.state.delete_attachment(att_id)
+            raise
+        row.state = "attached"
+        self.state.set_attachment_state(att_id, "attached")
+        log_event(log, "attachment.created", volume=name, attachment=att_id, domain=dname,
+                  domid=domid, vdev=vdev)
+        return row
+
     async def _detach_libvirt(self, a: AttachmentRow, timeout: float) -> None:
         """Ask the guest to release the disk, then wait (up to TIMEOUT s) until
         it has left the domain's live XML."""
@@ -601,7 +690,13 @@ class Controller:
 
     async def detach(self, name: str, att_id: str, timeout: float | None = None) -> None:
         a = self.get_attachment(name, att_id)
-        if a.state != "stale" and a.hypervisor == "libvirt":
+        if a.hypervisor == "xen":
+            # the worker closes the vbd (the guest sees the disk go) and exits
+            worker = self.workers.pop(name, None)
+            if worker is not None:
+                await worker.stop(timeout or self.settings.detach_timeout_s)
+            self.state.delete_export(name)
+        elif a.state != "stale" and a.hypervisor == "libvirt":
             await self._detach_libvirt(a, timeout or self.settings.detach_timeout_s)
         elif a.state != "stale":
             try:

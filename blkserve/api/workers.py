@@ -114,6 +114,8 @@ class WorkerSpec:
     poll_us: int = 0
     stats_file: str | None = None
     socket_owner: tuple[int, int] | None = None  # chowned to this after every start
+    xen_domain: str | None = None  # serve this Xen domain (blkif); socket: readiness only
+    xen_vdev: str | None = None
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "blkserve", "export", self.backing,
@@ -124,6 +126,8 @@ class WorkerSpec:
             argv.append("--read-only")
         if self.stats_file:
             argv += ["--stats-file", self.stats_file]
+        if self.xen_domain is not None:
+            argv += ["--xen-domain", self.xen_domain, "--vdev", self.xen_vdev or "xvdb"]
         return argv
 
 

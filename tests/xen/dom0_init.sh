@@ -41,6 +41,8 @@ mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/xen /run/xenstored /run/lock /var/lib/xen /var/lib/xenstored \
     /var/log/xen /var/lib/xen/dump $CTL /host
 hostname xen-dom0 2>/dev/null
+# loopback up: services in dom0 (blkserve serve) listen on 127.0.0.1
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up 2>/dev/null
 say "up, loading modules"
 
 while read -r mod; do
