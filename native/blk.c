@@ -55,8 +55,7 @@ static void fail(struct bs_blk_req *r, uint8_t status)
     r->status = status;
 }
 
-/* [sector*512, +len) inside the disk and aligned to its logical block. */
-static int range_ok(const struct bs_target_cfg *t, uint64_t sector, uint64_t len)
+int bs_range_ok(const struct bs_target_cfg *t, uint64_t sector, uint64_t len)
 {
     uint64_t bs = t->block_size ? t->block_size : BS_SECTOR;
     /* may grow at run time (bs_target_set_capacity): read it once */
@@ -96,7 +95,7 @@ static void parse_dwz(const struct bs_target_cfg *t, struct bs_chain *c,
             return;
         }
         uint64_t bytes = (uint64_t)seg.num_sectors * BS_SECTOR;
-        if (seg.num_sectors > BS_MAX_DWZ_SECTORS || !range_ok(t, seg.sector, bytes)) {
+        if (seg.num_sectors > BS_MAX_DWZ_SECTORS || !bs_range_ok(t, seg.sector, bytes)) {
             fail(r, BS_BLK_S_IOERR);
             return;
         }
@@ -184,7 +183,7 @@ void bs_blk_parse(const struct bs_target_cfg *t, struct bs_chain *c,
 
     /* READ or WRITE */
     if (r->len % BS_SECTOR || r->len > UINT32_MAX - 1 ||
-        !range_ok(t, h.sector, r->len)) {
+        !bs_range_ok(t, h.sector, r->len)) {
         fail(r, BS_BLK_S_IOERR);
         return;
     }

@@ -226,17 +226,6 @@ static int indirect_segments(struct bs_blkif *b, const struct blkif_request_indi
 
 /* ---- requests ---- */
 
-static int range_ok(const struct bs_target_cfg *t, uint64_t sector, uint64_t len)
-{
-    uint64_t bs = t->block_size ? t->block_size : BS_SECTOR;
-    uint64_t cap = __atomic_load_n(&t->capacity, __ATOMIC_RELAXED);
-    if (sector > cap / BS_SECTOR)
-        return 0;
-    if ((sector * BS_SECTOR) % bs || len % bs)
-        return 0;
-    return len <= cap - sector * BS_SECTOR;
-}
-
 /* Read or write of segs[0..nseg): fill the slot's request. */
 static void parse_rw(struct bs_blkif *b, struct bslot *s, int write, uint64_t sector,
                      const struct blkif_request_segment *segs, uint32_t nseg)
@@ -264,7 +253,7 @@ static void parse_rw(struct bs_blkif *b, struct bslot *s, int write, uint64_t se
         }
         want += (uint64_t)(segs[i].last_sect - segs[i].first_sect + 1) * 512;
     }
-    if (!range_ok(t, sector, want)) {
+    if (!bs_range_ok(t, sector, want)) {
         r->op = BS_OP_NONE;
         r->status = BS_BLK_S_IOERR;
         return;
@@ -328,7 +317,7 @@ static void parse_request(struct bs_blkif *b, struct bslot *s, const union blkif
             r->status = BS_BLK_S_UNSUPP;
             return;
         }
-        if (t->read_only || n > (1ULL << 40) || !range_ok(t, q->discard.sector_number, n * 512)) {
+        if (t->read_only || n > (1ULL << 40) || !bs_range_ok(t, q->discard.sector_number, n * 512)) {
             r->op = BS_OP_NONE;
             r->status = BS_BLK_S_IOERR;
             return;

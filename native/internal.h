@@ -269,6 +269,9 @@ struct bs_blk_req {
  * answered here (copies the serial into the guest buffer). */
 void bs_blk_parse(const struct bs_target_cfg *t, struct bs_chain *c,
                   struct bs_blk_req *r);
+/* [sector*512, +len) inside the disk (its capacity now) and aligned to its
+ * logical block; overflow-safe for any sector the guest sends. */
+int bs_range_ok(const struct bs_target_cfg *t, uint64_t sector, uint64_t len);
 
 struct bs_target {
     struct bs_target_cfg cfg;   /* cfg.writethrough is read atomically */
