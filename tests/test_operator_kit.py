@@ -294,7 +294,8 @@ def test_fd_that_is_not_a_listening_socket_is_refused(tmp_path):
                                 "listening unix stream socket (bind and listen on it "
                                 "before passing it)"), r.stderr
     for args, msg in [
-        ([str(img)], "give exactly one of --socket PATH (alias --socket-path) and --fd FD"),
+        ([str(img)], "give exactly one of --socket PATH (alias --socket-path), --fd FD and "
+                     "--xen-domain DOMAIN"),
         ([str(img), "--socket", "x.sock", "--fd", "3"], "give exactly one of"),
         (["--socket", "x.sock"], "the backing (BACKING or --blk-file PATH) is required"),
         ([str(img), "--blk-file", "/other", "--socket", "x.sock"], "not both"),

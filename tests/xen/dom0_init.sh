@@ -77,7 +77,19 @@ say "xenstored, xen-init-dom0, xenconsoled running"
 
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro hostroot /host ||
     die "cannot mount the hostroot 9p share"
+# dom0's /tmp goes over the host's: keep the repository (and the Python it
+# runs) reachable when the host has them under /tmp (a CI clone)
+case "$REPO" in
+/tmp/*)
+    mkdir -p /run/repo-keep
+    mount --bind "/host$REPO" /run/repo-keep || die "cannot bind $REPO aside"
+    ;;
+esac
 mount --bind /tmp /host/tmp || die "cannot bind /tmp into /host"
+if [ -d /run/repo-keep/tests ]; then
+    mkdir -p "/tmp${REPO#/tmp}"
+    mount --bind /run/repo-keep "/host$REPO" || die "cannot bind $REPO back under /tmp"
+fi
 
 # Xen tools for the chroot: each wrapper runs the tool in the initramfs root
 # (its libraries, /var/lib/xen, /etc/xen), in the caller's directory seen
