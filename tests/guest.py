@@ -161,18 +161,24 @@ def _recipe_hash() -> str:
     return h.hexdigest()[:12]
 
 
+def apt_candidates(name_re: str) -> dict[str, str]:
+    """{package: candidate version} of the packages whose name matches
+    NAME_RE (one apt-cache call, ~1 s: --full prints the candidate record)."""
+    res = _run(["apt-cache", "search", "--names-only", "--full", name_re])
+    found: dict[str, str] = {}
+    for record in res.stdout.split("\n\n"):
+        pkg = re.search(r"^Package:\s*(\S+)", record, re.M)
+        ver = re.search(r"^Version:\s*(\S+)", record, re.M)
+        if pkg and ver and re.match(name_re, pkg.group(1)):
+            found.setdefault(pkg.group(1), ver.group(1))
+    return found
+
+
 def _find_kernel_package() -> tuple[str, str]:
     """Newest linux-image-6.1.0-N-cloud-amd64-unsigned: (name, version)."""
     if not shutil.which("apt-cache"):
         raise GuestUnavailable("apt-cache not installed (needed to fetch the guest kernel)")
-    # One apt-cache call (each costs ~1 s): --full prints the candidate record.
-    res = _run(["apt-cache", "search", "--names-only", "--full", KERNEL_PKG_RE])
-    found = {}
-    for record in res.stdout.split("\n\n"):
-        pkg = re.search(r"^Package:\s*(\S+)", record, re.M)
-        ver = re.search(r"^Version:\s*(\S+)", record, re.M)
-        if pkg and ver and re.match(KERNEL_PKG_RE, pkg.group(1)):
-            found.setdefault(pkg.group(1), ver.group(1))
+    found = apt_candidates(KERNEL_PKG_RE)
     if not found:
         raise GuestUnavailable(
             "no linux-image-6.1.0-*-cloud-amd64-unsigned package known to apt "

@@ -431,19 +431,29 @@ class Controller:
             for d in self._reach_socket_dir(sock, owner):
                 log.warning("export %s: %s cannot search %s, so QEMU running as it cannot "
                             "reach %s", name, virt.owner_name(owner), d, sock)
-        worker = self._new_worker(v, sock, owner)
-        self.state.add_export(name, sock, explicit)
-        self.state.set_export_socket_owner(name, _owner_text(owner))
-        self.workers[name] = worker
-        try:
-            await worker.start(self.settings.worker_start_timeout_s)
-        except WorkerStartError as e:
-            self.workers.pop(name, None)
-            self.state.delete_export(name)
-            log_event(log, "export.failed", level=logging.ERROR, volume=name, error=str(e))
-            raise ApiError(502, str(e)) from None
+        worker = await self._start_worker(v, sock, explicit, owner)
         log_event(log, "export.started", volume=name, socket=sock, pid=worker.pid)
         return self.export_view(name), True
+
+    async def _start_worker(self, v: VolumeRow, sock: str, explicit: bool,
+                            owner: tuple[int, int] | None = None) -> Worker:
+        """Record the volume's export and start its worker; if it does not
+        come up, nothing is left behind (ApiError 502 with its log tail)."""
+        worker = self._new_worker(v, sock, owner)
+        self.state.add_export(v.name, sock, explicit)
+        self.state.set_export_socket_owner(v.name, _owner_text(owner))
+        self.workers[v.name] = worker
+        try:
+            await worker.start(self.settings.worker_start_timeout_s)
+        except BaseException as e:
+            self.workers.pop(v.name, None)
+            self.state.delete_export(v.name)
+            if isinstance(e, WorkerStartError):
+                log_event(log, "export.failed", level=logging.ERROR, volume=v.name,
+                          error=str(e))
+                raise ApiError(502, str(e)) from None
+            raise
+        return worker
 
     def _reach_socket_dir(self, sock: str, owner: tuple[int, int]) -> list[str]:
         """Let OWNER search the directories blkserve manages on the way to
@@ -630,20 +640,9 @@ class Controller:
         # recorded first: the worker's spec comes from it, and a daemon killed
         # mid-attach settles it on restart (see _settle_attaching)
         self.state.add_attachment(row)
-        self.state.add_export(name, sock, False)
-        worker = self._new_worker(v, sock)
-        self.workers[name] = worker
         try:
-            await worker.start(self.settings.worker_start_timeout_s)
-        except WorkerStartError as e:
-            self.workers.pop(name, None)
-            self.state.delete_export(name)
-            self.state.delete_attachment(att_id)
-            log_event(log, "export.failed", level=logging.ERROR, volume=name, error=str(e))
-            raise ApiError(502, str(e)) from None
+            await self._start_worker(v, sock, False)
         except BaseException:
-            self.workers.pop(name, None)
-            self.state.delete_export(name)
             self.state.delete_attachment(att_id)
             raise
         row.state = "attached"

@@ -228,13 +228,7 @@ def _candidate_versions() -> dict[str, str]:
     """{package: candidate version} for everything the images are made of."""
     if not shutil.which("apt-cache"):
         raise XenUnavailable("apt-cache not installed (needed to fetch the Xen packages)")
-    res = _run(["apt-cache", "search", "--names-only", "--full", KERNEL_PKG_RE])
-    kernels = {}
-    for record in res.stdout.split("\n\n"):
-        pkg = re.search(r"^Package:\s*(\S+)", record, re.M)
-        ver = re.search(r"^Version:\s*(\S+)", record, re.M)
-        if pkg and ver and re.match(KERNEL_PKG_RE, pkg.group(1)):
-            kernels.setdefault(pkg.group(1), ver.group(1))
+    kernels = _g.apt_candidates(KERNEL_PKG_RE)
     if not kernels:
         raise XenUnavailable(
             "no linux-image-6.1.0-*-amd64 package known to apt (Debian 12 sources needed)"
