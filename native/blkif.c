@@ -76,6 +76,7 @@ struct bs_blkif {
     int evt;                  /* the event channel fired: look at the ring */
     union blkif_any held;     /* a barrier waiting for earlier requests */
     int has_held;
+    int fenced;               /* a barrier in flight: later requests wait for it */
     struct pgrant *pg;        /* persistent grants, mapped until stop */
     uint32_t npg;
     int ctl_fd;
@@ -420,18 +421,32 @@ static void sync_progress(struct bs_blkif *b)
 /* Pop every request the frontend queued.  Indexes come from the frontend:
  * a producer index more than a ring ahead of our responses breaks the
  * ring (it cannot be honest). */
+/* A barrier runs alone: after every request before it has completed
+ * (the caller holds it until then), and nothing after it starts before it
+ * has completed (blkif.h). */
+static void start_barrier(struct bs_blkif *b, const union blkif_any *q)
+{
+    start_request(b, q);
+    sync_progress(b);
+    b->fenced = b->core.inflight > 0;
+}
+
 static void drain_ring(struct bs_blkif *b)
 {
     int more;
 
     b->starved = 0;
     b->core.t_now = bs_now_ns();
-    if (b->has_held) {
+    if (b->has_held || b->fenced) {
         if (b->core.inflight)
-            return;             /* the barrier still waits */
-        b->has_held = 0;
-        start_request(b, &b->held);
-        sync_progress(b);
+            return;             /* a barrier still waits, or is still running */
+        b->fenced = 0;
+        if (b->has_held) {
+            b->has_held = 0;
+            start_barrier(b, &b->held);
+            if (b->fenced)
+                return;
+        }
     }
     do {
         RING_IDX rp = __atomic_load_n(&b->ring.sring->req_prod, __ATOMIC_ACQUIRE);
@@ -449,10 +464,16 @@ static void drain_ring(struct bs_blkif *b)
             memcpy(&q, (const void *)RING_GET_REQUEST(&b->ring, b->ring.req_cons), sizeof(q));
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             b->ring.req_cons++;
-            if (q.rw.operation == BLKIF_OP_WRITE_BARRIER && b->core.inflight) {
-                b->held = q;    /* after everything before it */
-                b->has_held = 1;
-                return;
+            if (q.rw.operation == BLKIF_OP_WRITE_BARRIER) {
+                if (b->core.inflight) {
+                    b->held = q;    /* after everything before it */
+                    b->has_held = 1;
+                    return;
+                }
+                start_barrier(b, &q);
+                if (b->fenced)
+                    return;
+                continue;
             }
             start_request(b, &q);
             sync_progress(b);
@@ -512,7 +533,7 @@ static void *blkif_thread(void *arg)
     for (;;) {
         int broken = __atomic_load_n(&b->st->broken, __ATOMIC_RELAXED);
         if (!c->stopping && !broken &&
-            (b->evt || (b->starved && b->free_head >= 0) || (b->has_held && !c->inflight)))
+            (b->evt || (b->starved && b->free_head >= 0) || ((b->has_held || b->fenced) && !c->inflight)))
             drain_ring(b);
         b->evt = 0;
         bs_core_run_sync(c);
@@ -525,7 +546,7 @@ static void *blkif_thread(void *arg)
             if (ret == -ETIME && c->stop_expired == 2)
                 break;
         } else if (!broken && ((b->starved && b->free_head >= 0) ||
-                               (b->has_held && !c->inflight))) {
+                               ((b->has_held || b->fenced) && !c->inflight))) {
             ret = io_uring_submit(&c->ring);
         } else {
             ret = io_uring_submit_and_wait(&c->ring, 1);
@@ -608,6 +629,7 @@ static int start_locked(bs_blkif *b, const struct bs_xen_ops *ops, const struct 
             b->pg[i].gref = PGRANT_NONE;
     }
     b->has_held = 0;
+    b->fenced = 0;
     b->starved = 0;
     b->core.st = b->st;
     b->core.abandoned = 0;
