@@ -216,11 +216,84 @@ def test_rest_api_attaches_and_detaches_a_volume(xen):
     fio(xen, dev, "32k", size="8M")
     code, err = api(xen, "PUT", "/v1/volumes/xv1/export")
     assert code in (200, 201), err      # the blkif worker is the volume's export
-    code, _ = api(xen, "DELETE", f"/v1/volumes/xv1/attachments/{att['id']}")
+    state["xv1_dev"], state["xv1_att"] = dev, att["id"]
+
+
+def wait_export(xen: XenHost, volume: str, check, what: str, timeout: int = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, exp = api(xen, "GET", f"/v1/volumes/{volume}/export")
+        if code == 200 and check(exp):
+            return exp
+        assert time.monotonic() < deadline, f"{what}: export is {exp}"
+        time.sleep(3)
+
+
+def test_the_supervisor_restarts_a_killed_xen_worker(xen):
+    """kill -9 of the blkif worker under `blkserve serve`: the supervisor
+    starts it again, the new worker reclaims the vbd the dead one left, the
+    guest gets the disk back with its data."""
+    dev = state["xv1_dev"]
+    xen.domu_check(f"dd if=/dev/urandom of=/dev/{dev} bs=1M count=2 oflag=direct 2>&1")
+    before = xen.domu_check(f"dd if=/dev/{dev} bs=1M count=2 iflag=direct 2>/dev/null | md5sum")
+    code, exp = api(xen, "GET", "/v1/volumes/xv1/export")
+    assert code == 200 and exp["state"] == "running" and exp["restarts"] == 0, exp
+    xen.dom0_check(f"kill -KILL {exp['pid']}")
+    new = wait_export(xen, "xv1", lambda e: e["restarts"] >= 1 and e["state"] == "running",
+                      "no supervised restart")
+    assert new["pid"] != exp["pid"], new
+    wlog = "/tmp/bs-state/logs/xv1.log"     # appended to by every worker
+    wait_log(xen, wlog, "left by a backend that died")
+    rc, out = xen.dom0(f"for i in $(seq 180); do [ $(grep -c ' connected: ' {wlog}) -ge 2 ] "
+                       "&& exit 0; sleep 1; done; exit 1", timeout=240)
+    assert rc == 0, xen.dom0(f"cat {wlog}")[1]
+    wait_disk(xen, dev)
+    after = xen.domu_check(f"dd if=/dev/{dev} bs=1M count=2 iflag=direct 2>/dev/null | md5sum")
+    assert before.split()[0] == after.split()[0]
+    fio(xen, dev, "4k", size="4M")
+    code, atts = api(xen, "GET", "/v1/volumes/xv1/attachments")
+    assert [a["state"] for a in atts] == ["attached"], atts
+    serve_log = xen.dom0_check("cat /tmp/serve.log")
+    assert "worker.restarted" in serve_log, serve_log[-3000:]
+
+
+def test_detach_after_the_restart(xen):
+    dev = state["xv1_dev"]
+    code, _ = api(xen, "DELETE", f"/v1/volumes/xv1/attachments/{state['xv1_att']}")
     assert code == 204
     wait_disk(xen, dev, present=False)
     code, atts = api(xen, "GET", "/v1/volumes/xv1/attachments")
     assert code == 200 and atts == [], atts
+
+
+def test_a_destroyed_domain_makes_its_attachment_stale(xen):
+    """`xl destroy` of a domain with an attached volume: the daemon marks the
+    attachment stale, stops its worker, and the attachment can be deleted."""
+    xen.create_domu("domu2", mem_mb=256)
+    code, _ = api(xen, "POST", "/v1/volumes", '{"name": "xv2", "size_bytes": 8388608}')
+    assert code == 201
+    code, att = api(xen, "POST", "/v1/volumes/xv2/attachments",
+                    '{"hypervisor": "xen", "domain": "domu2"}')
+    assert code == 201 and att["state"] == "attached", att
+    wait_disk_in = xen.domu(f"for i in $(seq 60); do [ -e /sys/block/{att['target']} ] && "
+                            "exit 0; sleep 1; done; exit 1", timeout=90, name="domu2")
+    assert wait_disk_in[0] == 0, wait_disk_in
+    code, exp = api(xen, "GET", "/v1/volumes/xv2/export")
+    assert code == 200, exp
+    xen.destroy_domu("domu2")
+    deadline = time.monotonic() + 120
+    while True:
+        code, atts = api(xen, "GET", "/v1/volumes/xv2/attachments")
+        if atts and atts[0]["state"] == "stale":
+            break
+        assert time.monotonic() < deadline, atts
+        time.sleep(3)
+    assert "the Xen domain is gone" in (atts[0]["error"] or ""), atts
+    assert not alive(xen, exp["pid"]), "the stale attachment's worker still runs"
+    code, _ = api(xen, "GET", "/v1/volumes/xv2/export")
+    assert code == 404
+    code, _ = api(xen, "DELETE", f"/v1/volumes/xv2/attachments/{att['id']}")
+    assert code == 204
     xen.dom0_check(f"kill -TERM {state['serve']}")
 
 

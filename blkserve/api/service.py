@@ -410,7 +410,8 @@ class Controller:
                           xen_domain=xen_att.domain if xen_att else None,
                           xen_vdev=xen_att.target if xen_att else None)
         return Worker(spec, os.path.join(self.settings.logs_dir, f"{v.name}.log"),
-                      on_pid=self.state.set_export_pid, on_restart=self.state.count_restart)
+                      on_pid=self.state.set_export_pid, on_restart=self.state.count_restart,
+                      start_timeout_s=self.settings.worker_start_timeout_s)
 
     async def ensure_export(self, name: str, explicit: bool) -> tuple[dict, bool]:
         """Start the volume's export unless it runs; (export, created)."""

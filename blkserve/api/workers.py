@@ -138,6 +138,7 @@ class Worker:
     on_pid: Callable[[str, int | None, int | None], None]
     on_restart: Callable[[str], None]
     state: str = "starting"  # starting | running | backoff | stopping | stopped
+    start_timeout_s: float = 15.0  # a restarted worker's time to create its socket
     pid: int | None = None
     pid_start: int | None = None
     started_at: float = 0.0
@@ -265,7 +266,7 @@ class Worker:
             return
         self.on_restart(self.spec.volume)
         try:
-            ok = await self._spawn_and_wait(15.0)
+            ok = await self._spawn_and_wait(self.start_timeout_s)
         except OSError as e:
             log.error("export %s: cannot start worker: %s", self.spec.volume, e)
             self.state = "backoff"
@@ -277,8 +278,9 @@ class Worker:
             worker_event(self, "worker.restarted", socket=self.spec.socket)
         elif self.pid is not None and self._wanted:
             # alive but no socket: kill it; its exit schedules the next try
-            log.warning("export %s: restarted worker %d has no socket after 15 s; killing "
-                        "it: %s", self.spec.volume, self.pid, self.log_tail())
+            log.warning("export %s: restarted worker %d has no socket after %.0f s; killing "
+                        "it: %s", self.spec.volume, self.pid, self.start_timeout_s,
+                        self.log_tail())
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
