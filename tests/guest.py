@@ -44,7 +44,7 @@ INIT_SCRIPT = HERE / "guest_init.sh"
 
 # Bump when the image recipe changes in a way not covered by the hashed
 # inputs below (the init script, module and tool lists are hashed already).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 DEFAULT_CACHE_DIR = "/var/cache/blkserve-tests"
 KERNEL_PKG_RE = r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$"
@@ -464,12 +464,18 @@ class _Cpio:
         self.f.write(b"\0" * ((-self.f.tell()) % 512))
 
 
-def _write_initramfs(path: Path, modules: list[tuple[str, bytes]]) -> dict:
-    with (
-        open(path, "wb") as raw,
-        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
-    ):
-        c = _Cpio(gz)
+class Initramfs:
+    """A newc initramfs (gzip'ed unless compress=False), merged-/usr layout."""
+
+    def __init__(self, path: Path, compress: bool = True):
+        self._raw = open(path, "wb")
+        self._gz = (
+            gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
+            if compress
+            else None
+        )
+        self.c = _Cpio(self._gz or self._raw)
+        self.libs: set[str] = set()
         for d in (
             "usr/bin",
             "usr/sbin",
@@ -484,49 +490,89 @@ def _write_initramfs(path: Path, modules: list[tuple[str, bytes]]) -> dict:
             "root",
             "etc",
             "var",
+            "var/lib",
+            "var/log",
         ):
-            c.dir(d)
+            self.c.dir(d)
         for top, target in _USR_MERGED.items():
-            c.symlink(top, target)
-        c.chardev("dev/console", 5, 1)
-        c.chardev("dev/null", 1, 3, mode=0o666)
+            self.c.symlink(top, target)
+        self.c.symlink("var/run", "/run")
+        self.c.symlink("var/lock", "/run/lock")
+        self.c.chardev("dev/console", 5, 1)
+        self.c.chardev("dev/null", 1, 3, mode=0o666)
+        self.c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+        self.c.file("etc/group", b"root:x:0:\n")
 
-        # busybox + applet symlinks (host tools take precedence).
-        tool_paths = {_guest_path(t) for t in GUEST_TOOLS}
-        c.file("usr/bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755)
-        applets = _run(["/bin/busybox", "--list-full"], check=True).stdout.split()
+    def tree(self, root: Path, skip: tuple[str, ...] = ()) -> list[str]:
+        """Add an extracted package tree; returns the guest paths added."""
+        added = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(
+                filenames + [d for d in dirnames if os.path.islink(Path(dirpath, d))]
+            ):
+                p = Path(dirpath, name)
+                rel = p.relative_to(root).as_posix()
+                if any(rel.startswith(s) for s in skip):
+                    continue
+                gp = _guest_path("/" + rel)
+                if p.is_symlink():
+                    self.c.symlink(gp, os.readlink(p))
+                elif p.is_file():
+                    self.c.file(gp, p.read_bytes(), mode=p.stat().st_mode & 0o7777)
+                added.append(gp)
+        return added
+
+    def busybox(self, busybox: Path, skip: set[str] = frozenset()) -> None:
+        """Busybox and a symlink per applet, except at paths already added
+        or in SKIP (real tools added later take precedence)."""
+        self.c.file("usr/bin/busybox", busybox.read_bytes(), mode=0o755)
+        applets = _run([str(busybox), "--list-full"], check=True).stdout.split()
         for a in applets:
             gp = _guest_path("/" + a)
-            if gp in tool_paths or gp == "usr/bin/busybox":
-                continue
-            c.symlink(gp, "/usr/bin/busybox")
+            if gp not in self.c.seen and gp not in skip:
+                self.c.symlink(gp, "/usr/bin/busybox")
 
-        # host tools + shared libraries + ELF interpreter
-        libs: set[str] = set()
-        for tool in GUEST_TOOLS:
-            gp = _guest_path(tool)
-            if os.path.islink(tool):
-                target = os.readlink(tool)
-                c.symlink(gp, target)
-                tool = os.path.join(os.path.dirname(tool), target)
-                gp = _guest_path(os.path.normpath(tool))
-            c.file(gp, Path(tool).read_bytes(), mode=0o755)
-            libs.update(_ldd_deps(tool))
-        for lib in sorted(libs):
-            c.file(_guest_path(lib), Path(lib).read_bytes(), mode=0o755)
-        for f in GUEST_FILES:
-            if os.path.exists(f):
-                c.file(_guest_path(f), Path(f).read_bytes())
-        c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-        c.file("etc/group", b"root:x:0:\n")
+    def host_file(self, path: str, mode: int = 0o755) -> None:
+        """A host file at its (merged-/usr) path; symlinks are followed."""
+        self.c.file(_guest_path(os.path.normpath(path)), Path(path).read_bytes(), mode=mode)
 
-        # kernel modules, flat, plus the load order
+    def modules(self, modules: list[tuple[str, bytes]], listfile: str) -> None:
         for name, data in modules:
-            c.file(f"usr/lib/modules/{name}.ko", data)
-        c.file("etc/guest-modules", "".join(f"{n}.ko\n" for n, _ in modules).encode())
+            self.c.file(f"usr/lib/modules/{name}.ko", data)
+        self.c.file(listfile, "".join(f"{n}.ko\n" for n, _ in modules).encode())
 
-        c.file("init", INIT_SCRIPT.read_bytes(), mode=0o755)
-        c.trailer()
+    def close(self, init: Path) -> None:
+        self.c.file("init", init.read_bytes(), mode=0o755)
+        self.c.trailer()
+        if self._gz is not None:
+            self._gz.close()
+        self._raw.close()
+
+
+def _write_initramfs(path: Path, modules: list[tuple[str, bytes]]) -> dict:
+    img = Initramfs(path)
+    # busybox + applet symlinks (host tools take precedence)
+    img.busybox(Path("/bin/busybox"), skip={_guest_path(t) for t in GUEST_TOOLS})
+    # host tools + shared libraries + ELF interpreter
+    libs: set[str] = set()
+    for tool in GUEST_TOOLS:
+        gp = _guest_path(tool)
+        if os.path.islink(tool):
+            target = os.readlink(tool)
+            img.c.symlink(gp, target)
+            tool = os.path.join(os.path.dirname(tool), target)
+            gp = _guest_path(os.path.normpath(tool))
+        img.c.file(gp, Path(tool).read_bytes(), mode=0o755)
+        libs.update(_ldd_deps(tool))
+    for lib in sorted(libs):
+        img.host_file(lib)
+    for f in GUEST_FILES:
+        if os.path.exists(f):
+            img.host_file(f, mode=0o644)
+    # kernel modules, flat, plus the load order
+    img.modules(modules, "etc/guest-modules")
+    img.close(INIT_SCRIPT)
     return {"libraries": sorted(libs)}
 
 

@@ -83,7 +83,7 @@ DOMU_INIT = HERE / "domu_init.sh"
 AGENT = HERE / "dom0_agent.py"
 
 # Bump when the image recipe changes in a way the hashed inputs below miss.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 CACHE_SUBDIR = "xen-4.17"
 
 XEN_PACKAGES = (
@@ -423,102 +423,21 @@ def _resolve_modules(moddir: Path, wanted: tuple[str, ...]) -> list[tuple[str, b
     return [(n, load(n)[0]) for n in order]
 
 
-class _Initramfs:
-    """A newc initramfs (gzip'ed unless compress=False), merged-/usr layout."""
-
-    def __init__(self, path: Path, compress: bool = True):
-        self._raw = open(path, "wb")
-        self._gz = (
-            gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
-            if compress
-            else None
-        )
-        self.c = _g._Cpio(self._gz or self._raw)
-        self.libs: set[str] = set()
-        for d in (
-            "usr/bin",
-            "usr/sbin",
-            "usr/lib",
-            "usr/lib64",
-            "proc",
-            "sys",
-            "dev",
-            "tmp",
-            "run",
-            "mnt",
-            "root",
-            "etc",
-            "var",
-            "var/lib",
-            "var/log",
-        ):
-            self.c.dir(d)
-        for top, target in _g._USR_MERGED.items():
-            self.c.symlink(top, target)
-        self.c.symlink("var/run", "/run")
-        self.c.symlink("var/lock", "/run/lock")
-        self.c.chardev("dev/console", 5, 1)
-        self.c.chardev("dev/null", 1, 3, mode=0o666)
-        self.c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-        self.c.file("etc/group", b"root:x:0:\n")
-
-    def tree(self, root: Path, skip: tuple[str, ...] = ()) -> list[str]:
-        """Add an extracted package tree; returns the guest paths added."""
-        added = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(
-                filenames + [d for d in dirnames if os.path.islink(Path(dirpath, d))]
-            ):
-                p = Path(dirpath, name)
-                rel = p.relative_to(root).as_posix()
-                if any(rel.startswith(s) for s in skip):
-                    continue
-                gp = _g._guest_path("/" + rel)
-                if p.is_symlink():
-                    self.c.symlink(gp, os.readlink(p))
-                elif p.is_file():
-                    self.c.file(gp, p.read_bytes(), mode=p.stat().st_mode & 0o7777)
-                added.append(gp)
-        return added
-
-    def busybox(self, busybox: Path) -> None:
-        self.c.file("usr/bin/busybox", busybox.read_bytes(), mode=0o755)
-        applets = _run([str(busybox), "--list-full"], check=True).stdout.split()
-        for a in applets:
-            gp = _g._guest_path("/" + a)
-            if gp not in self.c.seen:
-                self.c.symlink(gp, "/usr/bin/busybox")
-
-    def host_file(self, path: str, mode: int = 0o755) -> None:
-        """A host file at its (merged-/usr) path; symlinks are followed."""
-        self.c.file(_g._guest_path(os.path.normpath(path)), Path(path).read_bytes(), mode=mode)
-
-    def add_libs(self, binaries: list[Path], libpath: list[Path], pkgroot: Path | None) -> list:
-        """Add the libraries of BINARIES (those inside PKGROOT are assumed added)."""
-        missing = []
-        for b in binaries:
-            found, unresolved = _ldd(b, libpath)
-            missing += [(b, m) for m in unresolved]
-            for lib in found:
-                if pkgroot is not None and lib.startswith(str(pkgroot) + "/"):
-                    continue
-                if lib not in self.libs:
-                    self.libs.add(lib)
-                    self.host_file(lib)
-        return missing
-
-    def modules(self, modules: list[tuple[str, bytes]], listfile: str) -> None:
-        for name, data in modules:
-            self.c.file(f"usr/lib/modules/{name}.ko", data)
-        self.c.file(listfile, "".join(f"{n}.ko\n" for n, _ in modules).encode())
-
-    def close(self, init: Path) -> None:
-        self.c.file("init", init.read_bytes(), mode=0o755)
-        self.c.trailer()
-        if self._gz is not None:
-            self._gz.close()
-        self._raw.close()
+def _add_libs(
+    img: _g.Initramfs, binaries: list[Path], libpath: list[Path], pkgroot: Path | None
+) -> list:
+    """Add the libraries of BINARIES (those inside PKGROOT are assumed added)."""
+    missing = []
+    for b in binaries:
+        found, unresolved = _ldd(b, libpath)
+        missing += [(b, m) for m in unresolved]
+        for lib in found:
+            if pkgroot is not None and lib.startswith(str(pkgroot) + "/"):
+                continue
+            if lib not in img.libs:
+                img.libs.add(lib)
+                img.host_file(lib)
+    return missing
 
 
 def _build_into(tmp: Path, versions: dict[str, str]) -> dict:
@@ -571,7 +490,7 @@ def _build_into(tmp: Path, versions: dict[str, str]) -> dict:
 
         # dom0: Xen tools + their libraries, busybox, modules.
         dom0_modules = _resolve_modules(moddir, DOM0_MODULES)
-        img = _Initramfs(tmp / "dom0-initrd.gz")
+        img = _g.Initramfs(tmp / "dom0-initrd.gz")
         added = img.tree(xenroot, DOM0_SKIP_PREFIXES)
         img.busybox(busybox)
         elves = [
@@ -583,7 +502,7 @@ def _build_into(tmp: Path, versions: dict[str, str]) -> dict:
             and _is_elf(xenroot / gp)
             and ("/bin/" in "/" + gp or "/sbin/" in "/" + gp)
         ]
-        missing = img.add_libs(elves, xen_libpath, xenroot)
+        missing = _add_libs(img, elves, xen_libpath, xenroot)
         essential = [(b, m) for b, m in missing if b.name in DOM0_ESSENTIAL]
         if essential:
             raise XenError(f"unresolved libraries for dom0 tools: {essential}")
@@ -609,7 +528,7 @@ def _build_into(tmp: Path, versions: dict[str, str]) -> dict:
         _ensure_host_tools()
         domu_modules = _resolve_modules(moddir, DOMU_MODULES)
         # Uncompressed: libxenguest would gunzip it in dom0, ~6 s under TCG.
-        img = _Initramfs(tmp / "domu-initrd.cpio", compress=False)
+        img = _g.Initramfs(tmp / "domu-initrd.cpio", compress=False)
         xs = xenroot / "usr/bin/xenstore"
         img.c.file("usr/bin/xenstore", xs.read_bytes(), mode=0o755)
         for sub in ("read", "write", "rm", "ls", "list", "exists", "chmod", "watch"):
@@ -617,11 +536,11 @@ def _build_into(tmp: Path, versions: dict[str, str]) -> dict:
         for lib in ("libxenstore.so.4", "libxentoolcore.so.1"):
             real = (xenroot / "usr/lib/x86_64-linux-gnu" / lib).resolve()
             img.c.file(f"usr/lib/x86_64-linux-gnu/{lib}", real.read_bytes(), mode=0o755)
-        if img.add_libs([xs], xen_libpath, xenroot):
+        if _add_libs(img, [xs], xen_libpath, xenroot):
             raise XenError("unresolved libraries for the domU xenstore client")
         for tool in DOMU_TOOLS:
             img.host_file(tool)
-        missing = img.add_libs([Path(t) for t in DOMU_TOOLS], [], None)
+        missing = _add_libs(img, [Path(t) for t in DOMU_TOOLS], [], None)
         if missing:
             raise XenError(f"unresolved libraries for domU tools: {missing}")
         img.busybox(busybox)  # after the tools: their paths must not become applets
