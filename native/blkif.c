@@ -74,6 +74,7 @@ struct bs_blkif {
     int free_head;
     int starved;
     int evt;                  /* the event channel fired: look at the ring */
+    int more;                 /* the last drain stopped at its budget */
     union blkif_any held;     /* a barrier waiting for earlier requests */
     int has_held;
     int fenced;               /* a barrier in flight: later requests wait for it */
@@ -431,11 +432,17 @@ static void start_barrier(struct bs_blkif *b, const union blkif_any *q)
     b->fenced = b->core.inflight > 0;
 }
 
+/* Requests started per wake-up: a frontend that keeps the ring moving
+ * cannot hold the thread (and with it completions and stops) in one drain;
+ * past it the main loop handles what is ready and drains again. */
+#define DRAIN_BUDGET 256
+
 static void drain_ring(struct bs_blkif *b)
 {
-    int more;
+    int more, budget = DRAIN_BUDGET;
 
     b->starved = 0;
+    b->more = 0;
     b->core.t_now = bs_now_ns();
     if (b->has_held || b->fenced) {
         if (b->core.inflight)
@@ -477,6 +484,10 @@ static void drain_ring(struct bs_blkif *b)
             }
             start_request(b, &q);
             sync_progress(b);
+            if (--budget == 0 || b->core.stopping) {
+                b->more = 1;
+                return;
+            }
         }
         RING_FINAL_CHECK_FOR_REQUESTS(&b->ring, more);
     } while (more);
@@ -548,6 +559,10 @@ static void *blkif_thread(void *arg)
         } else if (!broken && ((b->starved && b->free_head >= 0) ||
                                ((b->has_held || b->fenced) && !c->inflight))) {
             ret = io_uring_submit(&c->ring);
+        } else if (!broken && b->more) {
+            /* handle what is ready (completions, a stop) without sleeping */
+            ret = io_uring_submit_and_get_events(&c->ring);
+            b->evt = 1;
         } else {
             ret = io_uring_submit_and_wait(&c->ring, 1);
         }

@@ -65,6 +65,9 @@ struct bs_queue {
     int free_head;
     int starved;
     int kicked;              /* the guest kicked (or we polled work): drain */
+    int more;                /* the last drain stopped at its budget */
+    int budget_pops;         /* work done by the current drain */
+    uint32_t budget_descs;
 
     pthread_t thread;
     /* Serialises start/stop/free: a control path may be asked to stop a
@@ -246,31 +249,43 @@ static void slot_done(struct bs_core *c, struct bs_io *io, uint8_t status)
     slot_put(q, s);
 }
 
-/* Validate and start one popped request whose chain walk returned ret. */
-static void start_request(struct bs_queue *q, struct slot *s, int ret)
-{
-    s->io.t_pop = q->core.t_now;
-    if (ret == 0)
-        bs_blk_parse(&q->target->cfg, &s->io.chain, &s->io.req);
-    if (ret || !s->io.req.status_ptr) {
-        /* No status byte we may write: complete the chain empty so the
-         * guest gets its descriptors back, and count the fault. */
-        BS_STAT_ADD(q->st->bad_chains, 1);
-        __atomic_store_n(&q->st->last_error, ret ? ret : -EINVAL, __ATOMIC_RELAXED);
-        push_used(q, s, 0);
-        slot_put(q, s);
-        return;
-    }
-    bs_core_start(&q->core, &s->io);
-}
-
 static void mark_broken(struct bs_queue *q, int err)
 {
     __atomic_store_n(&q->st->broken, 1, __ATOMIC_RELAXED);
     __atomic_store_n(&q->st->last_error, err, __ATOMIC_RELAXED);
 }
 
+/* Validate and start one popped request whose chain walk returned ret.
+ * A chain whose buffers are bad is answered IOERR through its status byte
+ * when the walk located one; when it did not (a loop, a bad link, no
+ * writable byte), there is no status we could write: a used entry would
+ * let a driver read a stale byte as success, so the queue is broken
+ * instead (the device needs a reset).  Returns -1 when the queue broke. */
+static int start_request(struct bs_queue *q, struct slot *s, int ret)
+{
+    s->io.t_pop = q->core.t_now;
+    if (ret == 0)
+        bs_blk_parse(&q->target->cfg, &s->io.chain, &s->io.req);
+    if (ret || !s->io.req.status_ptr) {
+        BS_STAT_ADD(q->st->bad_chains, 1);
+        __atomic_store_n(&q->st->last_error, ret ? ret : -EINVAL, __ATOMIC_RELAXED);
+        if (ret && s->io.chain.fault_status) {
+            /* safe: fault_status was checked inside guest memory by the walk */
+            *s->io.chain.fault_status = BS_BLK_S_IOERR;
+            push_used(q, s, 1);
+            slot_put(q, s);
+            return 0;
+        }
+        slot_put(q, s);
+        mark_broken(q, ret ? ret : -EINVAL);
+        return -1;
+    }
+    bs_core_start(&q->core, &s->io);
+    return 0;
+}
+
 static void publish_used(struct bs_queue *q);
+static void queue_event(struct bs_core *c, uint64_t ud, int res);
 
 /* sync_io serves a whole batch inside one drain: publish every few requests
  * so the driver refills the ring while we work instead of waiting for the
@@ -289,7 +304,30 @@ static void sync_progress(struct bs_queue *q)
          * of the batch (the only SQE a sync queue ever has pending) */
         if (io_uring_sq_ready(&q->core.ring))
             io_uring_submit(&q->core.ring);
+        /* and its completion is reaped here: a long drain must not leave
+         * CQEs to pile up in the kernel's overflow list */
+        bs_core_reap(&q->core, queue_event);
     }
+}
+
+/* Work per wake-up is bounded (as Linux vhost's weights do): a driver that
+ * keeps the ring one request ahead, or chains of many empty descriptors,
+ * would otherwise hold the queue thread in one drain forever, and with it
+ * completions, guest notifications and stop requests.  Past the budget
+ * the drain returns with q->more set; the main loop handles what is ready
+ * without sleeping and drains again. */
+#define DRAIN_BUDGET_POPS 256
+#define DRAIN_BUDGET_DESCS 8192
+
+static int over_budget(struct bs_queue *q, const struct slot *s)
+{
+    q->budget_pops++;
+    q->budget_descs += s->io.chain.ndesc;
+    if (q->budget_pops < DRAIN_BUDGET_POPS && q->budget_descs < DRAIN_BUDGET_DESCS &&
+        !q->core.stopping)
+        return 0;
+    q->more = 1;
+    return 1;
 }
 
 /* Drain the avail ring (the classic EVENT_IDX loop: publish avail_event,
@@ -300,6 +338,9 @@ static void drain_avail(struct bs_queue *q)
     uint16_t mask = (uint16_t)(vr->num - 1);
 
     q->starved = 0;
+    q->more = 0;
+    q->budget_pops = 0;
+    q->budget_descs = 0;
     q->core.t_now = bs_now_ns();
     for (;;) {
         uint16_t avail = __atomic_load_n(&vr->avail->idx, __ATOMIC_ACQUIRE);
@@ -325,8 +366,11 @@ static void drain_avail(struct bs_queue *q)
             }
             struct slot *s = slot_take(q);
             s->head = head;
-            start_request(q, s, bs_vring_chain(vr, q->mem, head, &s->io.chain));
+            if (start_request(q, s, bs_vring_chain(vr, q->mem, head, &s->io.chain)))
+                return;
             sync_progress(q);
+            if (over_budget(q, s))
+                return;
         }
         if (!q->event_idx)
             return;
@@ -365,6 +409,9 @@ static void drain_packed(struct bs_queue *q)
     struct bs_vring *vr = &q->vr;
 
     q->starved = 0;
+    q->more = 0;
+    q->budget_pops = 0;
+    q->budget_descs = 0;
     q->core.t_now = bs_now_ns();
     while (bs_vring_packed_avail(vr, q->last_avail, q->avail_wrap)) {
         if (q->free_head < 0) {
@@ -391,8 +438,11 @@ static void drain_packed(struct bs_queue *q)
             __atomic_store_n(&q->pinf->avail_state,
                              q->inf_counter << 16 | pos | (q->avail_wrap ? 0x8000u : 0),
                              __ATOMIC_RELEASE);
-        start_request(q, s, ret);
+        if (start_request(q, s, ret))
+            return;
         sync_progress(q);
+        if (over_budget(q, s))
+            return;
     }
 }
 
@@ -566,7 +616,7 @@ static int poll_for_work(struct bs_queue *q)
 
 /* Redo a packed request a previous backend left in flight, from the ring
  * descriptors its record kept (s->head and s->ndesc were set from it). */
-static void resubmit_packed(struct bs_queue *q, struct slot *s)
+static int resubmit_packed(struct bs_queue *q, struct slot *s)
 {
     struct bs_pdesc d[BS_INFLIGHT_PMAXD];
     const struct bs_inflight_pslot *r = &q->pinf->slot[s - q->slots];
@@ -582,7 +632,7 @@ static void resubmit_packed(struct bs_queue *q, struct slot *s)
         if (ret == 0 && nd != n)
             ret = -EINVAL;
     }
-    start_request(q, s, ret);
+    return start_request(q, s, ret);
 }
 
 
@@ -628,13 +678,16 @@ static void *queue_thread(void *arg)
     c->t_now = bs_now_ns();
     for (int i = 0; i < q->nresubmit; i++) {
         BS_STAT_ADD(q->st->resubmitted, 1);
+        int broke;
         if (q->pinf) {
-            resubmit_packed(q, &q->slots[q->resubmit[i]]);
+            broke = resubmit_packed(q, &q->slots[q->resubmit[i]]);
         } else {
             struct slot *s = slot_take(q);
             s->head = q->resubmit[i];
-            start_request(q, s, bs_vring_chain(&q->vr, q->mem, s->head, &s->io.chain));
+            broke = start_request(q, s, bs_vring_chain(&q->vr, q->mem, s->head, &s->io.chain));
         }
+        if (broke)
+            break;
         sync_progress(q);
     }
 
@@ -669,6 +722,11 @@ static void *queue_thread(void *arg)
                 break;
         } else if (q->starved && q->free_head >= 0 && !broken) {
             ret = io_uring_submit(&c->ring);   /* slots came free: pop more */
+            q->kicked = 1;
+        } else if (q->more && !c->stopping && !broken) {
+            /* the drain used its budget: handle what is ready (completions,
+             * a stop request) without sleeping, then go on */
+            ret = io_uring_submit_and_get_events(&c->ring);
             q->kicked = 1;
         } else {
             ret = io_uring_submit_and_wait(&c->ring, 1);

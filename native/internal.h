@@ -184,6 +184,14 @@ struct bs_chain {
     int nout;
     uint64_t out_len;
     uint64_t in_len;
+    uint32_t ndesc;          /* descriptors walked (the drain budget counts them) */
+    /* A chain whose buffers are bad (-EFAULT/-E2BIG/-EINVAL on a buffer) but
+     * whose last descriptor was found and is device-writable inside guest
+     * memory: its last byte, where the walk's caller writes IOERR.  NULL
+     * when no status byte can be located (a loop, a bad index or table):
+     * the caller must then break the queue rather than complete the chain
+     * with a status it never wrote. */
+    uint8_t *fault_status;
     struct iovec iov[BS_MAX_IOV];
 };
 
@@ -197,7 +205,9 @@ int bs_vring_map(struct bs_vring *vr, const struct bs_mem *m,
                  const struct bs_vring_cfg *cfg);
 /* Walk the descriptor chain at head into c (direct or indirect).
  * -EINVAL: malformed (bad index, loop, order, nested indirect);
- * -EFAULT: a buffer outside guest memory; -E2BIG: too many segments. */
+ * -EFAULT: a buffer outside guest memory; -E2BIG: too many segments.
+ * On a bad buffer the walk goes on to the chain's end to locate its status
+ * byte (c->fault_status). */
 int bs_vring_chain(const struct bs_vring *vr, const struct bs_mem *m,
                    uint16_t head, struct bs_chain *c);
 

@@ -80,16 +80,29 @@ int bs_add_buffer(const struct bs_mem *m, struct bs_chain *c,
     return 0;
 }
 
-/* Walk a chain inside a descriptor table of tlen entries starting at idx. */
+/* The status byte of a chain whose buffers were bad: the last byte of its
+ * last descriptor, if that one is device-writable and inside guest memory. */
+static uint8_t *fault_status(const struct bs_mem *m, uint64_t addr, uint32_t len,
+                             uint16_t flags)
+{
+    if (!(flags & BS_VRING_DESC_F_WRITE) || len == 0 || addr + len - 1 < addr)
+        return NULL;
+    /* safe: bs_mem_gpa checks the byte lies inside a mapped region */
+    return bs_mem_gpa(m, addr + len - 1, 1);
+}
+
+/* Walk a chain inside a descriptor table of tlen entries starting at idx.
+ * A bad buffer does not end the walk (the links are still followed, to find
+ * the last descriptor); a bad link or table does. */
 static int walk(const struct bs_mem *m, const struct bs_vring_desc *table,
                 uint32_t tlen, uint16_t idx, int indirect_ok,
                 struct bs_chain *c)
 {
     uint32_t visited = 0;
+    int err = 0;
 
     for (;;) {
         struct bs_vring_desc d;
-        int ret;
 
         if (idx >= tlen)
             return -EINVAL;
@@ -99,10 +112,11 @@ static int walk(const struct bs_mem *m, const struct bs_vring_desc *table,
         /* safe: idx < tlen, and table spans tlen entries (mapped by caller) */
         memcpy(&d, (const void *)&table[idx], sizeof(d));
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        c->ndesc++;
 
         if (d.flags & BS_VRING_DESC_F_INDIRECT) {
             /* Only as the sole descriptor of a chain from the ring itself. */
-            if (!indirect_ok || (d.flags & BS_VRING_DESC_F_NEXT) || c->niov)
+            if (!indirect_ok || (d.flags & BS_VRING_DESC_F_NEXT) || c->niov || err)
                 return -EINVAL;
             if (d.len == 0 || (d.len % sizeof(struct bs_vring_desc)) ||
                 d.len / sizeof(struct bs_vring_desc) > BS_MAX_QUEUE_SIZE)
@@ -112,11 +126,13 @@ static int walk(const struct bs_mem *m, const struct bs_vring_desc *table,
                 return -EFAULT;
             return walk(m, it, d.len / sizeof(struct bs_vring_desc), 0, 0, c);
         }
-        ret = bs_add_buffer(m, c, &d);
-        if (ret)
-            return ret;
-        if (!(d.flags & BS_VRING_DESC_F_NEXT))
-            return 0;
+        if (!err)
+            err = bs_add_buffer(m, c, &d);
+        if (!(d.flags & BS_VRING_DESC_F_NEXT)) {
+            if (err)
+                c->fault_status = fault_status(m, d.addr, d.len, d.flags);
+            return err;
+        }
         idx = d.next;
     }
 }
@@ -128,6 +144,8 @@ int bs_vring_chain(const struct bs_vring *vr, const struct bs_mem *m,
     c->nout = 0;
     c->out_len = 0;
     c->in_len = 0;
+    c->ndesc = 0;
+    c->fault_status = NULL;
     return walk(m, vr->desc, vr->num, head, 1, c);
 }
 
@@ -148,7 +166,13 @@ int bs_vring_packed_chain(const struct bs_vring *vr, const struct bs_mem *m,
     c->nout = 0;
     c->out_len = 0;
     c->in_len = 0;
+    c->ndesc = 0;
+    c->fault_status = NULL;
     *ndesc = 0;
+    uint64_t last_addr = 0;     /* the chain's last buffer, for fault_status */
+    uint32_t last_len = 0;
+    uint16_t last_flags = 0;
+    int located = 1;            /* its last buffer is known */
     /* The chain is the run of ring descriptors linked by NEXT; its extent
      * must be known even if a buffer is bad, so keep walking on errors. */
     for (uint32_t n = 0; n < vr->num; n++) {
@@ -160,35 +184,51 @@ int bs_vring_packed_chain(const struct bs_vring *vr, const struct bs_mem *m,
             /* only as the sole descriptor of its chain */
             if (n != 0 || (d.flags & BS_VRING_DESC_F_NEXT)) {
                 err = err ? err : -EINVAL;
+                located = 0;
             } else if (d.len == 0 || d.len % sizeof(struct bs_pdesc) ||
                        d.len / sizeof(struct bs_pdesc) > BS_MAX_QUEUE_SIZE) {
                 err = -EINVAL;
+                located = 0;
             } else {
                 const struct bs_pdesc *t = bs_mem_gpa(m, d.addr, d.len);
                 if (!t) {
                     err = -EFAULT;
+                    located = 0;
                 } else {
                     /* indirect entries follow each other; NEXT is ignored */
-                    for (uint32_t i = 0; i < d.len / sizeof(*t) && !err; i++) {
+                    for (uint32_t i = 0; i < d.len / sizeof(*t); i++) {
                         struct bs_pdesc e;
                         memcpy(&e, (const void *)&t[i], sizeof(e));
+                        c->ndesc++;
                         if (e.flags & BS_VRING_DESC_F_INDIRECT) {
                             err = -EINVAL;
+                            located = 0;
                             break;
                         }
                         struct bs_vring_desc sd = { e.addr, e.len, e.flags, 0 };
-                        err = bs_add_buffer(m, c, &sd);
+                        if (!err)
+                            err = bs_add_buffer(m, c, &sd);
+                        last_addr = e.addr;
+                        last_len = e.len;
+                        last_flags = e.flags;
                     }
                 }
             }
-        } else if (!err) {
+        } else {
             struct bs_vring_desc sd = { d.addr, d.len, d.flags, 0 };
-            err = bs_add_buffer(m, c, &sd);
+            if (!err)
+                err = bs_add_buffer(m, c, &sd);
+            last_addr = d.addr;
+            last_len = d.len;
+            last_flags = d.flags;
         }
+        c->ndesc++;
         *id = d.id;
         pos = (uint16_t)((uint32_t)pos + 1 == vr->num ? 0 : pos + 1);
         if (!(d.flags & BS_VRING_DESC_F_NEXT)) {
             *ndesc = (uint16_t)(n + 1);
+            if (err && located)
+                c->fault_status = fault_status(m, last_addr, last_len, last_flags);
             return err;
         }
     }
