@@ -10,6 +10,7 @@ import socket
 import sys
 
 from blkserve import __version__, bench, client, logs, trace
+from blkserve import backing as backing_io
 from blkserve.api import serve
 
 
@@ -31,12 +32,26 @@ def _export(args: argparse.Namespace) -> int:
         elif (args.socket is None) == (args.fd is None):
             raise ExportError("give exactly one of --socket PATH (alias --socket-path), "
                               "--fd FD and --xen-domain DOMAIN")
+        identity = None
+        if args.backing_identity is not None:
+            try:
+                identity = backing_io.parse_identity(args.backing_identity)
+            except ValueError as e:
+                raise ExportError(f"--backing-identity: {e}") from None
+            # a supervisor's real path: no symlink is followed in it
+            backing = os.path.abspath(backing)
+        else:
+            # the path the user named (e.g. /dev/disk/by-id/...), resolved
+            # once; the backing is then opened without following symlinks
+            backing = os.path.realpath(backing)
         return run_export(ExportOptions(
             backing=backing, socket=args.socket, fd=args.fd, queues=args.queues,
             read_only=args.read_only, cache=args.cache, serial=args.serial,
             block_size=args.block_size, poll_us=args.poll_us, io_engine=args.io_engine,
             drain_timeout=args.drain_timeout, stats_file=args.stats_file,
             xen_domain=args.xen_domain, xen_devid=args.xen_devid, vdev=args.vdev,
+            backing_identity=identity,
+            allow_peer_pids=args.allow_peer_pid, allow_peers_file=args.allow_peers_file,
         ))
     except ExportError as e:
         print(f"blkserve export: error: {e}", file=sys.stderr)
@@ -141,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the engine's counters and latency histograms in PATH, a "
                          "shared stats block other processes can read while I/O runs "
                          "(`blkserve serve` reads it for /metrics); removed on exit")
+    ex.add_argument("--allow-peer-pid", type=int, action="append", metavar="PID",
+                    help="serve only a frontend whose process (SO_PEERCRED of its "
+                         "connection) is PID; repeatable. Others are refused with a log line")
+    ex.add_argument("--allow-peers-file", metavar="PATH",
+                    help="serve only the processes listed in PATH ('PID UID START_TIME' "
+                         "lines, or 'any'), re-read at every connection, so the set can "
+                         "change while the export runs; a missing file allows nobody "
+                         "(`blkserve serve` gives each export one). Without this and "
+                         "--allow-peer-pid: any process the socket's permissions let in")
+    ex.add_argument("--backing-identity", metavar="DEV:INO",
+                    help="serve BACKING only if it is this inode (st_dev:st_ino, decimal), "
+                         "as `blkserve serve` passes the one a volume was created on; "
+                         "BACKING must then be a real path: no symlink anywhere in it is "
+                         "followed. Without it, BACKING is resolved once, then opened "
+                         "without following symlinks. Either way only a regular file or "
+                         "a block device is opened (a FIFO, socket or character device is "
+                         "refused)")
     logs.add_format_option(ex)
     ex.set_defaults(func=_export)
     bench.add_parser(sub)

@@ -17,8 +17,10 @@ import stat
 import struct
 from dataclasses import dataclass
 
+from blkserve import backing as backing_io
 from blkserve.logs import log_event
 from blkserve.native import SERIAL_BYTES, Target, TargetConfig
+from blkserve.peers import PeerPolicy
 from blkserve.stats import StatsWriter
 from blkserve.vhost.blk import SECTOR, BlkDeviceModel, Topology
 from blkserve.vhost.server import VhostUserServer
@@ -56,6 +58,11 @@ class ExportOptions:
     xen_domain: str | None = None  # serve a Xen domain (blkif) instead of vhost-user
     xen_devid: int | None = None
     vdev: str | None = None
+    # (st_dev, st_ino) the backing must be (blkserve serve passes the inode
+    # the volume was created on); BACKING is then taken as a real path
+    backing_identity: tuple[int, int] | None = None
+    allow_peer_pids: list[int] | None = None  # serve only these frontend processes
+    allow_peers_file: str | None = None  # ... and those listed there (blkserve.peers)
 
 
 def default_serial(path: str) -> bytes:
@@ -80,19 +87,17 @@ class Backing:
         os.close(self.fd)
 
 
-def open_backing(path: str, read_only: bool, cache: str) -> Backing:
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+def open_backing(path: str, read_only: bool, cache: str,
+                 expect: tuple[int, int] | None = None) -> Backing:
+    """Open PATH (no symlink anywhere in it; a regular file or block device
+    only; the inode EXPECT = (st_dev, st_ino) if given): see blkserve.backing."""
+    flags = os.O_RDONLY if read_only else os.O_RDWR
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ExportError(f"backing {path}: {e.strerror}") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise ExportError(f"backing {path} is neither a regular file nor a block device")
-    try:
-        fd_buffered = os.open(path, flags)
-    except OSError as e:
-        raise ExportError(f"cannot open backing {path}: {e.strerror}") from None
-    is_block = stat.S_ISBLK(st.st_mode)
+        fd_buffered, ident = backing_io.open_checked(path, flags, expect)
+    except backing_io.BackingError as e:
+        raise ExportError(str(e)) from None
+    st = os.fstat(fd_buffered)
+    is_block = ident.kind == "block"
     try:
         if is_block:
             size = _ioctl_int(fd_buffered, BLKGETSIZE64, "<Q")
@@ -121,12 +126,11 @@ def open_backing(path: str, read_only: bool, cache: str) -> Backing:
     if cache == "writeback":
         return Backing(fd_buffered, fd_buffered, capacity, 0, is_block, sec, topo)
     try:
-        fd = os.open(path, flags | os.O_DIRECT)
-    except OSError as e:
+        fd, _ = backing_io.open_checked(path, flags | os.O_DIRECT, (ident.dev, ident.ino))
+    except backing_io.BackingError as e:
         if e.errno != errno.EINVAL:
             os.close(fd_buffered)
-            raise ExportError(f"cannot open backing {path} with O_DIRECT: {e.strerror}") \
-                from None
+            raise ExportError(f"{e} (opening it with O_DIRECT)") from None
         log.warning("%s does not support O_DIRECT; serving it through the page cache", path)
         return Backing(fd_buffered, fd_buffered, capacity, 0, is_block, sec, topo)
     return Backing(fd, fd_buffered, capacity, max(sec, SECTOR), is_block, sec, topo)
@@ -224,7 +228,7 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
             raise ExportError(f"--serial is longer than {SERIAL_BYTES} bytes")
     else:
         serial = default_serial(opts.backing)
-    backing = open_backing(opts.backing, opts.read_only, opts.cache)
+    backing = open_backing(opts.backing, opts.read_only, opts.cache, opts.backing_identity)
     try:
         block_size = opts.block_size or (4096 if backing.logical_block == 4096 else SECTOR)
         if block_size < backing.logical_block:
@@ -268,6 +272,8 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
             server = _InheritedSocketServer(listener, name, model, target)
         else:
             server = VhostUserServer(os.path.abspath(opts.socket), model, target)
+        if opts.allow_peer_pids or opts.allow_peers_file:
+            server.peer_policy = PeerPolicy(opts.allow_peer_pids, opts.allow_peers_file)
         if backing.is_block:
             server.size_probe = lambda: _ioctl_int(backing.fd_buffered, BLKGETSIZE64, "<Q")
         else:

@@ -64,3 +64,28 @@ def test_allow_list_patterns_and_symlinks(tmp_path):
     assert s.backing_allowed(str(link))  # resolves into the allowed dir
     assert not s.backing_allowed(str(tmp_path / "other.raw"))
     assert not config.Settings().backing_allowed(str(allowed / "disk.raw"))
+
+
+def test_allow_list_checks_only_the_resolved_path(tmp_path):
+    """A symlink planted in an allowed dir (by whoever may write there) does
+    not allow what it points to; root's own links in a directory only root
+    may write to, as udev's /dev/disk/by-id/*, stand for their target."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir(mode=0o755)
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"")
+    planted = allowed / "evil.raw"
+    os.symlink(secret, planted)
+    os.lchown(planted, 65534, 65534)
+    s = config.Settings(allowed_backings=[f"{allowed}/*.raw"])
+    assert not s.backing_allowed(str(planted))
+    assert not s.backing_allowed(str(secret))
+    # root's link, in a root-only directory: its target is what was allowed
+    by_id = tmp_path / "by-id"
+    by_id.mkdir(mode=0o755)
+    os.symlink("../secret.raw", by_id / "nvme-x")
+    s = config.Settings(allowed_backings=[f"{by_id}/nvme-*"])
+    assert s.backing_allowed(str(secret)) and s.backing_allowed(str(by_id / "nvme-x"))
+    # the same link in a directory others may write to is not trusted
+    os.chmod(by_id, 0o777)
+    assert not s.backing_allowed(str(secret))

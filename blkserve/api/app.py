@@ -134,10 +134,20 @@ def create_app(controller: Controller, token: str) -> FastAPI:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             given.strip().encode(), expected)
 
+    # /metrics and the OpenAPI docs: open or behind the token (config
+    # metrics_auth, docs_auth; by default open only on a loopback listener)
+    guarded = set()
+    settings = controller.settings if controller is not None else None  # None: schema only
+    if settings is not None and settings.route_auth("metrics") == "token":
+        guarded.add("/metrics")
+    if settings is not None and settings.route_auth("docs") == "token":
+        guarded.update(p for p in (app.openapi_url, app.docs_url, app.redoc_url,
+                                   app.swagger_ui_oauth2_redirect_url) if p)
+
     @app.middleware("http")
     async def require_token(request: Request, call_next):
         path = request.url.path
-        if path == "/v1" or path.startswith("/v1/"):
+        if path == "/v1" or path.startswith("/v1/") or path in guarded:
             if not authorized(request.headers.get("authorization", "")):
                 return JSONResponse(
                     {"detail": "missing or wrong bearer token (Authorization: Bearer ...)"},
@@ -179,7 +189,8 @@ def create_app(controller: Controller, token: str) -> FastAPI:
 
     registry = metrics.registry_for(controller)
 
-    @app.get("/metrics", tags=["service"], summary="Prometheus metrics (no token needed)",
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics (token: see the "
+                                                   "config's metrics_auth)",
              response_class=PlainTextResponse)
     async def prometheus_metrics():
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -191,7 +202,9 @@ def create_app(controller: Controller, token: str) -> FastAPI:
              summary="Create a volume",
              responses={**UNREADABLE,
                         **_err(403, "backing is not in the config's allowed_backings."),
-                        **_err(409, "A volume of that name (or on that backing) exists."),
+                        **_err(409, "A volume of that name exists, or one on that backing (also "
+                                    "through a hard link, another device node, or a "
+                                    "partition and its disk)."),
                         **_err(422, "Invalid name, size or backing."),
                         **_err(507, "Not enough free space for the volume.")})
     async def create_volume(body: models.VolumeCreate):
@@ -216,8 +229,9 @@ def create_app(controller: Controller, token: str) -> FastAPI:
     @v1.patch("/volumes/{name}", response_model=models.Volume, tags=["volumes"],
               summary="Resize a volume",
               responses={**UNREADABLE, **NOT_FOUND, **INVALID,
-                         **_err(409, "Shrinking an exported/attached volume, or a block "
-                                     "device backing."),
+                         **_err(409, "Shrinking an exported/attached volume, a block "
+                                     "device backing, or a backing replaced since the "
+                                     "volume was created."),
                          **_err(507, "Not enough free space to grow.")})
     async def resize_volume(name: str, body: models.VolumeResize):
         """Grow (or, when not exported, shrink) the volume's file. A running
@@ -240,6 +254,9 @@ def create_app(controller: Controller, token: str) -> FastAPI:
     @v1.put("/volumes/{name}/export", response_model=models.Export, tags=["exports"],
             summary="Export a volume on a vhost-user socket",
             responses={**UNREADABLE, **NOT_FOUND, **INVALID,
+                       **_err(409, "The backing is no longer the file or device the "
+                                   "volume was created on, has a symlink in its path, or "
+                                   "is not a regular file or block device."),
                        **_err(502, "The export worker failed to start (its log tail)."),
                        201: {"model": models.Export,
                              "description": "Export started (200: it was running)."}})
@@ -276,6 +293,9 @@ def create_app(controller: Controller, token: str) -> FastAPI:
              tags=["attachments"], summary="Hot-attach a volume to a running QEMU VM, "
                                            "libvirt domain or Xen domain",
              responses={**UNREADABLE, **NOT_FOUND,
+                        **_err(403, "qmp_socket is not under the config's qmp_socket_dirs, "
+                                    "the libvirt socket not in its libvirt_sockets, or what "
+                                    "listens there is not QEMU (a root libvirt daemon)."),
                         **_err(409, "Already attached to that VM, no free hotplug slot, or "
                                     "(libvirt) the domain does not share its memory, is not "
                                     "running, or its QEMU user cannot reach the socket, or "
@@ -286,9 +306,14 @@ def create_app(controller: Controller, token: str) -> FastAPI:
                         **_err(501, "libvirt: the libvirt Python bindings are not "
                                     "installed (pip install libvirt-python); xen: the Xen "
                                     "libraries or xenstored are missing (not a Xen dom0)."),
-                        **_err(502, "QEMU or libvirt refused, libvirt is unreachable, or the "
-                                    "Xen blkif worker failed to start (the message is in "
-                                    "detail).")})
+                        **_err(502, "QEMU or libvirt refused or did not answer in time, "
+                                    "libvirt is unreachable, the Xen blkif worker failed to "
+                                    "start, or the attach failed otherwise (the message is in "
+                                    "detail; an export it started is stopped)."),
+                        **_err(503, "libvirt: every libvirt call thread is still busy (a "
+                                    "libvirt daemon that does not answer); retry later."),
+                        **_err(504, "libvirt: the hot-plug got no answer in time; the "
+                                    "attachment stays `attaching`, DELETE it to undo.")})
     async def attach(name: str, body: models.AttachmentCreate):
         """Export the volume if needed, then plug it into the VM.
 
@@ -341,8 +366,11 @@ def create_app(controller: Controller, token: str) -> FastAPI:
                responses={**NOT_FOUND, **INVALID,
                           **_err(501, "libvirt: the libvirt Python bindings are not "
                                       "installed."),
+                          **_err(403, "libvirt: its socket is no longer allowed, or what "
+                                      "listens there is not a root libvirt daemon."),
                           **_err(502, "QEMU or libvirt refused, or libvirt is unreachable "
                                       "(the message is in detail)."),
+                          **_err(503, "libvirt: every libvirt call thread is still busy."),
                           **_err(504, "The guest did not release the disk in time; the "
                                       "attachment is left `detaching`, retry.")})
     async def detach(name: str, att_id: str, timeout_s: float | None = Query(
@@ -371,4 +399,38 @@ def create_app(controller: Controller, token: str) -> FastAPI:
 
     app.include_router(v1)
     app.add_middleware(RequestIdMiddleware)  # added last: the outermost
+
+    base_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _integer_bounds(base_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+_NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+                    "multipleOf")
+
+
+def _integer_bounds(node):
+    """FastAPI's OpenAPI model holds bounds as floats (`maximum: 1.15e+18`,
+    `multipleOf: 512.0`): give an integer schema's bounds back as integers,
+    as pydantic wrote them, so clients and fuzzers generate integers."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for k in _NUMBER_KEYWORDS:
+                v = node.get(k)
+                if isinstance(v, float) and v.is_integer():
+                    node[k] = int(v)
+        if isinstance(node.get("multipleOf"), float) and node["multipleOf"].is_integer() \
+                and any(s.get("type") == "integer" for s in node.get("anyOf", ())):
+            node["multipleOf"] = int(node["multipleOf"])  # `int | None` puts it outside
+        for v in node.values():
+            _integer_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            _integer_bounds(v)
+    return node

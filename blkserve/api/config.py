@@ -4,13 +4,25 @@ by command-line flags."""
 from __future__ import annotations
 
 import fnmatch
+import glob
+import ipaddress
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
 DEFAULT_STATE_DIR = "./var"
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes including the NUL
+# Where QMP sockets live: QEMU's and libvirt's run dirs and the usual
+# -qmp unix:/tmp/... (any local user can create a socket in /tmp or under
+# /run/user: what answers there is trusted only if it is QEMU, see qemu.py).
+DEFAULT_QMP_SOCKET_DIRS = ("/run", "/var/run", "/var/lib/libvirt/qemu", "/tmp")
+# libvirt 9.0's system sockets: the monolithic libvirtd (Debian 12) and the
+# modular virtqemud, read-write and read-only.
+DEFAULT_LIBVIRT_SOCKETS = ("/run/libvirt/libvirt-sock", "/run/libvirt/libvirt-sock-ro",
+                           "/run/libvirt/virtqemud-sock", "/run/libvirt/virtqemud-sock-ro")
+AUTH_CHOICES = ("open", "token")
 
 
 class ConfigError(Exception):
@@ -24,7 +36,10 @@ class Settings:
     socket_dir: str | None = None
     # Paths (exact, or fnmatch patterns such as /dev/disk/by-id/nvme-*) of
     # existing block devices or files outside the state dir that volumes may
-    # use as their backing.  Empty: only volumes created under the state dir.
+    # use as their backing.  Matched against the resolved path only (a
+    # symlink does not extend the list; root's links in root-only
+    # directories, such as udev's by-id ones, stand for their target).
+    # Empty: only volumes created under the state dir.
     allowed_backings: list[str] = field(default_factory=list)
     detach_timeout_s: float = 60.0
     qmp_timeout_s: float = 30.0
@@ -33,9 +48,53 @@ class Settings:
     export_cache: str = "none"
     export_io_engine: str = "auto"
     export_poll_us: int = 0
+    # Directories under which a QMP socket may be named (checked on its real
+    # path).  The peer must also be a QEMU binary (SO_PEERCRED), which is what
+    # makes world-writable /tmp acceptable here.
+    qmp_socket_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_QMP_SOCKET_DIRS))
+    # The libvirt daemon sockets a libvirt URI may name with ?socket=.
+    libvirt_sockets: list[str] = field(default_factory=lambda: list(DEFAULT_LIBVIRT_SOCKETS))
+    # "open" or "token" for /metrics and /docs, /redoc, /openapi.json; None:
+    # open when the API listens on loopback only, token otherwise.
+    metrics_auth: str | None = None
+    docs_auth: str | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = os.path.abspath(self.state_dir)
+
+    @property
+    def loopback(self) -> bool:
+        """Does the API listen on a loopback address only?"""
+        host = self.host_port[0]
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def route_auth(self, which: str) -> str:
+        """'open' or 'token' for 'metrics' or 'docs'."""
+        value = getattr(self, f"{which}_auth")
+        return value or ("open" if self.loopback else "token")
+
+    def qmp_socket_allowed(self, path: str) -> bool:
+        """Is the real path of PATH under one of qmp_socket_dirs?"""
+        real = os.path.realpath(path)
+        for d in self.qmp_socket_dirs:
+            root = os.path.realpath(d)
+            if real.startswith(root.rstrip(os.sep) + os.sep):
+                return True
+        return False
+
+    def libvirt_socket_allowed(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return any(real == os.path.realpath(s) for s in self.libvirt_sockets)
+
+    @property
+    def peers_dir(self) -> str:
+        """Allowed-peers files of the exports (blkserve.peers)."""
+        return os.path.join(self.state_dir, "peers")
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -69,20 +128,46 @@ class Settings:
         return os.path.join(self.state_dir, "api-token")
 
     def backing_allowed(self, path: str) -> bool:
-        """Is PATH (or the file it resolves to) on the allow-list?"""
+        """Is the file PATH resolves to on the allow-list?  Only its real path
+        counts: a symlink in an allow-listed directory does not make what it
+        points to allowed.  A pattern's directories are resolved (the admin
+        wrote them), and a pattern may match root's own symlinks to devices,
+        as udev's /dev/disk/by-id/* are: such a link stands for its target."""
         real = os.path.realpath(path)
         for pattern in self.allowed_backings:
-            for candidate in {path, real}:
-                if fnmatch.fnmatchcase(candidate, pattern) or \
-                        fnmatch.fnmatchcase(candidate, os.path.realpath(pattern)):
-                    return True
+            head, tail = os.path.split(pattern)
+            if not glob.has_magic(head):
+                head = os.path.realpath(head)
+            if fnmatch.fnmatchcase(real, os.path.join(head, tail)):
+                return True
+            if any(_root_link_target(m) == real for m in glob.iglob(pattern)):
+                return True
         return False
+
+
+def _root_link_target(link: str) -> str | None:
+    """Where LINK points, if only root can have made it so: a symlink owned
+    by root, in a root-owned directory nobody else may write to, pointing
+    straight (no further link) at its target.  Else None."""
+    try:
+        st = os.lstat(link)
+        if not stat.S_ISLNK(st.st_mode) or st.st_uid != 0:
+            return None
+        parent = os.path.realpath(os.path.dirname(link))
+        pst = os.stat(parent)
+        if pst.st_uid != 0 or pst.st_mode & 0o022:
+            return None
+        target = os.path.normpath(os.path.join(parent, os.readlink(link)))
+    except OSError:
+        return None
+    return target if os.path.realpath(target) == target else None
 
 
 _KEYS = {
     "listen": str, "state_dir": str, "socket_dir": str, "allowed_backings": list,
     "detach_timeout_s": (int, float), "qmp_timeout_s": (int, float),
     "worker_start_timeout_s": (int, float), "worker_stop_timeout_s": (int, float),
+    "qmp_socket_dirs": list, "libvirt_sockets": list, "metrics_auth": str, "docs_auth": str,
 }
 _EXPORT_KEYS = {"cache": ("none", "writeback"), "io_engine": ("auto", "io_uring", "sync"),
                 "poll_us": int}
@@ -124,6 +209,12 @@ def load(path: str | None, **overrides) -> Settings:
             if key == "allowed_backings" and not all(isinstance(p, str) and p.startswith("/")
                                                      for p in value):
                 raise ConfigError(f"config {path}: allowed_backings must be absolute paths")
+            if key in ("qmp_socket_dirs", "libvirt_sockets") and not all(
+                    isinstance(p, str) and p.startswith("/") for p in value):
+                raise ConfigError(f"config {path}: {key} must be absolute paths")
+            if key in ("metrics_auth", "docs_auth") and value not in AUTH_CHOICES:
+                raise ConfigError(f"config {path}: {key} must be one of "
+                                  f"{', '.join(AUTH_CHOICES)}")
             values[key] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = Settings(**values)

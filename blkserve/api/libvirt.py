@@ -26,11 +26,15 @@ import grp
 import logging
 import os
 import pwd
+import socket
 import stat
+import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
+
+from blkserve import peers
 
 log = logging.getLogger("blkserve.libvirt")
 
@@ -74,6 +78,10 @@ class LibvirtFailed(Exception):
 
 class DomainGone(Exception):
     """The domain is no longer there or no longer running."""
+
+
+class PeerRefused(Exception):
+    """What listens on the libvirt socket is not a root libvirt daemon."""
 
 
 _module = None
@@ -265,6 +273,97 @@ def _bus_alias(root: ET.Element, disk: ET.Element) -> str | None:
 @dataclass
 class DomainInfo:
     owner: tuple[int, int] | None  # (uid, gid) its QEMU runs as
+    pid: int | None = None  # its QEMU process
+
+
+def _run_dirs(uri: str) -> list[str]:
+    """Where libvirt keeps the pid files of URI's running QEMU domains."""
+    if "/session" not in uri:
+        return ["/run/libvirt/qemu"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    home = os.path.expanduser("~")
+    return [d for d in (runtime and os.path.join(runtime, "libvirt/qemu/run"),
+                        os.path.join(home, ".cache/libvirt/qemu/run"),
+                        os.path.join(home, ".config/libvirt/qemu/run")) if d]
+
+
+def _runs_domain(pid: int, domain: str) -> bool:
+    """Is PID a QEMU started for DOMAIN (`-name guest=DOMAIN,...`)?"""
+    if not peers.is_qemu(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    want = b"guest=" + domain.replace(",", ",,").encode()
+    return any(a == want or a.startswith(want + b",") for a in argv)
+
+
+def qemu_pid(uri: str, domain: str) -> int:
+    """The pid of the running DOMAIN's QEMU: libvirt's pid file for it,
+    checked against the process (a QEMU binary whose -name is the domain);
+    else the one QEMU process whose -name is the domain.  LibvirtFailed if
+    there is no such process: the export could not tell it from others."""
+    for d in _run_dirs(uri):
+        try:
+            with open(os.path.join(d, f"{domain}.pid")) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if _runs_domain(pid, domain):
+            return pid
+    found = [int(p) for p in os.listdir("/proc") if p.isdigit() and _runs_domain(int(p), domain)]
+    if len(found) == 1:
+        return found[0]
+    raise LibvirtFailed(f"cannot tell which process is the QEMU of libvirt domain '{domain}' "
+                        f"({len(found)} candidates, no usable pid file in "
+                        f"{', '.join(_run_dirs(uri))}): the export would not know whom to "
+                        "serve")
+
+
+def daemon_socket(uri: str) -> str | None:
+    """The unix socket the libvirt client library dials for URI: its
+    ?socket=, else the system daemon's (libvirtd's if it listens, else
+    virtqemud's) or the session daemon's."""
+    parts = urllib.parse.urlsplit(uri)
+    for kv in parts.query.split("&"):
+        key, _, value = kv.partition("=")
+        if key == "socket":
+            return urllib.parse.unquote(value)
+    if parts.path == "/system":
+        cands = ["/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock"]
+    else:
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or \
+            os.path.join(os.path.expanduser("~"), ".cache")
+        cands = [os.path.join(runtime, "libvirt", n) for n in ("libvirt-sock",
+                                                                "virtqemud-sock")]
+    return next((c for c in cands if os.path.exists(c)), None)
+
+
+LIBVIRT_DAEMONS = ("libvirtd", "virtqemud", "virtproxyd")
+
+
+def check_daemon(path: str, timeout: float) -> peers.PeerCred:
+    """Connect to the libvirt daemon socket PATH and check who listens: a
+    libvirt daemon running as root, else PeerRefused.  ConnectFailed if
+    nothing answers within TIMEOUT.  (Blocking: run it in a thread.)"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        s.connect(os.path.realpath(path))
+        cred = peers.peer_cred(s)
+    except OSError as e:
+        raise ConnectFailed(f"cannot connect to libvirt at {path}: "
+                            f"{e.strerror or 'timed out'}") from None
+    finally:
+        s.close()
+    exe = peers.exe_name(cred.pid)
+    if cred.uid != 0 or exe not in LIBVIRT_DAEMONS:
+        raise PeerRefused(f"the process listening on {path} (pid {cred.pid}, uid {cred.uid}, "
+                          f"{exe or 'unknown program'}) is not a libvirt daemon running as "
+                          f"root ({', '.join(LIBVIRT_DAEMONS)}); blkserve does not trust it")
+    return cred
 
 
 def inspect(uri: str, domain: str) -> DomainInfo:
@@ -280,7 +379,7 @@ def inspect(uri: str, domain: str) -> DomainInfo:
         raise NotRunning(f"libvirt domain '{domain}' is not running; start it (or, for a "
                          "disk present from its next start, add the XML of GET "
                          ".../libvirt-xml to its config)")
-    return DomainInfo(qemu_owner(root))
+    return DomainInfo(qemu_owner(root), qemu_pid(uri, domain))
 
 
 def attach(uri: str, domain: str, socket: str, queues: int, alias: str) -> tuple[str, str | None]:

@@ -27,7 +27,7 @@ class Error(BaseModel):
 
 
 class VolumeCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"name": "db1", "size_bytes": 10737418240, "queues": 2},
         {"name": "scratch", "backing": "/dev/disk/by-id/nvme-example", "read_only": True},
     ]})
@@ -55,7 +55,7 @@ class VolumeCreate(BaseModel):
 
 
 class VolumeResize(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"size_bytes": 21474836480}]})
 
     size_bytes: int = Field(gt=0, le=MAX_SIZE, json_schema_extra=SECTORS, description=(
@@ -68,7 +68,7 @@ class VolumeResize(BaseModel):
 
 
 class ExportRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{}]})
 
 
 class Export(BaseModel):
@@ -86,7 +86,7 @@ class Export(BaseModel):
 
 
 class QemuAttachmentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="QemuAttachmentCreate",
+    model_config = ConfigDict(extra="forbid", strict=True, title="QemuAttachmentCreate",
                               json_schema_extra={"examples": [
                                   {"hypervisor": "qemu", "qmp_socket": "/run/vm1/qmp.sock"}]})
 
@@ -106,7 +106,7 @@ LIBVIRT_URI_PATTERN = r"^qemu(\+unix)?:///(system|session)(\?socket=/[^?&#\s]+)?
 
 
 class LibvirtAttachmentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="LibvirtAttachmentCreate",
+    model_config = ConfigDict(extra="forbid", strict=True, title="LibvirtAttachmentCreate",
                               json_schema_extra={"examples": [
                                   {"hypervisor": "libvirt", "domain": "vm1"},
                                   {"hypervisor": "libvirt", "domain": "vm1",
@@ -129,7 +129,7 @@ class LibvirtAttachmentCreate(BaseModel):
 
 
 class XenAttachmentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="XenAttachmentCreate",
+    model_config = ConfigDict(extra="forbid", strict=True, title="XenAttachmentCreate",
                               json_schema_extra={"examples": [
                                   {"hypervisor": "xen", "domain": "guest1"},
                                   {"hypervisor": "xen", "domain": "7", "vdev": "xvdc"}]})
@@ -213,7 +213,7 @@ class Health(BaseModel):
 
 
 class TraceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"volume": "db1", "duration_s": 5, "breakdown": True}]})
 
     volume: str | None = Field(default=None, pattern=NAME_PATTERN, description=(

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 
+from blkserve.peers import PeerCred, exe_name, is_qemu, peer_cred
+
 log = logging.getLogger("blkserve.qemu")
 
 
@@ -38,11 +40,16 @@ class DetachTimeout(Exception):
     pass
 
 
+class PeerRefused(Exception):
+    """What listens on the QMP socket is not QEMU (SO_PEERCRED): nothing it
+    says is trusted."""
+
+
 def vm_alive(qmp_socket: str) -> bool:
     """Does a process still listen on QMP_SOCKET?  (A plain connect: it does
-    not take the monitor from its current client.)"""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2)
+    not take the monitor from its current client; non-blocking, so a QEMU
+    that stopped accepting cannot stall the caller.)"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         s.connect(qmp_socket)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
@@ -54,24 +61,78 @@ def vm_alive(qmp_socket: str) -> bool:
     return True
 
 
+async def _connect(qmp_socket: str, timeout: float,
+                   expect_pid: int | None = None) -> tuple[socket.socket, PeerCred]:
+    """A connected socket to the QEMU on QMP_SOCKET (its real path), checked
+    to be QEMU (SO_PEERCRED: /proc/PID/exe is qemu-system-* or qemu-kvm) and,
+    given EXPECT_PID, that very process.  Bounded by TIMEOUT: a QEMU that
+    no longer accepts (stopped, hung, full backlog) is a QMPFailed."""
+    real = os.path.realpath(qmp_socket)
+    s = socket.socket(socket.AF_UNIX,
+                      socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        while True:
+            try:
+                s.connect(real)  # a unix connect is done at once or refused with EAGAIN
+                break
+            except BlockingIOError:  # the listener's backlog is full: it does not accept
+                if asyncio.get_running_loop().time() > deadline:
+                    raise QMPFailed(f"QEMU on {qmp_socket} accepts no connection in "
+                                    f"{timeout:g} s (stopped or hung?)") from None
+                await asyncio.sleep(0.05)
+            except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
+                raise VMGone(f"no QEMU listens on {qmp_socket}: {e.strerror}") from None
+            except OSError as e:
+                raise QMPFailed(f"cannot connect to {qmp_socket}: {e.strerror}") from None
+        cred = peer_cred(s)
+        if not is_qemu(cred.pid):
+            raise PeerRefused(f"the process listening on {qmp_socket} (pid {cred.pid}, uid "
+                              f"{cred.uid}, {exe_name(cred.pid) or 'unknown program'}) is "
+                              "not QEMU (qemu-system-* or qemu-kvm); blkserve talks QMP to "
+                              "QEMU only")
+        if expect_pid is not None and cred.pid != expect_pid:
+            raise QMPFailed(f"the QEMU on {qmp_socket} changed during the attach (pid "
+                            f"{cred.pid}, was {expect_pid})")
+    except BaseException:
+        s.close()
+        raise
+    return s, cred
+
+
+async def probe(qmp_socket: str, timeout: float) -> PeerCred:
+    """The credentials of the QEMU on QMP_SOCKET (VMGone, PeerRefused,
+    QMPFailed), without opening a QMP session."""
+    s, cred = await _connect(qmp_socket, timeout)
+    s.close()
+    return cred
+
+
 @contextlib.asynccontextmanager
-async def session(qmp_socket: str, timeout: float) -> AsyncIterator[QMPClient]:
+async def session(qmp_socket: str, timeout: float,
+                  expect_pid: int | None = None) -> AsyncIterator[QMPClient]:
+    """A QMP session with the QEMU on QMP_SOCKET: connect, greeting and
+    capabilities negotiation within TIMEOUT."""
+    sock, cred = await _connect(qmp_socket, timeout, expect_pid)
     client = QMPClient("blkserve")
     try:
-        await asyncio.wait_for(client.connect(qmp_socket), timeout)
-    except (ConnectError, OSError, TimeoutError) as e:
+        await asyncio.wait_for(client.connect(sock), timeout)
+    except (ConnectError, OSError, TimeoutError, EOFError) as e:
         with contextlib.suppress(Exception):
-            await client.disconnect()
+            await asyncio.wait_for(client.disconnect(), timeout)
+        sock.close()
+        if isinstance(e, TimeoutError):
+            raise QMPFailed(f"QEMU on {qmp_socket} (pid {cred.pid}) opened no QMP session in "
+                            f"{timeout:g} s (stopped or hung?)") from None
         cause = e.exc if isinstance(e, ConnectError) and e.exc else e
-        if isinstance(cause, (FileNotFoundError, ConnectionRefusedError)) \
-                or not vm_alive(qmp_socket):
-            raise VMGone(f"no QEMU listens on {qmp_socket}: {cause}") from None
-        raise QMPFailed(f"cannot open a QMP session on {qmp_socket}: {cause}") from None
+        raise QMPFailed(f"cannot open a QMP session on {qmp_socket}: "
+                        f"{cause or type(cause).__name__}") from None
     try:
         yield client
     finally:
         with contextlib.suppress(Exception):
-            await client.disconnect()
+            await asyncio.wait_for(client.disconnect(), timeout)
+        sock.close()
 
 
 async def _execute(client: QMPClient, cmd: str, args: dict | None, timeout: float):
@@ -105,9 +166,11 @@ async def _free_bus(client: QMPClient, timeout: float) -> str:
 
 
 async def attach(qmp_socket: str, export_socket: str, chardev_id: str, device_id: str,
-                 queues: int, bus: str | None, timeout: float) -> str:
-    """Plug the export into the VM; returns the bus used."""
-    async with session(qmp_socket, timeout) as client:
+                 queues: int, bus: str | None, timeout: float,
+                 expect_pid: int | None = None) -> str:
+    """Plug the export into the VM (the QEMU process EXPECT_PID, if given);
+    returns the bus used."""
+    async with session(qmp_socket, timeout, expect_pid) as client:
         if bus is None:
             bus = await _free_bus(client, timeout)
         await _execute(client, "chardev-add", {

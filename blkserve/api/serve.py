@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("create a volume: curl -H %s -H 'Content-Type: application/json' -d "
              "'{\"name\": \"vol1\", \"size_bytes\": 1073741824}' %s/v1/volumes", header, url)
     # log_config=None: uvicorn's own records go through the root logger too
+    # SIGTERM waits at most 5 s for requests in progress (a hypervisor call
+    # that hangs must not keep the daemon from stopping; its thread is a
+    # daemon thread, see api/calls.py)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                log_config=None)
+                log_config=None, timeout_graceful_shutdown=5)
     return 0

@@ -7,25 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
+import errno
 import logging
 import os
 import signal
-import stat
-import struct
 import uuid
 
-from blkserve import xen
+from blkserve import backing as backing_io
+from blkserve import peers, xen
 from blkserve.api import libvirt as virt
 from blkserve.api import qemu
+from blkserve.api.calls import BoundedCalls, Busy
 from blkserve.api.config import SOCKET_PATH_MAX, Settings
 from blkserve.api.state import AttachmentRow, State, VolumeRow, now
 from blkserve.api.workers import Worker, WorkerSpec, WorkerStartError, own_socket
+from blkserve.backing import BackingError, Identity
 from blkserve.logs import log_event
 
 log = logging.getLogger("blkserve.api")
 
-BLKGETSIZE64 = 0x80081272
 STALE_CHECK_S = 5.0
 
 
@@ -52,12 +52,35 @@ def _owner_text(owner: tuple[int, int] | None) -> str | None:
     return f"{owner[0]}:{owner[1]}" if owner else None
 
 
-def _backing_size(path: str) -> int:
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if stat.S_ISBLK(st.st_mode):
-            return struct.unpack("<Q", fcntl.ioctl(f.fileno(), BLKGETSIZE64, b"\0" * 8))[0]
-        return st.st_size
+def _backing_size(path: str,
+                  expect: tuple[int, int] | None = None) -> tuple[int, Identity]:
+    """Size and identity of the backing PATH, opened without following a
+    symlink, only if it is a regular file or block device (and EXPECT)."""
+    fd, ident = backing_io.open_checked(path, os.O_RDONLY, expect)
+    try:
+        return backing_io.size_of(fd), ident
+    finally:
+        os.close(fd)
+
+
+class NamedLocks:
+    """asyncio locks by name, kept only while someone holds or waits on one
+    (volume and VM names come and go: the dict must not grow with them)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list] = {}  # name -> [lock, holders and waiters]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str):
+        entry = self.entries.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.entries[key]
 
 
 class Controller:
@@ -72,9 +95,12 @@ class Controller:
         os.makedirs(settings.sockets_dir, exist_ok=True)
         self.state = State(settings.db_path)
         self.workers: dict[str, Worker] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._named_locks = NamedLocks()
+        self._locks = self._named_locks.entries  # what is held or waited on, by name
         self._stale_task: asyncio.Task | None = None
         self._trace_lock = asyncio.Lock()
+        # libvirt calls: a few daemon threads, never joined at exit (calls.py)
+        self.calls = BoundedCalls()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -83,6 +109,10 @@ class Controller:
         ones that died meanwhile."""
         for exp in self.state.exports():
             vol = self.state.volume(exp.volume)
+            try:
+                self._check_backing(vol, "served")  # records a missing identity
+            except ApiError as e:
+                log.error("export %s: %s", vol.name, e.detail)
             worker = self._new_worker(vol, exp.socket, _owner(exp.socket_owner))
             if exp.pid and worker.adopt(exp.pid, exp.pid_start):
                 self.workers[vol.name] = worker
@@ -113,7 +143,7 @@ class Controller:
             else:
                 present = await qemu.device_present(att.qmp_socket, att.device_id,
                                                     self.settings.qmp_timeout_s)
-        except (virt.DomainGone, qemu.VMGone):
+        except (virt.DomainGone, qemu.VMGone, qemu.PeerRefused):
             present = False
         except ApiError as e:
             self.state.set_attachment_state(att.id, "attached", e.detail)
@@ -136,13 +166,14 @@ class Controller:
             w.detach()
         self.state.close()
 
-    def lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    def lock(self, name: str) -> contextlib.AbstractAsyncContextManager:
+        """`async with controller.lock(name)`: one operation on a volume at a time."""
+        return self._named_locks.hold(name)
 
-    def vm_lock(self, qmp_socket: str) -> asyncio.Lock:
+    def vm_lock(self, qmp_socket: str) -> contextlib.AbstractAsyncContextManager:
         """One QMP conversation per VM at a time: two volumes attached at once
         must not pick the same free port."""
-        return self._locks.setdefault("vm:" + qmp_socket, asyncio.Lock())
+        return self._named_locks.hold("vm:" + qmp_socket)
 
     async def _watch_vms(self) -> None:
         while True:
@@ -195,6 +226,7 @@ class Controller:
                 by_uri.setdefault(att.uri, []).append(att)
         for uri, atts in by_uri.items():
             try:
+                await self._check_libvirt(uri)
                 gone = await self._virt(virt.stale_reasons, uri,
                                         [(a.domain, a.device_id) for a in atts])
             except ApiError as e:
@@ -209,18 +241,23 @@ class Controller:
                               volume=att.volume, attachment=att.id, reason=why)
 
     async def _virt(self, fn, *args, bounded: bool = True):
-        """A blocking libvirt call in a thread, bounded by qmp_timeout_s unless
-        it changes the domain (then libvirt's own job timeouts bound it: giving
-        up on it while it goes on could leave a disk nobody knows of); errors
-        as ApiError (except DomainGone, for the caller)."""
+        """A blocking libvirt call in one of self.calls' threads, bounded by
+        qmp_timeout_s, or when it changes the domain by qmp_timeout_s +
+        detach_timeout_s (libvirt's own job timeouts normally end it first;
+        504 then: it may still finish, see attach_libvirt); errors as
+        ApiError (except DomainGone, for the caller)."""
+        timeout = self.settings.qmp_timeout_s
+        if not bounded:
+            timeout += self.settings.detach_timeout_s
         try:
-            if not bounded:
-                return await asyncio.to_thread(fn, *args)
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args),
-                                          self.settings.qmp_timeout_s)
+            return await self.calls.run(fn, *args, timeout=timeout)
         except TimeoutError:
-            raise ApiError(502, f"libvirt did not answer in "
-                                f"{self.settings.qmp_timeout_s:.0f} s") from None
+            raise ApiError(502 if bounded else 504,
+                           f"libvirt did not answer in {timeout:.0f} s") from None
+        except Busy as e:
+            raise ApiError(503, str(e)) from None
+        except virt.PeerRefused as e:
+            raise ApiError(403, str(e)) from None
         except virt.Unavailable as e:
             raise ApiError(501, str(e)) from None
         except virt.DomainNotFound as e:
@@ -229,6 +266,46 @@ class Controller:
             raise ApiError(409, str(e)) from None
         except (virt.ConnectFailed, virt.LibvirtFailed) as e:
             raise ApiError(502, str(e)) from None
+
+    async def _check_libvirt(self, uri: str) -> None:
+        """Before talking to libvirt at URI: its socket must be one of the
+        config's libvirt_sockets (403) and what listens there a libvirt
+        daemon running as root (403; SO_PEERCRED)."""
+        path = virt.daemon_socket(uri)
+        if path is None:
+            return  # no daemon socket: libvirt's own connect fails and says so
+        if "?" in uri and not self.settings.libvirt_socket_allowed(path):
+            raise ApiError(403, f"libvirt socket {path} is not in the daemon's "
+                                "libvirt_sockets (config file); add it there to use it")
+        await self._virt(virt.check_daemon, path, self.settings.qmp_timeout_s)
+
+    # -- allowed peers of the exports ------------------------------------------
+
+    def _peers_path(self, name: str) -> str:
+        return os.path.join(self.settings.peers_dir, f"{name}.peers")
+
+    def _set_peers(self, name: str, explicit: bool, add: peers.Peer | None = None,
+                   drop: str | None = None) -> None:
+        """Rewrite the export's allowed-peers file (its worker re-reads it at
+        every connection): the QEMU processes of the volume's attachments
+        (labelled with their ids), plus ADD, minus DROP; with none, any peer
+        if the export was PUT (EXPLICIT: VMs with the disk in their config),
+        else nobody."""
+        path = self._peers_path(name)
+        live = {a.id for a in self.state.attachments(name) if a.state != "stale"}
+        try:
+            current = peers.read_file(path).peers
+        except OSError:
+            current = []
+        keep = [p for p in current if p.label in live and p.label != drop]
+        if add is not None:
+            keep.append(add)
+        os.makedirs(self.settings.peers_dir, mode=0o700, exist_ok=True)
+        peers.write_file(path, peers.Allowed(any=explicit and not keep, peers=keep))
+
+    def _export_explicit(self, name: str) -> bool:
+        exp = self.state.export(name)
+        return exp is not None and bool(exp.explicit)
 
     # -- views -------------------------------------------------------------
 
@@ -275,7 +352,8 @@ class Controller:
 
     def _create_managed(self, name: str, size: int, read_only: bool,
                         queues: int) -> VolumeRow:
-        path = os.path.join(self.settings.volumes_dir, f"{name}.img")
+        # the real path: the worker opens it without following symlinks
+        path = os.path.join(os.path.realpath(self.settings.volumes_dir), f"{name}.img")
         self._check_space(size)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -288,8 +366,10 @@ class Controller:
             os.close(fd)
             os.unlink(path)
             raise ApiError(507, f"cannot size {path} to {size} bytes: {e.strerror}") from None
+        ident = Identity.of(os.fstat(fd))
         os.close(fd)
-        row = VolumeRow(name, size, read_only, queues, path, True, now())
+        row = VolumeRow(name, size, read_only, queues, path, True, now(), ident.dev,
+                        ident.ino, ident.kind, None)
         try:
             self.state.add_volume(row)
         except Exception:
@@ -303,49 +383,126 @@ class Controller:
         if not os.path.isabs(backing) or "\0" in backing:
             raise ApiError(422, "backing must be an absolute path")
         backing = os.path.normpath(backing)
+        # from here on only the real path counts: it is what the allow-list
+        # is checked against, what is stored, and what is opened (never
+        # following a symlink, so a link planted later is refused)
         real = os.path.realpath(backing)
+        shown = backing if real == backing else f"{backing} (resolving to {real})"
         if real.startswith(os.path.realpath(self.settings.state_dir) + os.sep):
-            raise ApiError(422, f"backing {backing} is inside the state dir; leave out "
+            raise ApiError(422, f"backing {shown} is inside the state dir; leave out "
                                 "backing to create a volume there")
-        if not self.settings.backing_allowed(backing):
-            raise ApiError(403, f"backing {backing} is not in the daemon's allowed_backings "
-                                "(config file); add it there to use it")
+        if not self.settings.backing_allowed(real):
+            raise ApiError(403, f"backing {shown} is not in the daemon's allowed_backings "
+                                "(config file; only the resolved path counts); add it there "
+                                "to use it")
         other = self.state.volume_by_backing(real)
         if other:
-            raise ApiError(409, f"backing {backing} is already used by volume '{other.name}'")
-        if os.path.exists(real):
+            raise ApiError(409, f"backing {shown} is already used by volume '{other.name}'")
+        try:
+            ident = backing_io.check(real)  # O_PATH: nothing is opened for I/O yet
+        except BackingError as e:
+            if e.errno != errno.ENOENT:
+                raise ApiError(422, str(e)) from None
+            ident = None
+        if ident is not None:
+            self._check_not_shared(ident, shown)
             try:
-                st = os.stat(real)
-                if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                    raise ApiError(422, f"backing {backing} is neither a regular file nor "
-                                        "a block device")
-                actual = _backing_size(real)
+                actual, _ = _backing_size(real, (ident.dev, ident.ino))
+            except BackingError as e:
+                raise ApiError(422, str(e)) from None
             except OSError as e:
-                raise ApiError(422, f"backing {backing}: {e.strerror}") from None
+                raise ApiError(422, f"cannot read the size of backing {shown}: "
+                                    f"{e.strerror}") from None
             actual -= actual % 512
             if actual == 0:
-                raise ApiError(422, f"backing {backing} is smaller than one 512-byte sector")
+                raise ApiError(422, f"backing {shown} is smaller than one 512-byte sector")
             if size is not None and size != actual:
                 raise ApiError(422, f"size_bytes {size} does not match the size of the "
-                                    f"existing backing {backing} ({actual} bytes)")
+                                    f"existing backing {shown} ({actual} bytes)")
             size = actual
         else:
             if size is None:
-                raise ApiError(422, f"backing {backing} does not exist; give size_bytes "
+                raise ApiError(422, f"backing {shown} does not exist; give size_bytes "
                                     "to create it")
             st = os.statvfs(os.path.dirname(real) or "/")
             if size > st.f_bavail * st.f_frsize:
-                raise ApiError(507, f"not enough free space for {backing}")
+                raise ApiError(507, f"not enough free space for {shown}")
             try:
-                fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                os.ftruncate(fd, size)
-                os.close(fd)
+                fd = backing_io.open_nofollow(real, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    ident = Identity.of(os.fstat(fd))
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
             except OSError as e:
-                raise ApiError(422, f"cannot create backing {backing}: {e.strerror}") from None
-        row = VolumeRow(name, size, read_only, queues, real, False, now())
+                raise ApiError(422, f"cannot create backing {shown}: {e.strerror}") from None
+        row = VolumeRow(name, size, read_only, queues, real, False, now(), ident.dev,
+                        ident.ino, ident.kind, ident.rdev if ident.kind == "block" else None)
         self.state.add_volume(row)
         log_event(log, "volume.created", volume=name, size_bytes=size, backing=real)
         return row
+
+    def _check_not_shared(self, ident: Identity, shown: str) -> None:
+        """ApiError 409 if IDENT is, or overlaps, another volume's backing: a
+        hard link to it, another node of the same block device, a partition
+        of its disk or the disk of its partition."""
+        for v in self.state.volumes():
+            other = self._identity(v)
+            how = other and backing_io.overlap(ident, other)
+            if not how:
+                continue
+            what = {"same": f"is the same {'device' if ident.kind == 'block' else 'file'} "
+                            f"as {v.backing} (another name or a hard link of it)",
+                    "a-in-b": f"is a partition of the disk {v.backing}",
+                    "b-in-a": f"is the disk that holds the partition {v.backing}"}[how]
+            raise ApiError(409, f"backing {shown} {what}, which volume '{v.name}' uses; two "
+                                "volumes cannot share one disk: delete that volume first or "
+                                "choose another backing")
+
+    def _identity(self, v: VolumeRow) -> Identity | None:
+        """The backing identity recorded for V (for rows from before it was
+        recorded: what the path is now, if it can be seen)."""
+        if v.identity is not None:
+            return Identity(v.backing_dev, v.backing_ino, v.backing_kind or "file",
+                            v.backing_rdev or 0)
+        try:
+            return backing_io.check(self._backing_path(v))
+        except BackingError:
+            return None
+
+    def _backing_path(self, v: VolumeRow) -> str:
+        """The path the backing is opened by: the stored real path; for a
+        volume under the state dir its directories are resolved (rows from
+        before paths were stored resolved), never the file itself."""
+        if not v.managed:
+            return v.backing
+        head, tail = os.path.split(v.backing)
+        return os.path.join(os.path.realpath(head), tail)
+
+    def _check_backing(self, v: VolumeRow, action: str) -> Identity | None:
+        """Before a worker opens V's backing: ApiError 409 if it is no longer
+        the inode the volume was created on, a symlink is in its path, or it
+        is not a regular file or block device; the identity of a row that
+        has none yet is recorded now.  Other errors (a missing file) are
+        left to the worker to report."""
+        try:
+            ident = backing_io.check(self._backing_path(v), v.identity)
+        except BackingError as e:
+            if e.errno not in (None, errno.ELOOP):
+                return None
+            raise ApiError(409, f"volume '{v.name}' cannot be {action}: {e}") from None
+        self._record_identity(v, ident)
+        return ident
+
+    def _record_identity(self, v: VolumeRow, ident: Identity) -> None:
+        if v.identity is not None:
+            return
+        rdev = ident.rdev if ident.kind == "block" else None
+        self.state.set_volume_identity(v.name, ident.dev, ident.ino, ident.kind, rdev)
+        v.backing_dev, v.backing_ino, v.backing_kind, v.backing_rdev = \
+            ident.dev, ident.ino, ident.kind, rdev
+        log.info("volume %s: recorded the identity of backing %s (device:inode %d:%d)",
+                 v.name, v.backing, ident.dev, ident.ino)
 
     def resize_volume(self, name: str, size: int) -> VolumeRow:
         v = self.get_volume(name)
@@ -355,20 +512,26 @@ class Controller:
         if size < v.size_bytes and busy:
             raise ApiError(409, f"volume '{name}' is exported or attached; shrinking it "
                                 "would take data from under the guest")
+        path = self._backing_path(v)
         try:
-            st = os.stat(v.backing)
-        except OSError as e:
-            raise ApiError(409, f"backing {v.backing}: {e.strerror}") from None
-        if stat.S_ISBLK(st.st_mode):
-            raise ApiError(409, f"volume '{name}' is a block device; resize the device itself")
-        if size > v.size_bytes:
-            self._check_space(size - v.size_bytes)
+            # O_PATH first: a block device is refused without being opened
+            if backing_io.check(path, v.identity).kind == "block":
+                raise ApiError(409, f"volume '{name}' is a block device; resize the device "
+                                    "itself")
+            # truncated through the fd that was checked, never by path
+            fd, ident = backing_io.open_checked(path, os.O_RDWR, v.identity)
+        except BackingError as e:
+            raise ApiError(409, f"cannot resize volume '{name}': {e}") from None
         try:
-            with open(v.backing, "r+b") as f:
-                os.ftruncate(f.fileno(), size)
+            self._record_identity(v, ident)
+            if size > v.size_bytes:
+                self._check_space(size - v.size_bytes)
+            os.ftruncate(fd, size)
         except OSError as e:
-            raise ApiError(507 if e.errno == 28 else 409,
+            raise ApiError(507 if e.errno == errno.ENOSPC else 409,
                            f"cannot resize {v.backing}: {e.strerror}") from None
+        finally:
+            os.close(fd)
         self.state.set_volume_size(name, size)
         log_event(log, "volume.resized", volume=name, size_bytes=size, old_size_bytes=v.size_bytes)
         w = self.workers.get(name)
@@ -401,14 +564,19 @@ class Controller:
         # a volume attached to a Xen domain is served by a blkif worker
         xen_att = next((a for a in self.state.attachments(v.name) if a.hypervisor == "xen"),
                        None)
-        spec = WorkerSpec(volume=v.name, backing=v.backing, socket=socket_path,
+        peers_file = self._peers_path(v.name)
+        spec = WorkerSpec(volume=v.name, backing=self._backing_path(v), socket=socket_path,
                           queues=v.queues, read_only=v.read_only,
                           cache=self.settings.export_cache,
                           io_engine=self.settings.export_io_engine,
                           poll_us=self.settings.export_poll_us,
                           stats_file=self.stats_path(v.name), socket_owner=socket_owner,
                           xen_domain=xen_att.domain if xen_att else None,
-                          xen_vdev=xen_att.target if xen_att else None)
+                          xen_vdev=xen_att.target if xen_att else None,
+                          backing_identity=v.identity,
+                          # an export from before allowed-peers files serves any peer
+                          allow_peers_file=None if xen_att or not os.path.exists(peers_file)
+                          else peers_file)
         return Worker(spec, os.path.join(self.settings.logs_dir, f"{v.name}.log"),
                       on_pid=self.state.set_export_pid, on_restart=self.state.count_restart,
                       start_timeout_s=self.settings.worker_start_timeout_s)
@@ -420,6 +588,8 @@ class Controller:
         if exp is not None:
             if explicit and not exp.explicit:
                 self.state.set_export_explicit(name, True)
+                if os.path.exists(self._peers_path(name)):
+                    self._set_peers(name, explicit=True)
             return self.export_view(name), False
         sock = os.path.join(self.settings.sockets_dir, f"{name}.sock")
         if len(sock.encode()) > SOCKET_PATH_MAX:
@@ -432,6 +602,10 @@ class Controller:
             for d in self._reach_socket_dir(sock, owner):
                 log.warning("export %s: %s cannot search %s, so QEMU running as it cannot "
                             "reach %s", name, virt.owner_name(owner), d, sock)
+        # who may connect, from the worker's start: an attach wrote its QEMU
+        # there already; a PUT export serves any peer
+        if explicit or not os.path.exists(self._peers_path(name)):
+            self._set_peers(name, explicit)
         worker = await self._start_worker(v, sock, explicit, owner)
         log_event(log, "export.started", volume=name, socket=sock, pid=worker.pid)
         return self.export_view(name), True
@@ -439,7 +613,9 @@ class Controller:
     async def _start_worker(self, v: VolumeRow, sock: str, explicit: bool,
                             owner: tuple[int, int] | None = None) -> Worker:
         """Record the volume's export and start its worker; if it does not
-        come up, nothing is left behind (ApiError 502 with its log tail)."""
+        come up, nothing is left behind (ApiError 502 with its log tail; 409
+        when the backing is not the one the volume was created on)."""
+        self._check_backing(v, "served")
         worker = self._new_worker(v, sock, owner)
         self.state.add_export(v.name, sock, explicit)
         self.state.set_export_socket_owner(v.name, _owner_text(owner))
@@ -497,6 +673,7 @@ class Controller:
         if worker is not None:
             await worker.stop(self.settings.worker_stop_timeout_s)
         self.state.delete_export(name)
+        peers.remove_file(self._peers_path(name))
         log_event(log, "export.stopped", volume=name)
 
     # -- tracing -----------------------------------------------------------
@@ -533,18 +710,60 @@ class Controller:
             raise ApiError(404, f"volume '{name}' has no attachment '{att_id}'")
         return a
 
-    async def attach(self, name: str, qmp_socket: str, bus: str | None) -> AttachmentRow:
-        v = self.get_volume(name)
+    async def _probe_qemu(self, qmp_socket: str) -> peers.PeerCred:
+        """Who listens on QMP_SOCKET: it must lie under qmp_socket_dirs (its
+        real path) and be a QEMU process (SO_PEERCRED), else 403."""
+        if "\0" not in qmp_socket and os.path.isabs(qmp_socket) \
+                and not self.settings.qmp_socket_allowed(qmp_socket):
+            real = os.path.realpath(qmp_socket)
+            shown = qmp_socket if real == qmp_socket else f"{qmp_socket} (resolving to {real})"
+            raise ApiError(403, f"qmp_socket {shown} is not under the daemon's "
+                                "qmp_socket_dirs (config file); add its directory there to "
+                                "use it")
         why = qemu.check_qmp_path(qmp_socket)
         if why:
             raise ApiError(422, why)
+        try:
+            return await qemu.probe(qmp_socket, self.settings.qmp_timeout_s)
+        except qemu.PeerRefused as e:
+            raise ApiError(403, str(e)) from None
+        except qemu.VMGone as e:
+            raise ApiError(422, str(e)) from None
+        except qemu.QMPFailed as e:
+            raise ApiError(502, str(e)) from None
+
+    async def _undo_attach(self, name: str, att_id: str, had_export: bool,
+                           explicit: bool) -> None:
+        """After a failed attach: forget it; stop the export it started, or
+        take its QEMU off the export's allowed peers."""
+        self.state.delete_attachment(att_id)
+        if not had_export:
+            if self.state.export(name) is not None:
+                await self.stop_export(name, force_check=False)
+            peers.remove_file(self._peers_path(name))
+        else:
+            self._set_peers(name, explicit, drop=att_id)
+
+    async def attach(self, name: str, qmp_socket: str, bus: str | None) -> AttachmentRow:
+        v = self.get_volume(name)
+        cred = await self._probe_qemu(qmp_socket)
         for a in self.state.attachments(name):
             if a.qmp_socket == qmp_socket and a.state != "stale":
                 raise ApiError(409, f"volume '{name}' is already attached to the VM at "
                                     f"{qmp_socket} (attachment {a.id})")
-        had_export = self.state.export(name) is not None
-        exp, _ = await self.ensure_export(name, explicit=False)
         att_id = uuid.uuid4().hex[:8]
+        peer = peers.peer_of(cred.pid, att_id)
+        if peer is None:
+            raise ApiError(422, f"the QEMU on {qmp_socket} (pid {cred.pid}) is gone")
+        had_export = self.state.export(name) is not None
+        explicit = self._export_explicit(name)
+        # only this QEMU may connect to the export, from before it is told to
+        self._set_peers(name, explicit, add=peer)
+        try:
+            exp, _ = await self.ensure_export(name, explicit=False)
+        except BaseException:
+            await self._undo_attach(name, att_id, had_export, explicit)
+            raise
         dev = f"blkserve-{att_id}"
         # recorded before QEMU is touched: a daemon killed mid-attach finds the
         # row on restart and settles it (see _settle_attaching)
@@ -554,14 +773,19 @@ class Controller:
         try:
             async with self.vm_lock(qmp_socket):
                 row.bus = await qemu.attach(qmp_socket, exp["socket"], row.chardev_id, dev,
-                                            v.queues, bus, self.settings.qmp_timeout_s)
-        except (qemu.QMPFailed, qemu.VMGone, qemu.NoFreeSlot) as e:
-            self.state.delete_attachment(att_id)
-            if not had_export:
-                await self.stop_export(name, force_check=False)
+                                            v.queues, bus, self.settings.qmp_timeout_s,
+                                            expect_pid=cred.pid)
+        except (qemu.QMPFailed, qemu.VMGone, qemu.NoFreeSlot, qemu.PeerRefused) as e:
+            await self._undo_attach(name, att_id, had_export, explicit)
             status = 409 if isinstance(e, qemu.NoFreeSlot) else \
-                422 if isinstance(e, qemu.VMGone) else 502
+                422 if isinstance(e, qemu.VMGone) else \
+                403 if isinstance(e, qemu.PeerRefused) else 502
             raise ApiError(status, str(e)) from None
+        except Exception as e:
+            log.exception("attaching %s to the VM at %s failed", name, qmp_socket)
+            await self._undo_attach(name, att_id, had_export, explicit)
+            raise ApiError(502, f"attaching volume '{name}' to the VM at {qmp_socket} failed: "
+                                f"{type(e).__name__}: {e}") from None
         except BaseException:
             self.state.delete_attachment(att_id)
             raise
@@ -579,10 +803,21 @@ class Controller:
                     and a.state != "stale":
                 raise ApiError(409, f"volume '{name}' is already attached to libvirt domain "
                                     f"'{domain}' (attachment {a.id})")
+        await self._check_libvirt(uri)
         info = await self._virt(virt.inspect, uri, domain)
-        had_export = self.state.export(name) is not None
-        exp, _ = await self.ensure_export(name, explicit=False)
         att_id = uuid.uuid4().hex[:8]
+        peer = peers.peer_of(info.pid, att_id) if info.pid else None
+        if peer is None:
+            raise ApiError(409, f"the QEMU process of libvirt domain '{domain}' is gone")
+        had_export = self.state.export(name) is not None
+        explicit = self._export_explicit(name)
+        # only the domain's QEMU may connect to the export, from before it is told to
+        self._set_peers(name, explicit, add=peer)
+        try:
+            exp, _ = await self.ensure_export(name, explicit=False)
+        except BaseException:
+            await self._undo_attach(name, att_id, had_export, explicit)
+            raise
         alias = virt.ALIAS_PREFIX + att_id
         # recorded before libvirt is touched (see _settle_attaching);
         # chardev: the id libvirt gives the disk's vhost-user chardev
@@ -596,11 +831,20 @@ class Controller:
                 row.target, row.bus = await self._virt(virt.attach, uri, domain,
                                                        exp["socket"], v.queues, alias,
                                                        bounded=False)
-        except ApiError:
-            self.state.delete_attachment(att_id)
-            if not had_export:
-                await self.stop_export(name, force_check=False)
+        except ApiError as e:
+            if e.status == 504:
+                # libvirt may still plug the disk: keep the attachment (DELETE
+                # it to unplug whatever made it; a daemon restart settles it)
+                self.state.set_attachment_state(att_id, "attaching", e.detail)
+                raise ApiError(504, f"{e.detail}; the attachment {att_id} stays 'attaching': "
+                                    "DELETE it to undo whatever libvirt did") from None
+            await self._undo_attach(name, att_id, had_export, explicit)
             raise
+        except Exception as e:
+            log.exception("attaching %s to libvirt domain %s failed", name, domain)
+            await self._undo_attach(name, att_id, had_export, explicit)
+            raise ApiError(502, f"attaching volume '{name}' to libvirt domain '{domain}' "
+                                f"failed: {type(e).__name__}: {e}") from None
         except BaseException:
             self.state.delete_attachment(att_id)
             raise
@@ -657,6 +901,7 @@ class Controller:
         it has left the domain's live XML."""
         deadline = asyncio.get_running_loop().time() + timeout
         try:
+            await self._check_libvirt(a.uri)
             async with self.vm_lock(f"libvirt:{a.uri}:{a.domain}"):
                 asked = await self._virt(virt.request_detach, a.uri, a.domain, a.device_id,
                                          bounded=False)
@@ -704,7 +949,8 @@ class Controller:
                     await qemu.detach(a.qmp_socket, a.chardev_id, a.device_id,
                                       timeout or self.settings.detach_timeout_s,
                                       self.settings.qmp_timeout_s)
-            except qemu.VMGone as e:
+            except (qemu.VMGone, qemu.PeerRefused) as e:
+                # (not QEMU on the socket any more: the VM is gone, nothing is trusted)
                 log.warning("attachment %s of %s: %s; dropping it", att_id, name, e)
             except qemu.DetachTimeout as e:
                 self.state.set_attachment_state(att_id, "detaching", str(e))
@@ -718,3 +964,6 @@ class Controller:
         exp = self.state.export(name)
         if exp is not None and not exp.explicit and not self.state.attachments(name):
             await self.stop_export(name)
+        elif exp is not None and a.hypervisor != "xen" \
+                and os.path.exists(self._peers_path(name)):
+            self._set_peers(name, bool(exp.explicit))  # its QEMU may no longer connect

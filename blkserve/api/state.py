@@ -20,7 +20,11 @@ CREATE TABLE IF NOT EXISTS volumes (
     queues      INTEGER NOT NULL DEFAULT 1,
     backing     TEXT NOT NULL UNIQUE,
     managed     INTEGER NOT NULL,
-    created_at  TEXT NOT NULL
+    created_at  TEXT NOT NULL,
+    backing_dev  INTEGER,
+    backing_ino  INTEGER,
+    backing_kind TEXT,
+    backing_rdev INTEGER
 );
 CREATE TABLE IF NOT EXISTS exports (
     volume      TEXT PRIMARY KEY REFERENCES volumes(name),
@@ -79,6 +83,15 @@ MIGRATIONS = [
     ALTER TABLE attachments_v1 RENAME TO attachments;
     ALTER TABLE exports ADD COLUMN socket_owner TEXT;
     """,
+    # 2: the backing's identity (st_dev, st_ino, file or block device, and a
+    # block device's st_rdev), checked at every open; NULL until the next
+    # successful open of a volume created before
+    """
+    ALTER TABLE volumes ADD COLUMN backing_dev INTEGER;
+    ALTER TABLE volumes ADD COLUMN backing_ino INTEGER;
+    ALTER TABLE volumes ADD COLUMN backing_kind TEXT;
+    ALTER TABLE volumes ADD COLUMN backing_rdev INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -96,6 +109,17 @@ class VolumeRow:
     backing: str
     managed: bool
     created_at: str
+    # the inode the backing was created on (see blkserve.backing.Identity)
+    backing_dev: int | None = None
+    backing_ino: int | None = None
+    backing_kind: str | None = None  # file | block
+    backing_rdev: int | None = None
+
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        if self.backing_dev is None or self.backing_ino is None:
+            return None
+        return self.backing_dev, self.backing_ino
 
 
 @dataclass
@@ -176,9 +200,17 @@ class State:
         return _volume(r) if r else None
 
     def add_volume(self, v: VolumeRow) -> None:
-        self._exec("INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?)",
+        self._exec("INSERT INTO volumes (name, size_bytes, read_only, queues, backing, "
+                   "managed, created_at, backing_dev, backing_ino, backing_kind, "
+                   "backing_rdev) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (v.name, v.size_bytes, int(v.read_only), v.queues, v.backing,
-                    int(v.managed), v.created_at))
+                    int(v.managed), v.created_at, v.backing_dev, v.backing_ino,
+                    v.backing_kind, v.backing_rdev))
+
+    def set_volume_identity(self, name: str, dev: int, ino: int, kind: str,
+                            rdev: int | None) -> None:
+        self._exec("UPDATE volumes SET backing_dev = ?, backing_ino = ?, backing_kind = ?, "
+                   "backing_rdev = ? WHERE name = ?", (dev, ino, kind, rdev, name))
 
     def set_volume_size(self, name: str, size: int) -> None:
         self._exec("UPDATE volumes SET size_bytes = ? WHERE name = ?", (size, name))

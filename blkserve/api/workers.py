@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -60,6 +61,25 @@ def _is_export_worker(pid: int, socket_path: str) -> bool:
     return b"export" in argv and socket_path.encode() in argv
 
 
+def serves_inode(pid: int, identity: tuple[int, int]) -> bool | None:
+    """Has process PID a file descriptor open on the inode IDENTITY
+    (st_dev, st_ino)?  None if its descriptors cannot be read."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            st = os.stat(os.path.join(fd_dir, fd))  # the open file, not the link
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == tuple(identity) and \
+                (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            return True
+    return False
+
+
 def _remove_stale_socket(path: str) -> None:
     """Unlink a socket file nobody listens on (left by a killed worker), so the
     next worker's socket is recognisable even if it reuses the inode number."""
@@ -83,6 +103,22 @@ def _socket_inode(path: str) -> int | None:
     except OSError:
         return None
     return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _kill_and_wait(pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL PID and wait (bounded) until it is gone, so that its socket
+    is free for the worker started instead (daemon start-up only)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], timeout)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 SOCKET_MODE = 0o660
@@ -116,6 +152,10 @@ class WorkerSpec:
     socket_owner: tuple[int, int] | None = None  # chowned to this after every start
     xen_domain: str | None = None  # serve this Xen domain (blkif); socket: readiness only
     xen_vdev: str | None = None
+    # (st_dev, st_ino) the backing must still be: the worker refuses another
+    backing_identity: tuple[int, int] | None = None
+    # serve only the processes listed there (blkserve.peers); None: any peer
+    allow_peers_file: str | None = None
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "blkserve", "export", self.backing,
@@ -124,8 +164,13 @@ class WorkerSpec:
                 "--io-engine", self.io_engine, "--poll-us", str(self.poll_us)]
         if self.read_only:
             argv.append("--read-only")
+        if self.backing_identity is not None:
+            dev, ino = self.backing_identity
+            argv += ["--backing-identity", f"{dev}:{ino}"]
         if self.stats_file:
             argv += ["--stats-file", self.stats_file]
+        if self.allow_peers_file:
+            argv += ["--allow-peers-file", self.allow_peers_file]
         if self.xen_domain is not None:
             argv += ["--xen-domain", self.xen_domain, "--vdev", self.xen_vdev or "xvdb"]
         return argv
@@ -206,6 +251,16 @@ class Worker:
         """Take over a worker left running by a previous daemon."""
         if pid_start is None or proc_start_time(pid) != pid_start or \
                 not _is_export_worker(pid, self.spec.socket):
+            return False
+        ident = self.spec.backing_identity
+        if ident is not None and serves_inode(pid, ident) is False:
+            # it opened something else than the volume's backing (replaced
+            # before it started): it must not go on serving that
+            worker_event(self, "worker.refused", "error", pid=pid,
+                         msg=f"worker {pid} does not serve the volume's backing "
+                             f"{self.spec.backing} (device:inode {ident[0]}:{ident[1]}): "
+                             "it was replaced before the worker started; stopping it")
+            _kill_and_wait(pid)
             return False
         self.pid, self.pid_start = pid, pid_start
         self.started_at = time.monotonic()

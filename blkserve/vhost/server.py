@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blkserve._native import ffi
+from blkserve.logs import log_event
 from blkserve.native import GuestMemory, Queue, Target, VringConfig, inflight_queue_bytes
+from blkserve.peers import exe_name, peer_cred
 from blkserve.vhost import protocol as p
 from blkserve.vhost.blk import OFF_WCE, BlkDeviceModel
 from blkserve.vhost.protocol import Feature, ProtocolError, Req
@@ -473,6 +475,7 @@ class VhostUserServer:
         self.stats = None  # the shared stats block (blkserve.stats.StatsWriter), if any
         self._session: Session | None = None
         self.size_probe = lambda: 0  # the backing's current size (set by export)
+        self.peer_policy = None  # blkserve.peers.PeerPolicy; None: any peer the socket lets in
 
     def bind(self) -> None:
         """Create the listening socket; raises OSError(EADDRINUSE) if a live
@@ -557,6 +560,9 @@ class VhostUserServer:
         assert self._listener is not None
         while True:
             conn, _ = await loop.sock_accept(self._listener)
+            if self.peer_policy is not None and not self._peer_allowed(conn):
+                conn.close()
+                continue
             if self._conn_task is not None and not self._conn_task.done():
                 if not self._closing:
                     log.warning("refusing a second frontend connection: one is already served")
@@ -567,6 +573,25 @@ class VhostUserServer:
                 # one as soon as they have stopped.
                 await asyncio.wait([self._conn_task])
             self._conn_task = asyncio.create_task(self._serve_conn(conn))
+
+    def _peer_allowed(self, conn: socket.socket) -> bool:
+        """Is the process that connected CONN one this export serves?"""
+        try:
+            cred = peer_cred(conn)
+        except OSError as e:
+            why, cred = f"no peer credentials: {e.strerror}", None
+        else:
+            why = self.peer_policy.why_refused(cred)
+        if why is None:
+            return True
+        self.peer_policy.refused += 1
+        log_event(log, "frontend.refused", level=logging.WARNING,
+                  pid=cred.pid if cred else None, uid=cred.uid if cred else None,
+                  exe=exe_name(cred.pid) if cred else None, reason=why,
+                  refused_total=self.peer_policy.refused,
+                  msg=f"refusing a frontend connection from pid "
+                      f"{cred.pid if cred else '?'} uid {cred.uid if cred else '?'}: {why}")
+        return False
 
     async def _monitor(self) -> None:
         """Log guest faults and backing errors once per burst."""
