@@ -80,6 +80,7 @@ struct bs_queue {
 
     void *inflight_region;   /* set_inflight, or NULL */
     uint64_t inflight_size;
+    int inflight_faulted;    /* the region's fd shrank under us (SIGBUS) */
     struct bs_inflight_split *inf;   /* while running: the region of a split ring */
     struct bs_inflight_packed *pinf; /* ... or of a packed ring */
     uint64_t inf_counter;    /* pop counter of the latest popped head */
@@ -654,6 +655,17 @@ static void queue_event(struct bs_core *c, uint64_t ud, int res)
     }
 }
 
+/* The frontend shrank guest RAM or the inflight region (a SIGBUS was
+ * absorbed, see mem.c): what we read there since is zeroes, not the
+ * guest's.  -ENXIO (no such address) tells this fault apart. */
+static void check_faults(struct bs_queue *q)
+{
+    if ((__atomic_load_n(&q->mem->faulted, __ATOMIC_RELAXED) ||
+         __atomic_load_n(&q->inflight_faulted, __ATOMIC_RELAXED)) &&
+        !__atomic_load_n(&q->st->broken, __ATOMIC_RELAXED))
+        mark_broken(q, -ENXIO);
+}
+
 static void *queue_thread(void *arg)
 {
     struct bs_queue *q = arg;
@@ -692,6 +704,7 @@ static void *queue_thread(void *arg)
     }
 
     for (;;) {
+        check_faults(q);
         int broken = __atomic_load_n(&q->st->broken, __ATOMIC_RELAXED);
         if (!c->stopping && !broken && (q->kicked || (q->starved && q->free_head >= 0))) {
             if (q->vr.packed)
@@ -701,6 +714,7 @@ static void *queue_thread(void *arg)
         }
         q->kicked = 0;
         bs_core_run_sync(c);
+        check_faults(q);
         publish_used(q);
         __atomic_store_n(&q->st->inflight, (uint64_t)c->inflight, __ATOMIC_RELAXED);
         if (c->stopping && c->inflight == 0)
@@ -795,8 +809,17 @@ int bs_queue_set_inflight(bs_queue *q, void *region, uint64_t size)
     if (q->running) {
         ret = -EBUSY;
     } else {
-        q->inflight_region = region;
-        q->inflight_size = region ? size : 0;
+        if (q->inflight_region)
+            bs_guard_remove(q->inflight_region);
+        q->inflight_region = NULL;
+        q->inflight_size = 0;
+        q->inflight_faulted = 0;
+        if (region)
+            ret = bs_guard_add(region, size, 4096, &q->inflight_faulted);
+        if (region && ret == 0) {
+            q->inflight_region = region;
+            q->inflight_size = size;
+        }
     }
     pthread_mutex_unlock(&q->ctl_lock);
     return ret;
@@ -963,6 +986,13 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     int fl = fcntl(cfg->kick_fd, F_GETFL);
     if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(cfg->kick_fd, F_SETFL, fl | O_NONBLOCK) < 0))
         return -errno;
+    /* The call fd is the frontend's: a counter it filled to the brim (or
+     * a pipe) must not block this thread's fallback write(2). */
+    if (cfg->call_fd >= 0) {
+        fl = fcntl(cfg->call_fd, F_GETFL);
+        if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(cfg->call_fd, F_SETFL, fl | O_NONBLOCK) < 0))
+            return -errno;
+    }
     q->mem = mem;
     q->kick_fd = cfg->kick_fd;
     q->call_fd = cfg->call_fd;

@@ -43,8 +43,15 @@ struct bs_region {
 struct bs_mem {
     int nregions;
     int users;             /* running queues using this table (atomic) */
+    int faulted;           /* a region's fd shrank under us (SIGBUS, atomic) */
     struct bs_region r[BS_MAX_REGIONS];
 };
+
+/* Register [start, start+len), a mapping of a file the frontend can
+ * shrink: a SIGBUS inside it is absorbed (an anonymous page replaces the
+ * missing one) and sets *flag.  page: the mapping's page size. */
+int bs_guard_add(void *start, uint64_t len, uint64_t page, int *flag);
+void bs_guard_remove(void *start);
 
 /* Host pointer for guest range [gpa, gpa+len) if it lies inside a single
  * region, else NULL. */

@@ -1,11 +1,108 @@
 /* Guest memory: regions mapped from the frontend's fds, and bounds-checked
  * translation of guest-physical and frontend-virtual addresses. */
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
 #include "internal.h"
+
+/* ---- SIGBUS from memory the frontend can shrink ----
+ * Guest RAM and the inflight region are files the frontend owns: it can
+ * truncate them at any time, and the next touch of a page past the new end
+ * raises SIGBUS in whichever thread touched it (default action: the whole
+ * worker dies).  Every such mapping is registered here; the handler puts
+ * an anonymous page where the missing one was (the access completes, on
+ * zeroes) and raises the mapping's fault flag, which the queue threads
+ * check once per loop and turn into a broken queue.  A fault anywhere else
+ * goes to the handler that was there before.  This is process-wide state:
+ * a signal handler can reach nothing else. */
+#define GUARD_SLOTS 256
+struct guard {
+    uintptr_t start, end;    /* end == 0: free slot */
+    uintptr_t page;          /* the mapping's page size (huge pages too) */
+    int *flag;
+};
+static struct guard guards[GUARD_SLOTS];
+static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sigaction guard_prev;
+static int guard_installed;
+
+static void guard_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    uintptr_t a = (uintptr_t)si->si_addr;
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        uintptr_t end = __atomic_load_n(&guards[i].end, __ATOMIC_ACQUIRE);
+        if (!end || a < guards[i].start || a >= end)
+            continue;
+        void *pg = (void *)(a & ~(guards[i].page - 1));
+        if (mmap(pg, guards[i].page, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+            break;
+        __atomic_store_n(guards[i].flag, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    if (guard_prev.sa_flags & SA_SIGINFO) {
+        if (guard_prev.sa_sigaction) {
+            guard_prev.sa_sigaction(sig, si, uc);
+            return;
+        }
+    } else if (guard_prev.sa_handler != SIG_DFL && guard_prev.sa_handler != SIG_IGN) {
+        guard_prev.sa_handler(sig);
+        return;
+    }
+    /* not ours and nobody else's: the default action on the re-fault */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    sigaction(SIGBUS, &dfl, NULL);
+}
+
+int bs_guard_add(void *start, uint64_t len, uint64_t page, int *flag)
+{
+    int ret = -ENOSPC;
+    pthread_mutex_lock(&guard_lock);
+    if (!guard_installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = guard_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &guard_prev) < 0) {
+            ret = -errno;
+            goto out;
+        }
+        guard_installed = 1;
+    }
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        if (guards[i].end)
+            continue;
+        guards[i].start = (uintptr_t)start;
+        guards[i].page = page >= 4096 && !(page & (page - 1)) ? page : 4096;
+        guards[i].flag = flag;
+        __atomic_store_n(&guards[i].end, (uintptr_t)start + len, __ATOMIC_RELEASE);
+        ret = 0;
+        break;
+    }
+out:
+    pthread_mutex_unlock(&guard_lock);
+    return ret;
+}
+
+void bs_guard_remove(void *start)
+{
+    pthread_mutex_lock(&guard_lock);
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        if (guards[i].end && guards[i].start == (uintptr_t)start) {
+            __atomic_store_n(&guards[i].end, 0, __ATOMIC_RELEASE);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&guard_lock);
+}
 
 int bs_mem_new(bs_mem **out)
 {
@@ -58,6 +155,11 @@ int bs_mem_add(bs_mem *m, int fd, uint64_t gpa, uint64_t size, uint64_t uva,
     if (base == MAP_FAILED)
         return -errno;
     madvise(base, map_len, MADV_DONTDUMP);
+    int gerr = bs_guard_add(base, map_len, blk, &m->faulted);
+    if (gerr) {
+        munmap(base, map_len);
+        return gerr;
+    }
     struct bs_region *r = &m->r[m->nregions++];
     r->gpa = gpa;
     r->size = size;
@@ -75,6 +177,7 @@ int bs_mem_remove(bs_mem *m, uint64_t gpa, uint64_t size, uint64_t uva)
     for (int i = 0; i < m->nregions; i++) {
         struct bs_region *r = &m->r[i];
         if (r->gpa == gpa && r->size == size && r->uva == uva) {
+            bs_guard_remove(r->map_base);
             munmap(r->map_base, r->map_len);
             m->r[i] = m->r[--m->nregions];
             return 0;
@@ -94,8 +197,10 @@ int bs_mem_free(bs_mem *m)
         return 0;
     if (__atomic_load_n(&m->users, __ATOMIC_ACQUIRE) > 0)
         return -EBUSY;
-    for (int i = 0; i < m->nregions; i++)
+    for (int i = 0; i < m->nregions; i++) {
+        bs_guard_remove(m->r[i].map_base);
         munmap(m->r[i].map_base, m->r[i].map_len);
+    }
     free(m);
     return 0;
 }

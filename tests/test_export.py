@@ -201,6 +201,44 @@ def test_bad_chains_get_ioerr_or_stop_the_queue(export, dev):
     assert "malformed descriptor chain" in export.logtext()
 
 
+def test_truncated_guest_memory_stops_the_queue_not_the_export(export, dev):
+    """The frontend shrinks its guest-RAM memfd under a running queue, then
+    queues a request whose buffers lie past the new end: the backend's
+    touch of a vanished page would SIGBUS the worker (every volume queue
+    with it).  The export lives, says why the queue stopped, and serves a
+    new connection."""
+    assert dev.read(0, 512)[0] == vc.BLK_S_OK
+    vq = dev.vqs[0]
+    hdr = dev.mem.alloc(16)
+    dev.mem.write(hdr, vc.blk_header(vc.BLK_T_GET_ID))
+    region = dev.mem.regions[0]
+    keep = (region.mark() + 4095) // 4096 * 4096 + 4096  # rings and hdr stay
+    far = region.gpa + keep + 8192
+    a, b, c = vq.alloc_descs(3)
+    vq.add_raw_descriptors([
+        (a, hdr, 16, vc.VRING_DESC_F_NEXT, b),
+        (b, far, 20, vc.VRING_DESC_F_NEXT | vc.VRING_DESC_F_WRITE, c),  # GET_ID copies here
+        (c, far + 64, 1, vc.VRING_DESC_F_WRITE, 0),
+    ], head=a)
+    os.ftruncate(region.fd, keep + region.mmap_offset)
+    try:
+        vq.kick()
+        deadline = time.monotonic() + 10
+        while "shrank the guest memory" not in export.logtext():
+            assert export.alive(), export.logtext()
+            assert time.monotonic() < deadline, export.logtext()
+            time.sleep(0.1)
+    finally:
+        os.ftruncate(region.fd, region.size + region.mmap_offset)
+    assert export.alive()
+    dev.close()
+    d2 = export.device()
+    try:
+        assert d2.read(0, 512)[0] == vc.BLK_S_OK
+    finally:
+        d2.close()
+
+
 def _kick_without_fd(d):
     d.client.send(vc.SET_VRING_KICK, vc.pack_vring_file(0, has_fd=True))
 

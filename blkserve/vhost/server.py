@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -608,7 +609,11 @@ class VhostUserServer:
                         log.warning("queue %d: %d %s (last error: %s)", q.index,
                                     s[key] - prev[key], what,
                                     os.strerror(-s["last_error"]) if s["last_error"] else "-")
-                if s["broken"] and not prev["broken"]:
+                if s["broken"] and not prev["broken"] and s["last_error"] == -errno.ENXIO:
+                    log.error("queue %d: the frontend shrank the guest memory or inflight "
+                              "file under the backend (SIGBUS absorbed); queue stopped "
+                              "until the frontend resets it", q.index)
+                elif s["broken"] and not prev["broken"]:
                     log.error("queue %d: the guest corrupted the ring (%s); queue stopped "
                               "until the frontend resets it", q.index,
                               os.strerror(-s["last_error"]) if s["last_error"] else "?")

@@ -522,6 +522,40 @@ static void test_flood_is_bounded(void)
     drv_fini(&d);
 }
 
+/* The frontend truncates guest RAM under a running queue: the queue
+ * thread's next touch of a vanished page (here GET_ID's copy into the id
+ * buffer) would SIGBUS the whole process.  It is absorbed: the queue is
+ * broken with -ENXIO, the process lives, stops work. */
+static void test_guest_ram_truncated(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    CHECK(drv_start(&d, 1) == 0);
+    struct req ok = submit(&d, BS_BLK_T_IN, 0, 512, 1);
+    kick(&d);
+    CHECK(wait_used(&d, 1) == 0 && status_of(&d, &ok) == BS_BLK_S_OK);
+    CHECK(ftruncate(d.memfd, 1 << 20) == 0);       /* rings stay below 1 MiB */
+    uint64_t hdr = alloc(&d, 16, 16);
+    ((uint32_t *)gp(&d, hdr))[0] = BS_BLK_T_GET_ID;
+    d.bump = 2 << 20;                               /* gone now */
+    uint64_t id = alloc(&d, 20, 4), st = alloc(&d, 1, 1);
+    uint16_t h = put_desc(&d, hdr, 16, BS_VRING_DESC_F_NEXT);
+    put_desc(&d, id, 20, BS_VRING_DESC_F_NEXT | BS_VRING_DESC_F_WRITE);
+    put_desc(&d, st, 1, BS_VRING_DESC_F_WRITE);
+    publish(&d, h);
+    kick(&d);
+    struct bs_queue_stats s = { 0 };
+    for (int i = 0; i < 2000 && !s.broken; i++) {
+        usleep(1000);
+        bs_queue_get_stats(d.q, &s);
+    }
+    CHECK(s.broken == 1 && s.last_error == -ENXIO);
+    uint32_t base = 0;
+    CHECK(bs_queue_stop(d.q, &base) == 0);
+    CHECK(ftruncate(d.memfd, MEM_SIZE) == 0);
+    drv_fini(&d);
+}
+
 static void test_indirect_and_batch(void)
 {
     struct drv d;
@@ -1191,6 +1225,7 @@ int main(void)
     test_inflight_packed();
     test_stop_timeout();
     test_flood_is_bounded();
+    test_guest_ram_truncated();
     /* the sync engine behind the same interface (the fallback and oracle) */
     sync_io = 1;
     test_rw_roundtrip();
@@ -1205,6 +1240,7 @@ int main(void)
     test_inflight_packed();
     test_stop_timeout();
     test_flood_is_bounded();
+    test_guest_ram_truncated();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
