@@ -1126,6 +1126,61 @@ static void test_inflight_packed(void)
 /* INFLIGHT_SHMFD: requests a dead backend had popped are redone once, in
  * pop order, on the next start; a batch already published to the guest is
  * not redone; the ring resumes after them. */
+/* A split ring larger than the engine's slots (1024): an inflight region
+ * that marks more heads than could ever have been in flight at once is
+ * the frontend's fabrication and refuses the start; as many as the slots
+ * is a real state and starts. */
+static void test_inflight_split_overmarked(void)
+{
+    struct drv d;
+    const uint32_t num = 2048;
+    drv_init(&d, 0);
+    uint64_t desc = alloc(&d, 16ULL * num, 16), avail = alloc(&d, 6 + 2ULL * num, 2);
+    uint64_t used = alloc(&d, 6 + 8ULL * num, 4);
+    uint64_t isz = bs_inflight_queue_bytes(num);
+    struct bs_inflight_split *in = calloc(1, isz);
+    in->version = BS_INFLIGHT_VERSION;
+    in->desc_num = (uint16_t)num;
+    in->last_batch_head = BS_INFLIGHT_NONE;
+    for (uint32_t h = 0; h <= BS_MAX_SLOTS; h++)      /* one more than the slots */
+        in->desc[h] = (struct bs_inflight_desc){ .inflight = 1, .counter = h + 1 };
+    CHECK(bs_queue_set_inflight(d.q, in, isz) == 0);
+    struct bs_vring_cfg vc = {
+        .num = num, .desc_uva = UVA_BASE + desc, .avail_uva = UVA_BASE + avail,
+        .used_uva = UVA_BASE + used, .base = 0, .kick_fd = d.kick, .call_fd = d.call,
+        .event_idx = 1,
+    };
+    CHECK(bs_queue_start(d.q, d.mem, &vc) == -EINVAL);
+    in->desc[BS_MAX_SLOTS].inflight = 0;               /* exactly the slots */
+    /* each marked head is a GET_ID-less empty chain: redone as a bad chain
+     * would be; here only the start's decision matters, so stop at once */
+    struct bs_vring_desc *t = gp(&d, desc);
+    uint64_t hdr = alloc(&d, 16, 16), st = alloc(&d, 1, 1);
+    ((uint32_t *)gp(&d, hdr))[0] = BS_BLK_T_GET_ID;
+    uint64_t id = alloc(&d, 20, 4);
+    for (uint32_t h = 0; h < BS_MAX_SLOTS; h++)
+        t[h] = (struct bs_vring_desc){ hdr, 16, BS_VRING_DESC_F_NEXT,
+                                       (uint16_t)(BS_MAX_SLOTS + 1) };
+    t[BS_MAX_SLOTS + 1] = (struct bs_vring_desc){ id, 20, BS_VRING_DESC_F_NEXT |
+                                                  BS_VRING_DESC_F_WRITE,
+                                                  (uint16_t)(BS_MAX_SLOTS + 2) };
+    t[BS_MAX_SLOTS + 2] = (struct bs_vring_desc){ st, 1, BS_VRING_DESC_F_WRITE, 0 };
+    CHECK(bs_queue_start(d.q, d.mem, &vc) == 0);
+    uint32_t base = 0;
+    struct bs_queue_stats s;
+    for (int i = 0; i < 2000; i++) {
+        bs_queue_get_stats(d.q, &s);
+        if (s.op_status[BS_STAT_GET_ID][0] == BS_MAX_SLOTS)
+            break;
+        usleep(1000);
+    }
+    CHECK(s.resubmitted == BS_MAX_SLOTS && s.op_status[BS_STAT_GET_ID][0] == BS_MAX_SLOTS);
+    CHECK(bs_queue_stop(d.q, &base) == 0 && base == BS_MAX_SLOTS);
+    bs_queue_set_inflight(d.q, NULL, 0);
+    drv_fini(&d);
+    free(in);
+}
+
 static void test_inflight_resubmit(void)
 {
     struct drv d;
@@ -1222,6 +1277,7 @@ int main(void)
     test_block_size_4k_and_writethrough();
     test_packed_ring();
     test_inflight_resubmit();
+    test_inflight_split_overmarked();
     test_inflight_packed();
     test_stop_timeout();
     test_flood_is_bounded();
