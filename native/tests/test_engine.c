@@ -926,7 +926,13 @@ static void test_stop_timeout(void)
     CHECK(drv_start(&d, 1) == 0);
     struct req r = submit(&d, BS_BLK_T_IN, 0, 512, 1);
     kick(&d);
-    usleep(50000);
+    /* the read is really in flight (blocked on the empty pipe) first */
+    struct bs_queue_stats qs = { 0 };
+    for (int i = 0; i < 5000 && qs.inflight == 0; i++) {
+        usleep(1000);
+        bs_queue_get_stats(d.q, &qs);
+    }
+    CHECK(qs.inflight == 1);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     uint32_t base = 0;
