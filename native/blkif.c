@@ -24,346 +24,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "internal.h"
-
-/* ring.h leaves its barriers (mb, rmb, wmb) to the includer */
-#define mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
-#define rmb() __atomic_thread_fence(__ATOMIC_ACQUIRE)
-#define wmb() __atomic_thread_fence(__ATOMIC_RELEASE)
-#include <xen/io/blkif.h>
-
-#define XPAGE 4096u
-#define SECTORS_PER_PAGE (XPAGE / 512u)
-#define SEGS_PER_INDIRECT_PAGE (XPAGE / sizeof(struct blkif_request_segment))
-#define MAX_INDIRECT_SEGS (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * SEGS_PER_INDIRECT_PAGE)
-#define BLKIF_T_OTHER 0xffffu   /* stats type of an operation we do not know */
-#define PGRANT_BUCKETS 8192u    /* persistent grant table: open addressing */
-#define PGRANT_NONE 0xffffffffu
-
-/* Requests ride in the ring's union entries: copy one out as any of its
- * three shapes. */
-union blkif_any {
-    struct blkif_request rw;
-    struct blkif_request_discard discard;
-    struct blkif_request_indirect indirect;
-};
-
-struct bslot {
-    struct bs_io io;          /* first: its address is the user_data */
-    uint64_t id;              /* the frontend's, echoed in the response */
-    uint8_t operation;
-    void *map;                /* non-persistent mapping of the data pages */
-    uint32_t nmap;
-    int free_next;
-};
-
-struct pgrant {
-    uint32_t gref;            /* PGRANT_NONE: empty bucket */
-    void *addr;
-};
-
-struct bs_blkif {
-    bs_target *target;
-    int index;
-    struct bs_core core;
-    struct bs_xen_ops ops;
-    struct bs_blkif_cfg cfg;
-    blkif_back_ring_t ring;
-    struct bslot *slots;
-    int nslots;
-    int free_head;
-    int starved;
-    int evt;                  /* the event channel fired: look at the ring */
-    int more;                 /* the last drain stopped at its budget */
-    union blkif_any held;     /* a barrier waiting for earlier requests */
-    int has_held;
-    int fenced;               /* a barrier in flight: later requests wait for it */
-    struct pgrant *pg;        /* persistent grants, mapped until stop */
-    uint32_t npg;
-    int ctl_fd;
-    pthread_t thread;
-    pthread_mutex_t ctl_lock;
-    int running;
-    sem_t started;
-    int start_err;
-    struct bs_queue_stats *st;
-    struct bs_queue_stats st_local;
-};
-
-#define BLKIF_OF(c) ((struct bs_blkif *)(void *)((char *)(c) - offsetof(struct bs_blkif, core)))
-
-static void mark_broken(struct bs_blkif *b, int err)
-{
-    __atomic_store_n(&b->st->broken, 1, __ATOMIC_RELAXED);
-    __atomic_store_n(&b->st->last_error, err, __ATOMIC_RELAXED);
-}
-
-/* A frontend fault in one request: answered BLKIF_RSP_ERROR and counted. */
-static void req_fault(struct bs_blkif *b, struct bs_blk_req *r, int err)
-{
-    BS_STAT_ADD(b->st->bad_chains, 1);
-    __atomic_store_n(&b->st->last_error, err, __ATOMIC_RELAXED);
-    r->op = BS_OP_NONE;
-    r->status = BS_BLK_S_IOERR;
-}
-
-/* ---- grants ---- */
-
-static uint32_t pg_hash(uint32_t gref)
-{
-    return (gref * 2654435761u) & (PGRANT_BUCKETS - 1);
-}
-
-/* The persistent mapping of gref, mapped now if there is room; NULL if the
- * table is full (the caller maps it for this request only) or on failure
- * (*err set). */
-static void *pg_get(struct bs_blkif *b, uint32_t gref, int *err)
-{
-    uint32_t h = pg_hash(gref);
-    for (uint32_t n = 0; n < PGRANT_BUCKETS; n++, h = (h + 1) & (PGRANT_BUCKETS - 1)) {
-        struct pgrant *p = &b->pg[h];
-        if (p->gref == gref)
-            return p->addr;
-        if (p->gref != PGRANT_NONE)
-            continue;
-        /* keep the table at most half full: probes stay short */
-        if (b->npg >= PGRANT_BUCKETS / 2)
-            return NULL;
-        uint32_t ref = gref;
-        void *a = b->ops.map_domain_grant_refs(b->ops.gnttab, 1, b->cfg.domid, &ref,
-                                               PROT_READ | PROT_WRITE);
-        if (!a) {
-            *err = -EFAULT;
-            return NULL;
-        }
-        p->gref = gref;
-        p->addr = a;
-        b->npg++;
-        return a;
-    }
-    return NULL;
-}
-
-static void pg_release_all(struct bs_blkif *b)
-{
-    if (!b->pg)
-        return;
-    for (uint32_t i = 0; i < PGRANT_BUCKETS; i++)
-        if (b->pg[i].gref != PGRANT_NONE)
-            b->ops.unmap(b->ops.gnttab, b->pg[i].addr, 1);
-    free(b->pg);
-    b->pg = NULL;
-    b->npg = 0;
-}
-
-/* Map the data pages of segs[0..n) (validated) and fill the slot's iovecs;
- * the data length goes to *len.  Returns 0 or -errno (the request gets an
- * error). */
-static int map_segments(struct bs_blkif *b, struct bslot *s,
-                        const struct blkif_request_segment *segs, uint32_t n,
-                        int device_writes, uint64_t *len)
-{
-    uint32_t refs[BS_MAX_IOV];
-    uint32_t tmp_idx[BS_MAX_IOV];
-    uint32_t ntmp = 0;
-    struct bs_chain *c = &s->io.chain;
-    uint64_t total = 0;
-    int err = 0;
-
-    /* segments were validated by the caller */
-    if (n == 0 || n > BS_MAX_IOV)
-        return -E2BIG;
-    for (uint32_t i = 0; i < n; i++)
-        total += (uint64_t)(segs[i].last_sect - segs[i].first_sect + 1) * 512;
-    for (uint32_t i = 0; i < n; i++) {
-        void *a = NULL;
-        if (b->cfg.persistent) {
-            a = pg_get(b, segs[i].gref, &err);
-            if (err)
-                return err;
-        }
-        if (!a)
-            tmp_idx[ntmp++] = i;
-        c->iov[i].iov_base = a;
-    }
-    if (ntmp) {
-        for (uint32_t k = 0; k < ntmp; k++)
-            refs[k] = segs[tmp_idx[k]].gref;
-        /* a read writes into the guest's pages: it granted them writable */
-        int prot = device_writes ? PROT_READ | PROT_WRITE : PROT_READ;
-        uint8_t *m = b->ops.map_domain_grant_refs(b->ops.gnttab, ntmp, b->cfg.domid, refs, prot);
-        if (!m)
-            return -EFAULT;
-        s->map = m;
-        s->nmap = ntmp;
-        for (uint32_t k = 0; k < ntmp; k++)
-            c->iov[tmp_idx[k]].iov_base = m + (size_t)k * XPAGE;
-    }
-    for (uint32_t i = 0; i < n; i++) {
-        c->iov[i].iov_base = (uint8_t *)c->iov[i].iov_base + segs[i].first_sect * 512u;
-        c->iov[i].iov_len = (size_t)(segs[i].last_sect - segs[i].first_sect + 1) * 512u;
-    }
-    c->niov = (int)n;
-    *len = total;
-    return 0;
-}
-
-/* The segment array of an indirect request, copied out of its granted
- * pages (mapped read-only for the copy). */
-static int indirect_segments(struct bs_blkif *b, const struct blkif_request_indirect *ind,
-                             uint32_t nseg, struct blkif_request_segment *out)
-{
-    uint32_t npages = (nseg + SEGS_PER_INDIRECT_PAGE - 1) / SEGS_PER_INDIRECT_PAGE;
-    uint32_t refs[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
-    for (uint32_t i = 0; i < npages; i++)
-        refs[i] = ind->indirect_grefs[i];
-    uint8_t *m = b->ops.map_domain_grant_refs(b->ops.gnttab, npages, b->cfg.domid, refs,
-                                              PROT_READ);
-    if (!m)
-        return -EFAULT;
-    memcpy(out, m, nseg * sizeof(*out));
-    b->ops.unmap(b->ops.gnttab, m, npages);
-    return 0;
-}
-
-/* ---- requests ---- */
-
-/* Read or write of segs[0..nseg): fill the slot's request. */
-static void parse_rw(struct bs_blkif *b, struct bslot *s, int write, uint64_t sector,
-                     const struct blkif_request_segment *segs, uint32_t nseg)
-{
-    struct bs_blk_req *r = &s->io.req;
-    const struct bs_target_cfg *t = &b->target->cfg;
-    uint64_t len = 0;
-
-    r->type = write ? BS_BLK_T_OUT : BS_BLK_T_IN;
-    if (write && t->read_only) {
-        r->op = BS_OP_NONE;
-        r->status = BS_BLK_S_IOERR;
-        return;
-    }
-    if (nseg == 0) {
-        req_fault(b, r, -EINVAL);
-        return;
-    }
-    /* range first: nothing is mapped for a request that is refused */
-    uint64_t want = 0;
-    for (uint32_t i = 0; i < nseg; i++) {
-        if (segs[i].first_sect > segs[i].last_sect || segs[i].last_sect >= SECTORS_PER_PAGE) {
-            req_fault(b, r, -EINVAL);
-            return;
-        }
-        want += (uint64_t)(segs[i].last_sect - segs[i].first_sect + 1) * 512;
-    }
-    if (!bs_range_ok(t, sector, want)) {
-        r->op = BS_OP_NONE;
-        r->status = BS_BLK_S_IOERR;
-        return;
-    }
-    int err = map_segments(b, s, segs, nseg, !write, &len);
-    if (err) {
-        req_fault(b, r, err);
-        return;
-    }
-    r->op = write ? BS_OP_WRITE : BS_OP_READ;
-    r->offset = sector * BS_SECTOR;
-    r->len = len;
-    r->iov_first = 0;
-    r->iov_count = (int)nseg;
-}
-
-static void parse_request(struct bs_blkif *b, struct bslot *s, const union blkif_any *q)
-{
-    struct bs_blk_req *r = &s->io.req;
-    const struct bs_target_cfg *t = &b->target->cfg;
-    struct blkif_request_segment segs[BS_MAX_IOV];
-
-    memset(r, 0, sizeof(*r));
-    r->status = BS_BLK_S_OK;
-    switch (q->rw.operation) {
-    case BLKIF_OP_READ:
-    case BLKIF_OP_WRITE:
-        if (q->rw.nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
-            r->type = q->rw.operation == BLKIF_OP_WRITE ? BS_BLK_T_OUT : BS_BLK_T_IN;
-            req_fault(b, r, -E2BIG);
-            return;
-        }
-        parse_rw(b, s, q->rw.operation == BLKIF_OP_WRITE, q->rw.sector_number, q->rw.seg,
-                 q->rw.nr_segments);
-        return;
-    case BLKIF_OP_WRITE_BARRIER:
-        /* earlier requests are complete (the caller held it until then);
-         * with data it is a write made durable (FUA), without a flush */
-        if (q->rw.nr_segments == 0) {
-            r->type = BS_BLK_T_FLUSH;
-            r->op = t->read_only ? BS_OP_NONE : BS_OP_FLUSH;
-            return;
-        }
-        if (q->rw.nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
-            r->type = BS_BLK_T_OUT;
-            req_fault(b, r, -E2BIG);
-            return;
-        }
-        parse_rw(b, s, 1, q->rw.sector_number, q->rw.seg, q->rw.nr_segments);
-        r->fua = 1;
-        return;
-    case BLKIF_OP_FLUSH_DISKCACHE:
-        r->type = BS_BLK_T_FLUSH;
-        r->op = t->read_only ? BS_OP_NONE : BS_OP_FLUSH;
-        return;
-    case BLKIF_OP_DISCARD: {
-        r->type = BS_BLK_T_DISCARD;
-        uint64_t n = q->discard.nr_sectors;
-        if (!b->cfg.discard || (q->discard.flag & BLKIF_DISCARD_SECURE)) {
-            r->op = BS_OP_NONE;     /* secure discard is never advertised */
-            r->status = BS_BLK_S_UNSUPP;
-            return;
-        }
-        if (t->read_only || n > (1ULL << 40) || !bs_range_ok(t, q->discard.sector_number, n * 512)) {
-            r->op = BS_OP_NONE;
-            r->status = BS_BLK_S_IOERR;
-            return;
-        }
-        if (n == 0)
-            return;                 /* nothing to do: OK */
-        r->op = BS_OP_DISCARD;
-        r->nranges = 1;
-        r->ranges[0].offset = q->discard.sector_number * BS_SECTOR;
-        r->ranges[0].len = n * BS_SECTOR;
-        r->len = n * BS_SECTOR;
-        return;
-    }
-    case BLKIF_OP_INDIRECT: {
-        const struct blkif_request_indirect *ind = &q->indirect;
-        int write = ind->indirect_op == BLKIF_OP_WRITE;
-        uint32_t nseg = ind->nr_segments;
-        r->type = write ? BS_BLK_T_OUT : BS_BLK_T_IN;
-        if (!b->cfg.max_indirect) {
-            r->type = BLKIF_T_OTHER;
-            r->op = BS_OP_NONE;
-            r->status = BS_BLK_S_UNSUPP;
-            return;
-        }
-        if ((ind->indirect_op != BLKIF_OP_READ && !write) || nseg == 0 ||
-            nseg > b->cfg.max_indirect || nseg > BS_MAX_IOV) {
-            req_fault(b, r, -EINVAL);
-            return;
-        }
-        int err = indirect_segments(b, ind, nseg, segs);
-        if (err) {
-            req_fault(b, r, err);
-            return;
-        }
-        parse_rw(b, s, write, ind->sector_number, segs, nseg);
-        return;
-    }
-    default:
-        r->type = BLKIF_T_OTHER;
-        r->op = BS_OP_NONE;
-        r->status = BS_BLK_S_UNSUPP;
-        return;
-    }
-}
+#include "blkif.h"
 
 static void start_request(struct bs_blkif *b, const union blkif_any *q)
 {
@@ -377,7 +38,7 @@ static void start_request(struct bs_blkif *b, const union blkif_any *q)
     s->map = NULL;
     s->nmap = 0;
     s->io.t_pop = b->core.t_now;
-    parse_request(b, s, q);
+    bs_blkif_parse(b, s, q);
     bs_core_start(&b->core, &s->io);
 }
 
@@ -458,7 +119,7 @@ static void drain_ring(struct bs_blkif *b)
     do {
         RING_IDX rp = __atomic_load_n(&b->ring.sring->req_prod, __ATOMIC_ACQUIRE);
         if (RING_REQUEST_PROD_OVERFLOW(&b->ring, rp)) {
-            mark_broken(b, -ERANGE);
+            bs_blkif_mark_broken(b, -ERANGE);
             return;
         }
         while (b->ring.req_cons != rp) {
@@ -517,7 +178,7 @@ static void blkif_event(struct bs_core *c, uint64_t ud, int res)
         BS_PROBE(kick, b->target->cfg.serial, U64(b->index));
         b->evt = 1;
         if (arm_poll(b, b->cfg.evtchn_fd, BS_UD_KICK))
-            mark_broken(b, -EBUSY);
+            bs_blkif_mark_broken(b, -EBUSY);
     } else if (ud == BS_UD_CTL) {
         bs_core_begin_stop(c);
     }
@@ -567,7 +228,7 @@ static void *blkif_thread(void *arg)
             ret = io_uring_submit_and_wait(&c->ring, 1);
         }
         if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
-            mark_broken(b, ret);
+            bs_blkif_mark_broken(b, ret);
             break;
         }
         bs_core_reap(c, blkif_event);
@@ -580,7 +241,7 @@ static void *blkif_thread(void *arg)
     for (int i = 0; i < b->nslots; i++)
         if (b->slots[i].map)
             b->ops.unmap(b->ops.gnttab, b->slots[i].map, b->slots[i].nmap);
-    pg_release_all(b);
+    bs_blkif_pg_release_all(b);
     return NULL;
 }
 

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -21,6 +22,54 @@
 /* Fixed-file slots registered with each ring (io_uring_register_files). */
 #define FIXED_DIRECT 0
 #define FIXED_BUFFERED 1
+
+/* ---- target: the backing every transport's queues serve ---- */
+
+void bs_get_limits(struct bs_limits *out)
+{
+    out->seg_max = BS_SEG_MAX;
+    out->size_max = BS_SIZE_MAX;
+    out->max_discard_sectors = BS_MAX_DWZ_SECTORS;
+    out->max_discard_seg = BS_MAX_DWZ_SEG;
+    out->max_write_zeroes_sectors = BS_MAX_DWZ_SECTORS;
+    out->max_write_zeroes_seg = BS_MAX_DWZ_SEG;
+}
+
+int bs_target_new(const struct bs_target_cfg *cfg, bs_target **out)
+{
+    uint32_t bs = cfg->block_size ? cfg->block_size : BS_SECTOR;
+    if (cfg->fd < 0 || (bs != 512 && bs != 4096) || cfg->capacity % bs)
+        return -EINVAL;
+    bs_target *t = calloc(1, sizeof(*t));
+    if (!t)
+        return -ENOMEM;
+    t->cfg = *cfg;
+    t->cfg.block_size = bs;
+    if (t->cfg.fd_buffered < 0)
+        t->cfg.fd_buffered = cfg->fd;
+    *out = t;
+    return 0;
+}
+
+void bs_target_set_writethrough(bs_target *t, int writethrough)
+{
+    __atomic_store_n(&t->cfg.writethrough, !!writethrough, __ATOMIC_RELAXED);
+}
+
+int bs_target_set_capacity(bs_target *t, uint64_t capacity)
+{
+    if (capacity == 0 || capacity % t->cfg.block_size)
+        return -EINVAL;
+    __atomic_store_n(&t->cfg.capacity, capacity, __ATOMIC_RELAXED);
+    return 0;
+}
+
+void bs_target_free(bs_target *t)
+{
+    free(t);
+}
+
+/* ---- the request core ---- */
 
 uint64_t bs_now_ns(void)
 {
