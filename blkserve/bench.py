@@ -17,11 +17,12 @@ import argparse
 import errno
 import json
 import os
-import re
 import stat
 import sys
 import threading
 from dataclasses import dataclass
+
+from blkserve.sizes import parse_size
 
 PROG = "blkserve bench"
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
@@ -30,7 +31,6 @@ MAX_DEPTH = 1024
 MAX_QUEUES = 64
 # Backend errors that mean "these arguments do not fit this device".
 _USAGE_ERRNOS = {errno.EINVAL, errno.EROFS, errno.E2BIG, errno.ENAMETOOLONG}
-_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class BenchError(Exception):
@@ -39,15 +39,6 @@ class BenchError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
-
-
-def parse_size(text: str) -> int:
-    """'4096', '4k', '4K', '4KiB', '1M', '2g' -> bytes (binary multiples)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r} (use a byte count, optionally with k, M, G or T)")
-    return int(m.group(1)) * _SUFFIX[m.group(2).lower()]
 
 
 def _positive_float(text: str) -> float:
@@ -82,8 +73,15 @@ def _int_range(lo: int, hi: int):
     return conv
 
 
+def _parse_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _block_size(text: str) -> int:
-    v = parse_size(text)
+    v = _parse_size(text)
     if v < 512 or v % 512 or v > MAX_BS:
         raise argparse.ArgumentTypeError(
             f"block size {text} must be a multiple of 512 bytes, at most {MAX_BS >> 20}M")
@@ -91,7 +89,7 @@ def _block_size(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    v = parse_size(text)
+    v = _parse_size(text)
     if v == 0 or v % 512:
         raise argparse.ArgumentTypeError(f"size {text} must be a positive multiple of 512")
     return v

@@ -115,7 +115,7 @@ def worker_event(worker, event: str, level: int | str = logging.INFO, **fields) 
               volume=worker.spec.volume, **fields)
 
 
-# The export's protocol server (blkserve/vhost/server.py) logs plain
+# The export's protocol server (blkserve/vhost/server.py, session.py) logs plain
 # messages; these known ones get an event name and fields.
 _BURSTS = {
     "malformed descriptor chain(s) from the guest": "guest.bad_chains",
@@ -161,12 +161,14 @@ def _known_fields(record: logging.LogRecord) -> dict | None:
 def record_fields(record: logging.LogRecord, static: dict | None = None) -> dict:
     """The fields of RECORD after ts/level/logger/msg, in order."""
     fields: dict = {}
-    rid = current_request_id()
+    known = getattr(record, "event_fields", None) or _known_fields(record)
+    # the request being served, or the one a line names itself (the access
+    # line, written once the request no longer counts as running)
+    rid = current_request_id() or (known or {}).get("request_id")
     if rid is not None:
         fields["request_id"] = rid
     if static:
         fields.update(static)
-    known = getattr(record, "event_fields", None) or _known_fields(record)
     if known:
         fields.update(known)
     for k, v in vars(record).items():

@@ -27,7 +27,7 @@ import pytest
 from blkserve import backing as backing_io
 from blkserve.api import models
 from blkserve.api.config import Settings
-from blkserve.api.service import Controller
+from blkserve.api.controller import Controller
 
 try:
     from .apiserver import REPO, ApiServer, worker_pids

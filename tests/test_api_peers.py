@@ -334,9 +334,9 @@ def test_an_attached_export_serves_only_its_qemu(tmp, qemus):
 
 
 def test_an_unexpected_attach_failure_is_502_and_stops_the_export(tmp, monkeypatch):
-    from blkserve.api import qemu
     from blkserve.api.config import Settings
-    from blkserve.api.service import ApiError, Controller
+    from blkserve.api.controller import ApiError, Controller
+    from blkserve.api.hypervisors import qemu
 
     async def probe(qmp_socket, timeout):
         return peers.PeerCred(os.getpid(), os.getuid(), os.getgid())
@@ -353,7 +353,8 @@ def test_an_unexpected_attach_failure_is_502_and_stops_the_export(tmp, monkeypat
         try:
             c.create_volume("u1", MiB, False, 1, None)
             with pytest.raises(ApiError) as e:
-                await c.attach("u1", str(tmp / "qmp.sock"), None)
+                await c.attach("u1", qemu.QemuAttachmentCreate(
+                    hypervisor="qemu", qmp_socket=str(tmp / "qmp.sock")))
             return e.value, c.state.export("u1"), c.state.attachments("u1"), dict(c.workers)
         finally:
             for w in c.workers.values():

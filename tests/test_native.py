@@ -12,7 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_import_smoke():
     import blkserve._native as native
-
     import blkserve.native  # noqa: F401
 
     assert hasattr(native.lib, "bs_queue_start")

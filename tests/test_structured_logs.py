@@ -293,13 +293,14 @@ def test_logfmt_quoting_round_trips():
 
 
 def test_the_exports_error_summaries_become_events():
-    """The export's once-per-second summaries (blkserve/vhost/server.py, not
-    aware of any of this) get event names and fields from the formatter; the
-    format strings it recognises are still the ones that code logs."""
-    source = (REPO / "blkserve" / "vhost" / "server.py").read_text()
+    """The export's once-per-second summaries (blkserve/vhost/server.py and
+    session.py, not aware of any of this) get event names and fields from the
+    formatter; the format strings it recognises are still the ones that code logs."""
+    source = "".join((REPO / "blkserve" / "vhost" / f).read_text()
+                     for f in ("server.py", "session.py"))
     flat = re.sub(r'"\s*\n\s*"', "", source)  # join implicitly concatenated literals
     for fmt in logs._KNOWN_MESSAGES:
-        assert fmt in flat, f"server.py no longer logs {fmt!r}"
+        assert fmt in flat, f"server.py and session.py no longer log {fmt!r}"
     f = logs.make_formatter("logfmt")
     p = logs.parse_logfmt(f.format(_record(
         "queue %d: %d %s (last error: %s)", 1, 7, "backing-store I/O error(s)",

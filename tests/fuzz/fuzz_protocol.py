@@ -9,7 +9,7 @@ Three stages run on it:
 1. every decoder of blkserve.vhost.protocol on every payload (and on the
    whole input), whatever the message type;
 2. parse_header + check_message on every message;
-3. a Session of blkserve.vhost.server replaying the stream the way
+3. a Session (blkserve.vhost.session) replaying the stream the way
    VhostUserServer._serve_conn does, with real GuestMemory over memfds but
    fake queues and target (no engine threads), until the connection would
    be dropped; then Session.close().
@@ -37,7 +37,7 @@ import atheris
 with atheris.instrument_imports(include=["blkserve"]):
     from blkserve.native import GuestMemory, VringConfig
     from blkserve.vhost import protocol as p
-    from blkserve.vhost import server
+    from blkserve.vhost import server, session
     from blkserve.vhost.blk import BlkDeviceModel
     from blkserve.vhost.protocol import ProtocolError
 
@@ -324,7 +324,7 @@ def one_input(data: bytes) -> None:
 def main() -> None:
     # Session logs every refusal; the fuzzer's own output is what matters.
     logging.disable(logging.CRITICAL)
-    server.GuestMemory = CheckedGuestMemory
+    session.GuestMemory = CheckedGuestMemory
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from blkserve.api.hypervisors import ADAPTERS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 MAX_SIZE = 1 << 60  # 1 EiB: beyond any real backing, and safe for off_t arithmetic
@@ -85,77 +89,17 @@ class Export(BaseModel):
     started_at: str | None = Field(description="When the current worker started (UTC).")
 
 
-class QemuAttachmentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, title="QemuAttachmentCreate",
-                              json_schema_extra={"examples": [
-                                  {"hypervisor": "qemu", "qmp_socket": "/run/vm1/qmp.sock"}]})
-
-    hypervisor: Literal["qemu"] = Field(description="`qemu`: talk to QEMU over QMP.")
-    qmp_socket: str = Field(min_length=1, max_length=4096, description=(
-        "Absolute path of the running VM's QMP unix socket (`-qmp unix:PATH,server=on,"
-        "wait=off`). Its guest RAM must be shared (memory-backend-memfd with share=on)."),
-        examples=["/run/vm1/qmp.sock"])
-    bus: str | None = Field(default=None, min_length=1, max_length=128, description=(
-        "QEMU bus id to plug into. Default: the first empty pcie-root-port (q35) or "
-        "pci.0 (pc)."), examples=["hp0"])
-
-
-# Local libvirt connections only: the export is a unix socket on this host, so
-# a remote hypervisor could not reach it anyway.
-LIBVIRT_URI_PATTERN = r"^qemu(\+unix)?:///(system|session)(\?socket=/[^?&#\s]+)?$"
-
-
-class LibvirtAttachmentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, title="LibvirtAttachmentCreate",
-                              json_schema_extra={"examples": [
-                                  {"hypervisor": "libvirt", "domain": "vm1"},
-                                  {"hypervisor": "libvirt", "domain": "vm1",
-                                   "uri": "qemu:///system"}]})
-
-    hypervisor: Literal["libvirt"] = Field(description=(
-        "`libvirt`: hot-attach through libvirt (`attachDeviceFlags`, live) as a "
-        "`<disk type='vhostuser'>`. Needs the `libvirt-python` bindings on the daemon's "
-        "host (else 501)."))
-    domain: str = Field(min_length=1, max_length=256, pattern=r"^[^/\x00-\x1f\x7f]+$",
-                        description=(
-        "Name of the running libvirt domain. Its memory must be shared: "
-        "`<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>` "
-        "(else 409)."), examples=["vm1"])
-    uri: str = Field(default="qemu:///system", max_length=4096,
-                     pattern=LIBVIRT_URI_PATTERN, description=(
-        "Local libvirt connection URI: `qemu:///system` (default), `qemu:///session`, or "
-        "`qemu+unix:///system?socket=/path`. A session daemon is not started on demand."),
-        examples=["qemu:///system"])
-
-
-class XenAttachmentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, title="XenAttachmentCreate",
-                              json_schema_extra={"examples": [
-                                  {"hypervisor": "xen", "domain": "guest1"},
-                                  {"hypervisor": "xen", "domain": "7", "vdev": "xvdc"}]})
-
-    hypervisor: Literal["xen"] = Field(description=(
-        "`xen`: hot-plug into a running Xen domain as a PV disk (blkif), served by a "
-        "blkif worker of this daemon, which must run in dom0 (or a driver domain). Needs "
-        "Debian's libxenstore4, libxengnttab1 and libxenevtchn1 and a running xenstored "
-        "(else 501). The volume is served only to that domain: it must not be exported "
-        "over vhost-user at the same time."))
-    domain: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
-                        description="Name or numeric id of the running Xen domain.",
-                        examples=["guest1"])
-    vdev: str | None = Field(default=None, pattern=r"^xvd[a-z]{1,2}$", description=(
-        "Disk name in the guest. Default: the first `xvdX` from `xvdb` on the domain "
-        "does not have."), examples=["xvdb"])
-
-
-AttachmentCreate = Annotated[QemuAttachmentCreate | LibvirtAttachmentCreate
-                             | XenAttachmentCreate, Field(discriminator="hypervisor")]
+# The body of POST .../attachments: one variant per hypervisor adapter (its
+# request_model), told apart by `hypervisor`.
+AttachmentCreate = Annotated[functools.reduce(operator.or_, (
+    a.request_model for a in ADAPTERS.values())), Field(discriminator="hypervisor")]
+HypervisorName = Literal[tuple(ADAPTERS)]
 
 
 class Attachment(BaseModel):
     id: str = Field(examples=["a1b2c3d4"])
     volume: str
-    hypervisor: Literal["qemu", "libvirt", "xen"]
+    hypervisor: HypervisorName
     qmp_socket: str | None = Field(description="QMP socket of the VM (`qemu`).")
     bus: str | None = Field(description="Bus the disk sits on: the QEMU bus id (`qemu`), "
                             "or the alias of the libvirt PCI controller (`libvirt`).")

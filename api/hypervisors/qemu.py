@@ -1,11 +1,14 @@
-"""Hot-attach and detach vhost-user-blk disks to running QEMU VMs over QMP
-(the `qemu.qmp` library).
+"""The QEMU adapter: hot-attach and detach vhost-user-blk disks to running
+QEMU VMs over QMP (the `qemu.qmp` library).
 
 attach: chardev-add (a unix socket client to the export, reconnect=1, so a
 restarted export worker is found again), then device_add vhost-user-blk-pci
 on a free hotplug slot: on q35 an empty pcie-root-port, on pc the root bus
 pci.0, unless the caller names a bus.  detach: device_del, wait for
-DEVICE_DELETED (the guest must release the device first), chardev-remove."""
+DEVICE_DELETED (the guest must release the device first), chardev-remove.
+Who may connect to the export: the QEMU process listening on the QMP socket
+(SO_PEERCRED), and only if that socket lies under the config's
+qmp_socket_dirs."""
 
 from __future__ import annotations
 
@@ -15,10 +18,16 @@ import logging
 import os
 import socket
 import stat
+import uuid
 from collections.abc import AsyncIterator
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 
+from blkserve.api.errors import ApiError
+from blkserve.api.hypervisors import base
+from blkserve.api.state import AttachmentRow, VolumeRow, now
 from blkserve.peers import PeerCred, exe_name, is_qemu, peer_cred
 
 log = logging.getLogger("blkserve.qemu")
@@ -36,8 +45,7 @@ class NoFreeSlot(Exception):
     pass
 
 
-class DetachTimeout(Exception):
-    pass
+DetachTimeout = base.DetachTimeout
 
 
 class PeerRefused(Exception):
@@ -248,3 +256,105 @@ def check_qmp_path(path: str) -> str | None:
     if not stat.S_ISSOCK(st.st_mode):
         return f"qmp_socket {path} is not a unix socket"
     return None
+
+
+# -- the adapter ---------------------------------------------------------------
+
+
+class QemuAttachmentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, title="QemuAttachmentCreate",
+                              json_schema_extra={"examples": [
+                                  {"hypervisor": "qemu", "qmp_socket": "/run/vm1/qmp.sock"}]})
+
+    hypervisor: Literal["qemu"] = Field(description="`qemu`: talk to QEMU over QMP.")
+    qmp_socket: str = Field(min_length=1, max_length=4096, description=(
+        "Absolute path of the running VM's QMP unix socket (`-qmp unix:PATH,server=on,"
+        "wait=off`). Its guest RAM must be shared (memory-backend-memfd with share=on)."),
+        examples=["/run/vm1/qmp.sock"])
+    bus: str | None = Field(default=None, min_length=1, max_length=128, description=(
+        "QEMU bus id to plug into. Default: the first empty pcie-root-port (q35) or "
+        "pci.0 (pc)."), examples=["hp0"])
+
+
+class Qemu(base.Hypervisor):
+    name = "qemu"
+    label = "QEMU"
+    request_model = QemuAttachmentCreate
+
+    async def _probe(self, qmp_socket: str) -> PeerCred:
+        """Who listens on QMP_SOCKET: it must lie under qmp_socket_dirs (its
+        real path) and be a QEMU process (SO_PEERCRED), else 403."""
+        if "\0" not in qmp_socket and os.path.isabs(qmp_socket) \
+                and not self.settings.qmp_socket_allowed(qmp_socket):
+            real = os.path.realpath(qmp_socket)
+            shown = qmp_socket if real == qmp_socket else f"{qmp_socket} (resolving to {real})"
+            raise ApiError(403, f"qmp_socket {shown} is not under the daemon's "
+                                "qmp_socket_dirs (config file); add its directory there to "
+                                "use it")
+        why = check_qmp_path(qmp_socket)
+        if why:
+            raise ApiError(422, why)
+        try:
+            return await probe(qmp_socket, self.settings.qmp_timeout_s)
+        except PeerRefused as e:
+            raise ApiError(403, str(e)) from None
+        except VMGone as e:
+            raise ApiError(422, str(e)) from None
+        except QMPFailed as e:
+            raise ApiError(502, str(e)) from None
+
+    async def prepare(self, v: VolumeRow, request: QemuAttachmentCreate) -> base.Target:
+        qmp_socket = request.qmp_socket
+        cred = await self._probe(qmp_socket)
+        for a in self.state.attachments(v.name):
+            if a.qmp_socket == qmp_socket and a.state != "stale":
+                raise ApiError(409, f"volume '{v.name}' is already attached to the VM at "
+                                    f"{qmp_socket} (attachment {a.id})")
+        att_id = uuid.uuid4().hex[:8]
+        dev = f"blkserve-{att_id}"
+        row = AttachmentRow(att_id, v.name, "qemu", qmp_socket, request.bus, dev,
+                            f"{dev}-chr", "attaching", now(), None)
+        return base.Target(row, f"the VM at {qmp_socket}", peer_pid=cred.pid,
+                           peer_gone=ApiError(422, f"the QEMU on {qmp_socket} (pid "
+                                                   f"{cred.pid}) is gone"))
+
+    def vm_key(self, att: AttachmentRow) -> str:
+        return att.qmp_socket
+
+    async def plug(self, target: base.Target, v: VolumeRow, socket: str) -> None:
+        row = target.row
+        try:
+            row.bus = await attach(row.qmp_socket, socket, row.chardev_id, row.device_id,
+                                   v.queues, row.bus, self.settings.qmp_timeout_s,
+                                   expect_pid=target.peer_pid)
+        except (QMPFailed, VMGone, NoFreeSlot, PeerRefused) as e:
+            status = 409 if isinstance(e, NoFreeSlot) else \
+                422 if isinstance(e, VMGone) else \
+                403 if isinstance(e, PeerRefused) else 502
+            raise ApiError(status, str(e)) from None
+
+    async def unplug(self, att: AttachmentRow, timeout: float) -> None:
+        try:
+            await detach(att.qmp_socket, att.chardev_id, att.device_id, timeout,
+                         self.settings.qmp_timeout_s)
+        except (VMGone, PeerRefused) as e:
+            # (not QEMU on the socket any more: the VM is gone, nothing is trusted)
+            log.warning("attachment %s of %s: %s; dropping it", att.id, att.volume, e)
+        except QMPFailed as e:
+            raise ApiError(502, str(e)) from None
+
+    async def present(self, att: AttachmentRow) -> bool:
+        try:
+            return await device_present(att.qmp_socket, att.device_id,
+                                        self.settings.qmp_timeout_s)
+        except (VMGone, PeerRefused):
+            return False
+        except QMPFailed as e:
+            raise ApiError(502, str(e)) from None
+
+    async def stale_reasons(self, atts: list[AttachmentRow]) -> dict[str, str]:
+        return {a.id: "the VM is gone" for a in atts
+                if a.state != "stale" and not vm_alive(a.qmp_socket)}
+
+    def log_fields(self, att: AttachmentRow) -> dict:
+        return {"qmp_socket": att.qmp_socket}

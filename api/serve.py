@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from blkserve.api.app import create_app
-    from blkserve.api.service import Controller
+    from blkserve.api.controller import Controller
 
     try:
         settings = config.load(

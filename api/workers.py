@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blkserve.logs import worker_event
+from blkserve.peers import start_time as proc_start_time  # one reader of /proc/PID/stat
 
 log = logging.getLogger("blkserve.workers")
 
@@ -35,21 +36,6 @@ HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets the back-off
 
 class WorkerStartError(Exception):
     pass
-
-
-def proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (guards pid reuse)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: split after the last ')'
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def _is_export_worker(pid: int, socket_path: str) -> bool:

@@ -1,0 +1,69 @@
+"""Routes of /v1/volumes: create, list, show, resize, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from blkserve.api import models
+from blkserve.api.deps import ControllerDep
+from blkserve.api.routes import INVALID, NOT_FOUND, UNREADABLE, err
+
+router = APIRouter()
+
+
+@router.post("/volumes", status_code=201, response_model=models.Volume, tags=["volumes"],
+             summary="Create a volume",
+             responses={**UNREADABLE,
+                        **err(403, "backing is not in the config's allowed_backings."),
+                        **err(409, "A volume of that name exists, or one on that backing (also "
+                                   "through a hard link, another device node, or a "
+                                   "partition and its disk)."),
+                        **err(422, "Invalid name, size or backing."),
+                        **err(507, "Not enough free space for the volume.")})
+async def create_volume(controller: ControllerDep, body: models.VolumeCreate):
+    """Create a sparse volume file under STATE_DIR/volumes/ (or register an
+    allow-listed external file or block device)."""
+    async with controller.lock(body.name):
+        row = controller.create_volume(body.name, body.size_bytes, body.read_only,
+                                       body.queues, body.backing)
+        return controller.volume_view(row)
+
+
+@router.get("/volumes", response_model=list[models.Volume], tags=["volumes"],
+            summary="List volumes")
+async def list_volumes(controller: ControllerDep):
+    return [controller.volume_view(v) for v in controller.state.volumes()]
+
+
+@router.get("/volumes/{name}", response_model=models.Volume, tags=["volumes"],
+            summary="Show a volume, its export and attachments",
+            responses={**NOT_FOUND, **INVALID})
+async def get_volume(controller: ControllerDep, name: str):
+    return controller.volume_view(controller.get_volume(name))
+
+
+@router.patch("/volumes/{name}", response_model=models.Volume, tags=["volumes"],
+              summary="Resize a volume",
+              responses={**UNREADABLE, **NOT_FOUND, **INVALID,
+                         **err(409, "Shrinking an exported/attached volume, a block "
+                                    "device backing, or a backing replaced since the "
+                                    "volume was created."),
+                         **err(507, "Not enough free space to grow.")})
+async def resize_volume(controller: ControllerDep, name: str, body: models.VolumeResize):
+    """Grow (or, when not exported, shrink) the volume's file. A running
+    export serves the new capacity at once and a connected QEMU is told
+    (vhost-user CONFIG_CHANGE_MSG), so the guest sees the resize online."""
+    async with controller.lock(name):
+        return controller.volume_view(controller.resize_volume(name, body.size_bytes))
+
+
+@router.delete("/volumes/{name}", status_code=204, response_class=Response,
+               tags=["volumes"], summary="Delete a volume",
+               responses={**NOT_FOUND, **INVALID,
+                          **err(409, "The volume is exported or attached.")})
+async def delete_volume(controller: ControllerDep, name: str):
+    """Delete the volume; a file under the state dir is deleted with it, an
+    external backing is left alone."""
+    async with controller.lock(name):
+        controller.delete_volume(name)
+    return Response(status_code=204)
