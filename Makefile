@@ -8,7 +8,8 @@ STATE_DIR ?= $(CURDIR)/var
 APT_PACKAGES := build-essential pkg-config liburing-dev python3-venv \
 	qemu-system-x86 qemu-utils qemu-system-common fio busybox-static cpio \
 	e2fsprogs util-linux clang libclang-rt-14-dev systemtap-sdt-dev prometheus binutils \
-	python3-bpfcc linux-headers-amd64 libvirt-daemon-system libvirt-dev libxen-dev
+	python3-bpfcc linux-headers-amd64 libvirt-daemon-system libvirt-dev libxen-dev \
+	fuse3 libfuse3-dev
 NATIVE_SRC := $(wildcard native/*.c native/*.h)
 CFLAGS_NATIVE := -O2 -g -Wall -Wextra -Werror -std=gnu11 -Inative
 

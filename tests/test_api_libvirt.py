@@ -372,7 +372,9 @@ def ctx(libvirt_conn, guest_image, tmp_path_factory):
     workdir = Path(tempfile.mkdtemp(prefix="bs-lv-", dir="/tmp"))
     workdir.chmod(0o755)
     name = f"bs-test-{uuid.uuid4().hex[:6]}"
-    api = ApiServer()  # its state dir is a private (0700) mkdtemp
+    # its state dir is a private (0700) mkdtemp; no token in the environment,
+    # so the daemon writes STATE_DIR/api-token, whose mode the tests check
+    api = ApiServer(token=None)
     vm = c = None
     try:
         api.start()
@@ -446,8 +448,7 @@ def test_socket_is_reachable_by_qemu_user_only(ctx):
     for d in ("volumes", "logs", "stats"):
         assert stat.S_IMODE((state / d).stat().st_mode) == 0o700, d
     for f in ("blkserve.db", "api-token"):
-        if (state / f).exists():
-            assert stat.S_IMODE((state / f).stat().st_mode) == 0o600, f
+        assert stat.S_IMODE((state / f).stat().st_mode) == 0o600, f
     # as QEMU's user: the socket connects (the export, busy with QEMU, then
     # refuses this second frontend), the rest stays shut
     assert connect_as(str(sock), uid, gid) is None
@@ -663,9 +664,10 @@ def test_destroyed_domain_goes_stale(ctx):
 def test_without_bindings_libvirt_attach_is_501(tmp_path, monkeypatch):
     """No libvirt-python: a libvirt attach says what to install; the rest
     (here the cold-attach XML) works."""
-    from blkserve.api import libvirt as virt
     from blkserve.api.config import Settings
-    from blkserve.api.service import ApiError, Controller
+    from blkserve.api.controller import ApiError, Controller
+    from blkserve.api.hypervisors import libvirt_ops as virt
+    from blkserve.api.hypervisors.libvirt import LibvirtAttachmentCreate
 
     monkeypatch.setitem(sys.modules, "libvirt", None)  # import libvirt -> ImportError
     monkeypatch.setattr(virt, "_module", None)
@@ -675,8 +677,10 @@ def test_without_bindings_libvirt_attach_is_501(tmp_path, monkeypatch):
         try:
             c.create_volume("nolv", 1 << 20, False, 1, None)
             with pytest.raises(ApiError) as e:
-                await c.attach_libvirt("nolv", "vm1", URI)
-            assert c.libvirt_xml("nolv", "vdb")["xml"].startswith("<disk type='vhostuser'")
+                await c.attach("nolv", LibvirtAttachmentCreate(
+                    hypervisor="libvirt", domain="vm1", uri=URI))
+            xml = c.hypervisor("libvirt").disk_xml("nolv", "vdb")["xml"]
+            assert xml.startswith("<disk type='vhostuser'")
             return e.value
         finally:
             c.state.close()

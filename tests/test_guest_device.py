@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -204,13 +205,16 @@ def test_driver_reset_keeps_data(vm, exports):
 def test_qemu_restart_reconnects(vm, exports, guest_image, tmp_path_factory):
     vm.kill()
     # both queues carried I/O: the export logs per-queue totals on disconnect
+    # (first wait until it logged them for both queues, then check every one)
     deadline = time.monotonic() + 10
-    while "queue 1:" not in exports.rw.log():
+    while True:
+        totals = {int(q): int(n) for q, n in re.findall(
+            r"queue (\d+): (\d+) requests served so far", exports.rw.log())}
+        if sorted(totals) == [0, 1]:
+            break
         assert time.monotonic() < deadline, exports.rw.log()
         time.sleep(0.2)
-    for line in exports.rw.log().splitlines():
-        if "requests served so far" in line:
-            assert int(line.split("queue ")[1].split(":")[1].split()[0]) > 0, line
+    assert all(n > 0 for n in totals.values()), totals
     assert exports.rw.alive() and exports.ro.alive()
     with _boot(exports, guest_image, tmp_path_factory.mktemp("guest-restart")) as vm2:
         vm2.wait_for_block_device("vda")

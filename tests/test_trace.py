@@ -194,7 +194,8 @@ def test_workers_of_another_install_are_named_not_traced(api, tmp_path):
         r = json.loads(p.stdout)
         assert r["volumes"]["t1"]["latency"]["read"]["count"] > 0
         skipped = {w["volume"]: w for w in r["not_traced"]}
-        assert set(skipped) == {"other"}, r["not_traced"]
+        # (exports of other tests or installs on this host may be listed too)
+        assert "other" in skipped and not {"t1", "tb"} & set(skipped), r["not_traced"]
         assert skipped["other"]["pid"] == exp.pid
         assert str(other) in skipped["other"]["engine_library"]
         # on its own it is traced

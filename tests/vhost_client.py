@@ -1357,6 +1357,57 @@ class BlkDevice:
             c.set_vring_enable(q, True)
         return vq
 
+    # -- inflight region and reconnection (QEMU's vhost-user-blk) -------------
+    inflight_region: tuple[int, int, int] | None = None  # (fd, mmap_size, mmap_offset)
+
+    def setup_inflight(self, fd: int | None = None, mmap_size: int = 0,
+                       mmap_offset: int = 0) -> tuple[int, int, int]:
+        """Hand the backend an inflight region before the rings start, as
+        QEMU does (needs PROTOCOL_F_INFLIGHT_SHMFD): the region given, else
+        the one this device already has, else a new one from
+        GET_INFLIGHT_FD.  -> (fd, mmap_size, mmap_offset)."""
+        if fd is None and self.inflight_region is not None:
+            fd, mmap_size, mmap_offset = self.inflight_region
+        if fd is None:
+            mmap_size, mmap_offset, fd = self.client.get_inflight_fd(self.num_queues,
+                                                                     self.queue_size)
+            if fd is None:
+                raise VhostProtocolError("GET_INFLIGHT_FD reply carried no fd")
+        self.client.set_inflight_fd(fd, mmap_size, mmap_offset, self.num_queues,
+                                    self.queue_size)
+        self.inflight_region = (fd, mmap_size, mmap_offset)
+        return self.inflight_region
+
+    def reconnect(self, path: str | None = None, connect_retry: float = 5.0,
+                  inflight: bool = True) -> None:
+        """Connect to a new backend (the old one died or was stopped) and go
+        on with the same guest memory, rings and submitted requests, the way
+        QEMU's vhost-user-blk does after a reconnect: negotiate again, hand
+        back the inflight region (unless *inflight* is False), and restart
+        every ring at its used index (QEMU's last_avail_idx after a backend
+        it could not stop cleanly).  Requests the region marks are the new
+        backend's to redo; their completions land on the old Request objects."""
+        self.client.close()
+        self.client = VhostUserClient(path or self.path, timeout=self.timeout,
+                                      connect_retry=connect_retry)
+        self.negotiate()
+        if inflight and self.inflight_region is not None:
+            self.setup_inflight()
+        self.setup_memory()
+        c = self.client
+        for vq in self.vqs:
+            if vq is None:
+                continue
+            q = vq.index
+            c.set_vring_num(q, vq.size)
+            c.set_vring_base(q, vq.used_idx)
+            c.set_vring_addr(q, vq.desc_uva, vq.used_uva, vq.avail_uva)
+            c.set_vring_kick(q, vq.kick_fd)
+            c.set_vring_call(q, vq.call_fd)
+            if self.features & bit(F_PROTOCOL_FEATURES):
+                c.set_vring_enable(q, True)
+            vq.kick()
+
     @property
     def capacity(self) -> int | None:
         return None if self.config is None else self.config.capacity
@@ -1645,6 +1696,9 @@ class BlkDevice:
             if vq is not None:
                 vq.close()
         self.mem.close()
+        if self.inflight_region is not None:
+            os.close(self.inflight_region[0])
+            self.inflight_region = None
 
     def __enter__(self):
         return self
