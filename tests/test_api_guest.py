@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from blkserve import stats as bstats
+
 try:
     from . import guest as g
     from .apiserver import ApiServer, worker_pids
@@ -197,86 +199,83 @@ def test_online_grow_seen_by_guest(ctx):
     assert r.status_code == 409, r.text
 
 
+KILL_TRIES = 10
+
+
+def _inflight(stats_file: Path, timeout: float) -> int:
+    """Requests in flight in the worker (its stats block), polled until
+    nonzero or TIMEOUT; 0 if none was seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            n = sum(q.inflight for q in bstats.read(str(stats_file)).queues)
+        except bstats.StatsError:
+            n = 0
+        if n:
+            return n
+        time.sleep(0.001)
+    return 0
+
+
 def test_worker_kill9_mid_fio_guest_sees_no_error(ctx):
-    """kill -9 of the export worker while the guest's fio verify runs: the
-    supervisor restarts it on the same socket, QEMU (chardev reconnect=1)
-    reconnects and hands back the inflight region, the new worker redoes
-    what was in flight, and fio finishes with no I/O or verify error."""
+    """kill -9 of the export worker while the guest's fio verify runs with
+    requests in flight (its stats block says so first): the supervisor
+    restarts it on the same socket, QEMU (chardev reconnect=1) reconnects
+    and hands back the inflight region, the new worker redoes what was in
+    flight, and fio finishes with no I/O or verify error.  Repeated until a
+    kill caught requests that the next worker resubmitted (a request
+    completing between the look and the kill is not left in flight)."""
     dev = ctx.disk_by_serial("hot1")
     if ctx.engine is None:
         ctx.fio_verify(dev, "4M")
-    ctx.vm.check("/bin/dmesg -c > /dev/null; rm -f /tmp/k.out")
-    # in a session of its own: a background job of the control shell would
-    # take the shell down when it ends
-    ctx.vm.check(
-        f"setsid sh -c '/usr/bin/fio --name=k --filename=/dev/{dev} --direct=1 "
-        f"--ioengine={ctx.engine} --iodepth=16 --rw=randwrite --bs=4k --size=48M "
-        f"--verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
-        f"--randrepeat=0 > /tmp/k.out 2>&1; echo fio-rc=$? >> /tmp/k.out' "
-        f"> /dev/null 2>&1 < /dev/null")
-    time.sleep(2)
-    old = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
-    # Slow the worker's writes down (blkio throttle) so that requests are
-    # surely popped and not yet completed when it dies: without the inflight
-    # region they would be lost and the guest would wait for them forever.
-    throttled = _throttle_writes(old["pid"], ctx.api.state_dir / "volumes")
-    time.sleep(2)
-    os.kill(old["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        e = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
-        if e["pid"] not in (None, old["pid"]) and e["state"] == "running":
+    stats_file = ctx.api.state_dir / "stats" / "hot1.stats"
+    log_path = ctx.api.state_dir / "logs" / "hot1.log"
+    resubmitted = 0
+    for attempt in range(KILL_TRIES):
+        ctx.vm.check("/bin/dmesg -c > /dev/null; rm -f /tmp/k.out")
+        # in a session of its own: a background job of the control shell would
+        # take the shell down when it ends
+        ctx.vm.check(
+            f"setsid sh -c '/usr/bin/fio --name=k --filename=/dev/{dev} --direct=1 "
+            f"--ioengine={ctx.engine} --iodepth=16 --rw=randwrite --bs=4k --size=16M "
+            f"--verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
+            f"--randrepeat=0 > /tmp/k.out 2>&1; echo fio-rc=$? >> /tmp/k.out' "
+            f"> /dev/null 2>&1 < /dev/null")
+        old = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
+        assert _inflight(stats_file, 60), f"attempt {attempt}: no request ever in flight"
+        log_from = log_path.stat().st_size
+        os.kill(old["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            e = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
+            if e["pid"] not in (None, old["pid"]) and e["state"] == "running":
+                break
+            time.sleep(0.1)
+        assert e["pid"] != old["pid"] and e["state"] == "running", e
+        assert e["restarts"] == old["restarts"] + 1 and e["socket"] == old["socket"]
+        deadline = time.monotonic() + 600
+        out = ""
+        while time.monotonic() < deadline:
+            out = ctx.vm.check("cat /tmp/k.out 2>/dev/null; true")
+            if "fio-rc=" in out:
+                break
+            time.sleep(1)
+        assert "fio-rc=0" in out, out
+        assert re.search(r"err=\s*0\b", out), out
+        dmesg = ctx.vm.check("/bin/dmesg")
+        assert "I/O error" not in dmesg and "blk_update_request" not in dmesg, dmesg
+        # the new worker logs what it redid within a second of starting
+        deadline = time.monotonic() + 3
+        m = None
+        while m is None and time.monotonic() < deadline:
+            log = log_path.read_bytes()[log_from:].decode(errors="replace")
+            m = re.search(r"(\d+) request\(s\) a previous backend left in flight, "
+                          r"resubmitted", log)
+            time.sleep(0.2)
+        if m:
+            resubmitted = int(m.group(1))
             break
-        time.sleep(0.1)
-    assert e["pid"] != old["pid"] and e["state"] == "running", e
-    assert e["restarts"] == old["restarts"] + 1 and e["socket"] == old["socket"]
-    deadline = time.monotonic() + 600
-    out = ""
-    while time.monotonic() < deadline:
-        out = ctx.vm.check("cat /tmp/k.out 2>/dev/null; true")
-        if "fio-rc=" in out:
-            break
-        time.sleep(2)
-    assert "fio-rc=0" in out, out
-    assert re.search(r"err=\s*0\b", out), out
-    dmesg = ctx.vm.check("/bin/dmesg")
-    assert "I/O error" not in dmesg and "blk_update_request" not in dmesg, dmesg
-    if throttled:
-        _unthrottle()
-        log = (ctx.api.state_dir / "logs" / "hot1.log").read_text()
-        m = re.search(r"(\d+) request\(s\) a previous backend left in flight, resubmitted", log)
-        assert m and int(m.group(1)) > 0, log[-3000:]
-
-
-BLKIO = Path("/sys/fs/cgroup/blkio")
-SLOW_CG = BLKIO / "blkserve-test-slow"
-
-
-def _throttle_writes(pid: int, on: Path, iops: int = 20) -> bool:
-    """Move PID into a cgroup-v1 blkio group limited to IOPS write IOPS on the
-    device holding ON; False if this machine has no such controller."""
-    if not (BLKIO / "blkio.throttle.write_iops_device").exists():
-        return False
-    st = os.stat(on)
-    try:
-        SLOW_CG.mkdir(exist_ok=True)
-        (SLOW_CG / "blkio.throttle.write_iops_device").write_text(
-            f"{os.major(st.st_dev)}:{os.minor(st.st_dev)} {iops}")
-        (SLOW_CG / "cgroup.procs").write_text(str(pid))
-    except OSError:
-        return False
-    return True
-
-
-def _unthrottle() -> None:
-    for _ in range(50):
-        try:
-            SLOW_CG.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.1)  # the killed worker is still leaving
+    assert resubmitted > 0, f"no kill in {KILL_TRIES} left a request in flight to redo"
 
 
 def test_detach_timeout_leaves_consistent_state_then_retry(ctx):
