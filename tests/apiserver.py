@@ -17,6 +17,36 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 
 
+def wait_for(pred, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
+    """PRED's first true value, polled every INTERVAL s; AssertionError naming
+    WHAT after TIMEOUT s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_inflight(stats_file: str | os.PathLike, timeout: float) -> int:
+    """Requests in flight in an export worker, from its stats block, polled
+    until nonzero or TIMEOUT s; 0 if none was seen."""
+    from blkserve import stats as bstats
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            n = sum(q.inflight for q in bstats.read(str(stats_file)).queues)
+        except bstats.StatsError:
+            n = 0
+        if n:
+            return n
+        time.sleep(0.001)
+    return 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

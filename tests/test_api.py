@@ -18,16 +18,15 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 try:
-    from .apiserver import REPO, ApiServer, worker_pids
+    from .apiserver import REPO, ApiServer, wait_for, worker_pids
 except ImportError:
-    from apiserver import REPO, ApiServer, worker_pids
+    from apiserver import REPO, ApiServer, wait_for, worker_pids
 
 MiB = 1 << 20
 VOL_SIZE = 16 * MiB
@@ -61,17 +60,6 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return data[data.rfind(b")") + 2:][:1] not in (b"Z", b"X")
-
-
-def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def is_socket(path: str) -> bool:

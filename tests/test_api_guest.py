@@ -15,18 +15,15 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from blkserve import stats as bstats
-
 try:
     from . import guest as g
-    from .apiserver import ApiServer, worker_pids
+    from .apiserver import ApiServer, wait_inflight, worker_pids
 except ImportError:
     import guest as g
-    from apiserver import ApiServer, worker_pids
+    from apiserver import ApiServer, wait_inflight, worker_pids
 
 MiB = 1 << 20
 VOL1_SIZE = 256 * MiB
@@ -202,21 +199,6 @@ def test_online_grow_seen_by_guest(ctx):
 KILL_TRIES = 10
 
 
-def _inflight(stats_file: Path, timeout: float) -> int:
-    """Requests in flight in the worker (its stats block), polled until
-    nonzero or TIMEOUT; 0 if none was seen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            n = sum(q.inflight for q in bstats.read(str(stats_file)).queues)
-        except bstats.StatsError:
-            n = 0
-        if n:
-            return n
-        time.sleep(0.001)
-    return 0
-
-
 def test_worker_kill9_mid_fio_guest_sees_no_error(ctx):
     """kill -9 of the export worker while the guest's fio verify runs with
     requests in flight (its stats block says so first): the supervisor
@@ -242,7 +224,7 @@ def test_worker_kill9_mid_fio_guest_sees_no_error(ctx):
             f"--randrepeat=0 > /tmp/k.out 2>&1; echo fio-rc=$? >> /tmp/k.out' "
             f"> /dev/null 2>&1 < /dev/null")
         old = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
-        assert _inflight(stats_file, 60), f"attempt {attempt}: no request ever in flight"
+        assert wait_inflight(stats_file, 60), f"attempt {attempt}: no request ever in flight"
         log_from = log_path.stat().st_size
         os.kill(old["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 30

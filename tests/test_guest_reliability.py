@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from blkserve import stats as bstats
-
 try:
     from . import guest as g
+    from .apiserver import wait_inflight
 except ImportError:
     import guest as g
+    from apiserver import wait_inflight
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -103,21 +103,6 @@ def _engine(vm) -> str:
 KILL_ROUNDS = 20
 
 
-def _wait_inflight(path: Path, timeout: float) -> int:
-    """Poll the export's stats block until a request is in flight; the
-    number seen (0 if none within timeout)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            n = sum(q.inflight for q in bstats.read(str(path)).queues)
-        except bstats.StatsError:
-            n = 0
-        if n:
-            return n
-        time.sleep(0.001)
-    return 0
-
-
 @pytest.mark.parametrize("dev", ["vda", "vdc"], ids=["split", "packed"])
 def test_standalone_export_kill9_restart_guest_sees_no_error(setup, dev):
     """kill -9 with requests in flight and a new export at once, 20 times in
@@ -140,7 +125,7 @@ def test_standalone_export_kill9_restart_guest_sees_no_error(setup, dev):
             f"echo fio-rc=$? >> /tmp/k.out' > /dev/null 2>&1 < /dev/null")
         old = ex.procs[name]
         # the precondition: requests really in flight in this export
-        seen = _wait_inflight(ex.stats_path(name), 60)
+        seen = wait_inflight(ex.stats_path(name), 60)
         assert seen, f"round {rnd}: no request ever in flight\n{old.log()[-2000:]}"
         old.proc.send_signal(signal.SIGKILL)
         old.proc.wait()

@@ -32,7 +32,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tracefs  # noqa: E402
 import vhost_client as vc  # noqa: E402
-from apiserver import ApiServer, worker_pids  # noqa: E402
+from apiserver import ApiServer, wait_for, worker_pids  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from test_export import start_export, stop_export  # noqa: E402
 
@@ -47,17 +47,6 @@ def ok(r: httpx.Response, status: int = 200):
     assert r.status_code == status, f"{r.request.method} {r.request.url.path} -> " \
                                     f"{r.status_code}: {r.text}"
     return r.json() if r.content else None
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def running(pid: int) -> bool:

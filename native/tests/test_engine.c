@@ -181,6 +181,17 @@ static struct bs_vring_used_elem used_at(struct drv *d, uint16_t i)
     return d->vr.used->ring[i % QSZ];
 }
 
+/* Poll the queue's stats until it is broken (or 2 s pass); the last read
+ * is left in *s. */
+static void wait_broken(bs_queue *q, struct bs_queue_stats *s)
+{
+    bs_queue_get_stats(q, s);
+    for (int i = 0; i < 2000 && !s->broken; i++) {
+        usleep(1000);
+        bs_queue_get_stats(q, s);
+    }
+}
+
 static uint64_t hist_total(const uint64_t *h)
 {
     uint64_t n = 0;
@@ -324,10 +335,7 @@ static void test_errors(void)
     /* A head index beyond the ring marks the queue broken, nothing else. */
     publish(&d, QSZ + 1);
     kick(&d);
-    for (int i = 0; i < 1000 && !s.broken; i++) {
-        usleep(1000);
-        bs_queue_get_stats(d.q, &s);
-    }
+    wait_broken(d.q, &s);
     CHECK(s.broken == 1);
     drv_fini(&d);
 }
@@ -365,10 +373,7 @@ static void test_unlocatable_status_breaks_queue(void)
         publish(&d, h);
         kick(&d);
         struct bs_queue_stats s = { 0 };
-        for (int i = 0; i < 2000 && !s.broken; i++) {
-            usleep(1000);
-            bs_queue_get_stats(d.q, &s);
-        }
+        wait_broken(d.q, &s);
         CHECK(s.broken == 1 && s.bad_chains == 1);
         CHECK(__atomic_load_n(&d.vr.used->idx, __ATOMIC_ACQUIRE) == 0);
         CHECK(*(uint8_t *)gp(&d, st) == 0xff);
@@ -545,10 +550,7 @@ static void test_guest_ram_truncated(void)
     publish(&d, h);
     kick(&d);
     struct bs_queue_stats s = { 0 };
-    for (int i = 0; i < 2000 && !s.broken; i++) {
-        usleep(1000);
-        bs_queue_get_stats(d.q, &s);
-    }
+    wait_broken(d.q, &s);
     CHECK(s.broken == 1 && s.last_error == -ENXIO);
     uint32_t base = 0;
     CHECK(bs_queue_stop(d.q, &base) == 0);
@@ -1101,10 +1103,7 @@ static void test_inflight_packed(void)
     in->slot[3].nsaved = 60000;
     in->avail_state = 30ULL << 16 | pstate(0, 1);
     CHECK(pstart(&p, stale) == 0);
-    for (int i = 0; i < 2000 && !st.broken; i++) {
-        usleep(1000);
-        bs_queue_get_stats(p.d.q, &st);
-    }
+    wait_broken(p.d.q, &st);
     CHECK(st.broken == 1 && status_of(&p.d, &h) == 0xff);
     CHECK(bs_queue_stop(p.d.q, &base) == 0);
     in->slot[3].nsaved = PQSZ;
