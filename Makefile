@@ -69,7 +69,7 @@ soak: setup
 
 # The engine's own C tests, with the same warnings as the extension.
 ENGINE_C := native/mem.c native/virtq.c native/blk.c native/core.c native/engine.c \
-	native/ring_split.c native/ring_packed.c native/blkif.c native/blkif_req.c
+	native/ring_split.c native/ring_packed.c native/vq_log.c native/blkif.c native/blkif_req.c
 build/test_engine: native/tests/test_engine.c $(NATIVE_SRC)
 	mkdir -p build
 	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_engine.c $(ENGINE_C) -luring -lpthread

@@ -45,6 +45,11 @@ class GuestMemory:
         _check(lib.bs_mem_remove(self._h, gpa, size, uva),
                f"removing guest region gpa={gpa:#x} size={size:#x}")
 
+    def set_log(self, log, size: int) -> None:
+        """Dirty logging on (LOG: a cffi pointer to SIZE bytes) or off (None)."""
+        _check(lib.bs_mem_set_log(self._h, log if log is not None else ffi.NULL, size),
+               "setting the dirty log")
+
     def __len__(self) -> int:
         return lib.bs_mem_count(self._h)
 

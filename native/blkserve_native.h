@@ -126,6 +126,14 @@ int bs_mem_remove(bs_mem *m, uint64_t gpa, uint64_t size, uint64_t uva);
 int bs_mem_count(bs_mem *m);
 /* -EBUSY while a running queue still uses the table. */
 int bs_mem_free(bs_mem *m);
+/* Dirty logging for live migration (VHOST_F_LOG_ALL): while a log is set,
+ * every write the engine makes into guest memory (request data, status
+ * bytes, used rings) sets the bit of each 4 KiB guest page it touched,
+ * bit gpa / 4096 of the size-byte bitmap at log, atomically (the frontend
+ * clears bits as it copies pages).  NULL stops logging.  May be called
+ * while queues run: the caller keeps an old bitmap mapped until every
+ * queue of this table has stopped once.  -EINVAL: size 0 with a log. */
+int bs_mem_set_log(bs_mem *m, void *log, uint64_t size);
 
 /* ---- backing target ---- */
 void bs_get_limits(struct bs_limits *out);

@@ -300,6 +300,12 @@ void bs_core_start(struct bs_core *c, struct bs_io *io)
     io->done = 0;
     io->cur = 0;
     io->fallback = 0;
+    io->log_first = io->req.iov_first;
+    io->log_count = io->req.iov_count;
+    if (io->req.iov_count) {
+        io->log_base = io->chain.iov[io->req.iov_first].iov_base;
+        io->log_len = io->chain.iov[io->req.iov_first].iov_len;
+    }
     BS_PROBE(request_start, t->serial, U64(c->index), U64(stat_op(&io->req)),
              U64(io->req.offset >> 9), U64(io->req.len), io);
     if (io->req.op == BS_OP_NONE) {

@@ -65,6 +65,10 @@ static void slot_done(struct bs_core *c, struct bs_io *io, uint8_t status)
     struct slot *s = SLOT(io);
     /* safe: status_ptr was derived from a checked writable descriptor */
     *io->req.status_ptr = status;
+    if (__builtin_expect(__atomic_load_n(&q->mem->log, __ATOMIC_ACQUIRE) != NULL, 0)) {
+        bs_q_log_request(q, io);
+        bs_log_write(q->mem, io->req.status_ptr, 1);
+    }
     push_used(q, s, status == BS_BLK_S_OK ? io->req.used_len : 1);
     bs_q_slot_put(q, s);
 }
@@ -87,6 +91,7 @@ int bs_q_start_request(struct bs_queue *q, struct slot *s, int ret)
         if (ret && s->io.chain.fault_status) {
             /* safe: fault_status was checked inside guest memory by the walk */
             *s->io.chain.fault_status = BS_BLK_S_IOERR;
+            bs_log_write(q->mem, s->io.chain.fault_status, 1);
             push_used(q, s, 1);
             bs_q_slot_put(q, s);
             return 0;
@@ -141,12 +146,15 @@ static void publish_used(struct bs_queue *q)
     uint16_t now = q->used_idx;
     int notify;
 
-    if (now == q->published && q->signalled_valid)
+    if (now == q->published && q->signalled_valid) {
+        bs_q_log_rings(q);       /* an avail_event the drain wrote */
         return;
+    }
     if (!q->vr.packed)
         bs_split_publish(q, now);
     else if (q->pfirst_pos >= 0)
         bs_packed_publish(q);
+    bs_q_log_rings(q);
     q->published = now;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (q->vr.packed)

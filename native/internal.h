@@ -40,12 +40,33 @@ struct bs_region {
     size_t map_len;
 };
 
+/* A dirty log (bs_mem_set_log): replaced whole, never changed in place,
+ * so a queue thread reads a consistent pointer and size. */
+struct bs_log {
+    uint8_t *bits;
+    uint64_t size;           /* bytes */
+    struct bs_log *retired;  /* older logs, freed with the table */
+};
+
 struct bs_mem {
     int nregions;
     int users;             /* running queues using this table (atomic) */
     int faulted;           /* a region's fd shrank under us (SIGBUS, atomic) */
+    struct bs_log *log;    /* dirty logging on (atomic pointer), or NULL */
+    struct bs_log *retired;
     struct bs_region r[BS_MAX_REGIONS];
 };
+
+/* Mark the guest pages under host range [p, p+len) dirty if logging is on
+ * (the common case, off, costs one load and a branch). */
+void bs_log_write_slow(const struct bs_log *lg, const struct bs_mem *m, const void *p,
+                       uint64_t len);
+static inline void bs_log_write(const struct bs_mem *m, const void *p, uint64_t len)
+{
+    const struct bs_log *lg = __atomic_load_n(&m->log, __ATOMIC_ACQUIRE);
+    if (__builtin_expect(lg != NULL, 0))
+        bs_log_write_slow(lg, m, p, len);
+}
 
 /* Register [start, start+len), a mapping of a file the frontend can
  * shrink: a SIGBUS inside it is absorbed (an anonymous page replaces the
@@ -314,6 +335,11 @@ struct bs_io {
     uint64_t t_pop;          /* CLOCK_MONOTONIC ns when the request was popped */
     int sync_res;            /* sync_io: the operation's result ... */
     struct bs_io *sync_next; /* ... queued for completion like a CQE */
+    /* the data iovecs as they were at start (short I/O consumes them): what
+     * a dirty log must mark once the device has written them */
+    int log_first, log_count;
+    void *log_base;          /* iov[log_first] before any was consumed */
+    size_t log_len;
 };
 
 struct bs_core;

@@ -191,12 +191,77 @@ int bs_mem_count(bs_mem *m)
     return m->nregions;
 }
 
+static void free_logs(struct bs_log *lg)
+{
+    while (lg) {
+        struct bs_log *next = lg->retired;
+        free(lg);
+        lg = next;
+    }
+}
+
+int bs_mem_set_log(bs_mem *m, void *log, uint64_t size)
+{
+    struct bs_log *lg = NULL;
+    if (log) {
+        if (size == 0)
+            return -EINVAL;
+        lg = calloc(1, sizeof(*lg));
+        if (!lg)
+            return -ENOMEM;
+        lg->bits = log;
+        lg->size = size;
+    }
+    struct bs_log *old = __atomic_exchange_n(&m->log, lg, __ATOMIC_ACQ_REL);
+    if (old) {
+        /* a queue thread may still hold it: kept until no queue runs */
+        old->retired = m->retired;
+        m->retired = old;
+    }
+    if (__atomic_load_n(&m->users, __ATOMIC_ACQUIRE) == 0) {
+        free_logs(m->retired);
+        m->retired = NULL;
+    }
+    return 0;
+}
+
+void bs_log_write_slow(const struct bs_log *lg, const struct bs_mem *m, const void *p,
+                       uint64_t len)
+{
+    uintptr_t a = (uintptr_t)p;
+    while (len > 0) {
+        const struct bs_region *hit = NULL;
+        for (int i = 0; i < m->nregions; i++) {
+            uintptr_t h = (uintptr_t)m->r[i].hva;
+            if (a >= h && a - h < m->r[i].size) {
+                hit = &m->r[i];
+                break;
+            }
+        }
+        if (!hit)
+            return;     /* not guest memory: nothing the frontend migrates */
+        uint64_t off = a - (uintptr_t)hit->hva;
+        uint64_t n = hit->size - off < len ? hit->size - off : len;
+        uint64_t first = (hit->gpa + off) / 4096, last = (hit->gpa + off + n - 1) / 4096;
+        for (uint64_t pg = first; pg <= last; pg++) {
+            /* safe: a page past the log (a log too small) is not marked */
+            if (pg / 8 >= lg->size)
+                break;
+            __atomic_fetch_or(&lg->bits[pg / 8], (uint8_t)(1u << (pg % 8)), __ATOMIC_RELAXED);
+        }
+        a += n;
+        len -= n;
+    }
+}
+
 int bs_mem_free(bs_mem *m)
 {
     if (!m)
         return 0;
     if (__atomic_load_n(&m->users, __ATOMIC_ACQUIRE) > 0)
         return -EBUSY;
+    free_logs(__atomic_load_n(&m->log, __ATOMIC_ACQUIRE));
+    free_logs(m->retired);
     for (int i = 0; i < m->nregions; i++) {
         bs_guard_remove(m->r[i].map_base);
         munmap(m->r[i].map_base, m->r[i].map_len);

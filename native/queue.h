@@ -142,6 +142,10 @@ static inline uint32_t bs_q_nslots(uint32_t num)
     return num < BS_MAX_SLOTS ? num : BS_MAX_SLOTS;
 }
 
+/* vq_log.c: dirty logging (mem->log set) */
+void bs_q_log_request(struct bs_queue *q, const struct bs_io *io);
+void bs_q_log_rings(struct bs_queue *q);
+
 /* engine.c */
 int bs_q_start_request(struct bs_queue *q, struct slot *s, int ret);
 void bs_q_sync_progress(struct bs_queue *q);

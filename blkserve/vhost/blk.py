@@ -52,6 +52,7 @@ class BlkDeviceModel:
             Feature.BLK_CONFIG_WCE,
             Feature.BLK_MQ,
             Feature.RING_PACKED,
+            Feature.LOG_ALL,
         )
         if self.read_only:
             f |= bits(Feature.BLK_RO)
@@ -63,7 +64,8 @@ class BlkDeviceModel:
     def protocol_features(self) -> int:
         return bits(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
                     ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.BACKEND_REQ,
-                    ProtocolFeature.RESET_DEVICE, ProtocolFeature.INFLIGHT_SHMFD)
+                    ProtocolFeature.RESET_DEVICE, ProtocolFeature.INFLIGHT_SHMFD,
+                    ProtocolFeature.LOG_SHMFD)
 
     def config(self, writeback: bool | None = None) -> bytes:
         if writeback is None:

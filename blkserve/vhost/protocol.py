@@ -79,6 +79,7 @@ class Feature(enum.IntEnum):
     BLK_MQ = 12
     BLK_DISCARD = 13
     BLK_WRITE_ZEROES = 14
+    LOG_ALL = 26  # VHOST_F_LOG_ALL: dirty logging for live migration
     RING_INDIRECT_DESC = 28
     RING_EVENT_IDX = 29
     PROTOCOL_FEATURES = 30  # VHOST_USER_F_PROTOCOL_FEATURES
@@ -208,6 +209,9 @@ SPECS: dict[int, Spec] = {
     Req.GET_CONFIG: Spec(None, 0, reply=True),
     Req.SET_CONFIG: Spec(None, 0),
     Req.SET_BACKEND_REQ_FD: Spec(0, 1),
+    Req.SET_LOG_BASE: Spec(16, 1, reply=True),
+    # no payload in QEMU's and libvhost-user's use; a u64 in older texts
+    Req.SET_LOG_FD: Spec(None, 1),
     Req.GET_MAX_MEM_SLOTS: Spec(0, 0, reply=True),
     Req.ADD_MEM_REG: Spec(40, 1),
     # QEMU sends REM_MEM_REG without an fd; the spec's text has one: take either.
@@ -251,6 +255,26 @@ def decode_inflight(payload: bytes) -> tuple[int, int, int, int]:
 
 def pack_inflight(mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int) -> bytes:
     return INFLIGHT.pack(mmap_size, mmap_offset, num_queues, queue_size) + bytes(4)
+
+LOG_PAGE = 4096  # one bit of the dirty log per guest page of this size
+VRING_F_LOG = 1  # SET_VRING_ADDR flags: log used-ring writes at log_guest_addr
+
+
+def decode_log(payload: bytes) -> tuple[int, int]:
+    """SET_LOG_BASE: (mmap_size, mmap_offset) of the log in its fd."""
+    size, offset = struct.unpack("<QQ", payload)
+    if size == 0 or size > 1 << 40:
+        raise ProtocolError(f"dirty log of {size} bytes: out of range")
+    if offset + size > 1 << 62:
+        raise ProtocolError(f"dirty log at offset {offset:#x}: out of range")
+    return size, offset
+
+
+def log_bytes_for(end_gpa: int) -> int:
+    """Bytes of dirty log that cover guest memory up to END_GPA."""
+    pages = (end_gpa + LOG_PAGE - 1) // LOG_PAGE
+    return (pages + 7) // 8
+
 
 def decode_u64(payload: bytes) -> int:
     if len(payload) != 8:

@@ -64,6 +64,7 @@ class Session:
         self.features = 0
         self.protocol_features = 0
         self.mem: GuestMemory | None = None
+        self.mem_end = 0  # guest memory's highest address + 1 (dirty log coverage)
         self.handlers: dict[int, Callable] = {
             Req.GET_FEATURES: self.get_features,
             Req.SET_FEATURES: self.set_features,
@@ -90,7 +91,16 @@ class Session:
             Req.RESET_DEVICE: self.reset_device,
             Req.GET_INFLIGHT_FD: self.get_inflight_fd,
             Req.SET_INFLIGHT_FD: self.set_inflight_fd,
+            Req.SET_LOG_BASE: self.set_log_base,
+            Req.SET_LOG_FD: self.set_log_fd,
         }
+        # the frontend's dirty log (live migration): mapped at SET_LOG_BASE,
+        # handed to the engine while VHOST_F_LOG_ALL is negotiated; replaced
+        # maps stay mapped until no queue can still be writing to them
+        self.log: mmap.mmap | None = None
+        self._log_view = None
+        self._log_size = 0
+        self._old_logs: list[mmap.mmap] = []
         self.inflight: mmap.mmap | None = None  # the frontend's inflight region
         self._inflight_buf = None
         self.reply_fds: list[int] = []  # fds to send with the next reply
@@ -178,6 +188,78 @@ class Session:
             self.mem = None
         self.backend_fd = _replace_fd(self.backend_fd, None)
         self._drop_inflight()
+        self._log_view = None
+        for m in [*self._old_logs, *([self.log] if self.log is not None else [])]:
+            m.close()
+        self.log = None
+        self._old_logs.clear()
+
+    @property
+    def logging(self) -> bool:
+        return bool(self.features & p.bits(Feature.LOG_ALL))
+
+    def _apply_log(self) -> None:
+        """Hand the engine the dirty log while LOG_ALL is on, else none."""
+        if self.mem is None:
+            return
+        if self.logging and self.log is not None:
+            self.mem.set_log(ffi.cast("void *", ffi.from_buffer(self._log_view)),
+                             self._log_size)
+        else:
+            self.mem.set_log(None, 0)
+
+    def _release_old_logs(self) -> None:
+        """Unmap replaced logs once no queue runs (none can hold them)."""
+        if any(v.started for v in self.vrings):
+            return
+        for m in self._old_logs:
+            m.close()
+        self._old_logs.clear()
+
+    def _check_log_covers(self, size: int) -> None:
+        if self.mem is not None and self.mem_end and size < p.log_bytes_for(self.mem_end):
+            raise ProtocolError(f"dirty log of {size} bytes is too small for guest memory "
+                                f"up to {self.mem_end:#x} (needs "
+                                f"{p.log_bytes_for(self.mem_end)})")
+
+    async def set_log_base(self, payload: bytes, fds: list[int]) -> bytes:
+        """VHOST_USER_SET_LOG_BASE: map the frontend's dirty-log bitmap (an fd
+        with LOG_SHMFD), check it covers guest memory; acked with 0."""
+        if not self.protocol_features & p.bits(p.ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without VHOST_USER_PROTOCOL_F_LOG_SHMFD")
+        size, offset = p.decode_log(payload)
+        fd = fds.pop()
+        try:
+            st = os.fstat(fd)
+            if st.st_size < offset + size:
+                raise ProtocolError(f"dirty log fd of {st.st_size} bytes is smaller than the "
+                                    f"log it announces ({size} bytes at {offset:#x})")
+            self._check_log_covers(size)
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            try:
+                m = mmap.mmap(fd, size + offset - base, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+            except (OSError, ValueError) as e:
+                raise ProtocolError(f"cannot map the dirty log: {e}") from None
+        finally:
+            os.close(fd)
+        if self.log is not None:
+            self._old_logs.append(self.log)
+        self.log = m
+        self._log_view = memoryview(m)[offset - base:offset - base + size]
+        self._log_size = size
+        self._apply_log()
+        self._release_old_logs()
+        log.info("dirty log: %d bytes (guest pages up to %#x)", size,
+                 size * 8 * p.LOG_PAGE)
+        return p.pack_u64(0)
+
+    async def set_log_fd(self, payload: bytes, fds: list[int]) -> None:
+        """VHOST_USER_SET_LOG_FD: an eventfd to signal log updates on; this
+        backend marks the shared log only and never needs it."""
+        if len(payload) not in (0, 8):
+            raise ProtocolError(f"SET_LOG_FD: payload is {len(payload)} bytes")
+        os.close(fds.pop())
 
     def _drop_inflight(self) -> None:
         if self.inflight is None:
@@ -214,7 +296,12 @@ class Session:
         extra = value & ~self.model.features
         if extra:
             raise ProtocolError(f"frontend acked features never offered: {extra:#x}")
+        was = self.logging
         self.features = value
+        if self.logging != was:
+            # live migration starts or ends: no ring restarts for it
+            self._apply_log()
+            log.info("dirty logging %s", "on" if self.logging else "off")
 
     async def set_owner(self, payload: bytes, fds: list[int]) -> None:
         return None
@@ -253,6 +340,7 @@ class Session:
 
     async def _stop_all(self) -> None:
         await self._stop_every()
+        self._release_old_logs()
 
     def _start_all(self) -> None:
         for i in range(len(self.vrings)):
@@ -273,6 +361,8 @@ class Session:
         if self.mem is not None:
             self.mem.close()
         self.mem = mem
+        self.mem_end = max((r.gpa + r.size for r in regions), default=0)
+        self._apply_log()
         log.info("memory table: %d region(s), %d MiB", len(regions),
                  sum(r.size for r in regions) >> 20)
         self._start_all()
@@ -291,6 +381,8 @@ class Session:
             self.mem.add(fds[0], r.gpa, r.size, r.uva, r.mmap_offset)
         except OSError as e:
             raise ProtocolError(f"memory region rejected: {e.strerror}") from None
+        self.mem_end = max(self.mem_end, r.gpa + r.size)
+        self._apply_log()
         log.info("memory region added: gpa %#x, %d MiB (%d slot(s) in use)", r.gpa,
                  r.size >> 20, len(self.mem))
         self._start_all()
@@ -322,6 +414,16 @@ class Session:
     async def set_vring_addr(self, payload: bytes, fds: list[int]) -> None:
         addr = p.decode_vring_addr(payload)
         v = self._vring(addr.index)
+        if addr.flags & ~p.VRING_F_LOG:
+            raise ProtocolError(f"queue {addr.index}: unknown vring address flags "
+                                f"{addr.flags:#x}")
+        if v.started and v.addr is not None and (addr.desc, addr.used, addr.avail) == \
+                (v.addr.desc, v.addr.used, v.addr.avail):
+            # only the log flag / log_guest_addr changed (a migration starts
+            # or ends): the engine marks used-ring pages through its memory
+            # table, so the running ring needs no restart
+            v.addr = addr
+            return
         await self._stop(addr.index)
         v.addr = addr
         self._maybe_start(addr.index)

@@ -1,0 +1,35 @@
+/* Dirty logging in the virtqueue transport (live migration, VHOST_F_LOG_ALL):
+ * what the device wrote into guest memory, marked in the frontend's log
+ * after the write and before the used entry that makes it visible
+ * (mem.c keeps the log and turns host addresses into guest pages). */
+#include "queue.h"
+
+/* Dirty logging: the guest memory a finished request made the device
+ * write (read data, the GET_ID serial), before its used entry is pushed. */
+void bs_q_log_request(struct bs_queue *q, const struct bs_io *io)
+{
+    const struct bs_chain *c = &io->chain;
+    if (io->req.type == BS_BLK_T_GET_ID) {
+        for (int i = c->nout; i < c->niov; i++)
+            bs_log_write(q->mem, c->iov[i].iov_base, c->iov[i].iov_len);
+    } else if (io->req.op == BS_OP_READ && io->log_count) {
+        bs_log_write(q->mem, io->log_base, io->log_len);
+        for (int i = io->log_first + 1; i < io->log_first + io->log_count; i++)
+            bs_log_write(q->mem, c->iov[i].iov_base, c->iov[i].iov_len);
+    }
+}
+
+/* Dirty logging: the ring memory the device writes (split: the used ring
+ * with avail_event; packed: the descriptors written back and the device
+ * event area), marked after the writes. */
+void bs_q_log_rings(struct bs_queue *q)
+{
+    if (__builtin_expect(__atomic_load_n(&q->mem->log, __ATOMIC_ACQUIRE) == NULL, 1))
+        return;
+    if (q->vr.packed) {
+        bs_log_write(q->mem, q->vr.pdesc, sizeof(struct bs_pdesc) * q->vr.num);
+        bs_log_write(q->mem, q->vr.device_evt, sizeof(struct bs_pevent));
+    } else {
+        bs_log_write(q->mem, q->vr.used, 4 + 8ULL * q->vr.num + 2);
+    }
+}

@@ -1,0 +1,172 @@
+"""Dirty logging for live migration (VHOST_F_LOG_ALL, LOG_SHMFD), against a
+real `blkserve export` driven by tests/vhost_client.py as QEMU drives it:
+SET_FEATURES with LOG_ALL, SET_LOG_BASE with the log's memfd (acked), and
+the backend's writes into guest memory show up in the log; malformed log
+messages end the connection, never the export."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vhost_client as vc  # noqa: E402
+from test_export import start_export, stop_export  # noqa: E402
+
+PAGE = 4096
+MEM = 16 << 20  # vhost_client's default guest RAM
+LOG_BYTES = MEM // PAGE // 8
+
+
+@pytest.fixture
+def export(tmp_path):
+    e = start_export(tmp_path, "--queues", "1")
+    yield e
+    assert stop_export(e) == 0, e.logtext()
+
+
+def _device(export, log_shmfd: bool = True) -> vc.BlkDevice:
+    want = vc.BlkDevice.WANTED_PROTOCOL_FEATURES
+    if log_shmfd:
+        want |= vc.bit(vc.PROTOCOL_F_LOG_SHMFD)
+    return export.device(queues=1, mem_size=MEM, protocol_features=want)
+
+
+def _log_fd(size: int) -> int:
+    fd = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _set_log_base(d: vc.BlkDevice, fd: int, size: int, offset: int = 0):
+    d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", size, offset), fds=(fd,))
+    return d.client.recv_msg()
+
+
+def _request(d: vc.BlkDevice, type_: int, data_len: int) -> tuple[int, int, int]:
+    """One request whose data buffer has pages of its own (the status byte
+    and the rings live elsewhere): (data gpa, status gpa, used len)."""
+    vq = d.vqs[0]
+    hdr = d.mem.alloc(16)
+    d.mem.write(hdr, vc.blk_header(type_, 0))
+    st = d.mem.alloc(1)
+    d.mem.write(st, b"\xff")
+    data = d.mem.alloc(data_len + PAGE, align=PAGE)
+    if type_ == vc.BLK_T_OUT:
+        d.mem.write(data, os.urandom(data_len))
+    a, b, c = vq.alloc_descs(3)
+    dflag = vc.VRING_DESC_F_WRITE if type_ == vc.BLK_T_IN else 0
+    vq.add_raw_descriptors([
+        (a, hdr, 16, vc.VRING_DESC_F_NEXT, b),
+        (b, data, data_len, vc.VRING_DESC_F_NEXT | dflag, c),
+        (c, st, 1, vc.VRING_DESC_F_WRITE, 0),
+    ], head=a)
+    vq.kick()
+    (_, used_len), = vq.wait_used(1)
+    assert d.mem.read(st, 1) == bytes([vc.BLK_S_OK])
+    return data, st, used_len
+
+
+def _bit(log: bytes, gpa: int) -> bool:
+    return bool(log[gpa // PAGE // 8] >> (gpa // PAGE % 8) & 1)
+
+
+def test_backend_writes_are_marked_in_the_dirty_log(export):
+    d = _device(export)
+    fd = _log_fd(LOG_BYTES)
+    try:
+        assert d.offered_features & vc.bit(vc.F_LOG_ALL)
+        assert d.offered_protocol_features & vc.bit(vc.PROTOCOL_F_LOG_SHMFD)
+        # what QEMU does when a migration starts: LOG_ALL on, then the log
+        d.client.set_features(d.features | vc.bit(vc.F_LOG_ALL))
+        reply = _set_log_base(d, fd, LOG_BYTES)
+        assert reply.request == vc.SET_LOG_BASE and reply.payload == vc.pack_u64(0)
+        # a write: the device only reads its data pages
+        data, st, _ = _request(d, vc.BLK_T_OUT, 2 * PAGE)
+        log = os.pread(fd, LOG_BYTES, 0)
+        assert not _bit(log, data) and not _bit(log, data + PAGE), "write data marked"
+        assert _bit(log, st), "status byte not marked"
+        assert _bit(log, d.vqs[0].used_gpa), "used ring not marked"
+        os.pwrite(fd, bytes(LOG_BYTES), 0)  # the frontend clears what it copied
+        data, st, used_len = _request(d, vc.BLK_T_IN, 2 * PAGE)
+        assert used_len == 2 * PAGE + 1
+        log = os.pread(fd, LOG_BYTES, 0)
+        assert _bit(log, data) and _bit(log, data + 2 * PAGE - 1), "read data not marked"
+        assert _bit(log, st) and _bit(log, d.vqs[0].used_gpa)
+        # migration over: LOG_ALL off, nothing is marked any more
+        d.client.set_features(d.features)
+        os.pwrite(fd, bytes(LOG_BYTES), 0)
+        _request(d, vc.BLK_T_IN, PAGE)
+        assert os.pread(fd, LOG_BYTES, 0) == bytes(LOG_BYTES)
+    finally:
+        os.close(fd)
+        d.close()
+
+
+def _without_shmfd(d, fd):
+    d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES, 0), fds=(fd,))
+
+
+def _size_zero(d, fd):
+    d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", 0, 0), fds=(fd,))
+
+
+def _fd_too_small(d, fd):
+    os.ftruncate(fd, LOG_BYTES // 2)
+    d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES, 0), fds=(fd,))
+
+
+def _offset_past_fd(d, fd):
+    d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES, 1 << 40), fds=(fd,))
+
+
+def _size_overflows(d, fd):
+    d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES, 2**64 - 4096), fds=(fd,))
+
+
+def _too_small_for_memory(d, fd):
+    d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES // 4, 0), fds=(fd,))
+
+
+def _no_fd(d, fd):
+    d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES, 0))
+
+
+def _bad_vring_flags(d, fd):
+    vq = d.vqs[0]
+    d.client.send(vc.SET_VRING_ADDR, vc.pack_vring_addr(
+        0, vq.desc_uva, vq.used_uva, vq.avail_uva, flags=0x2))
+
+
+MALFORMED_LOG = {
+    "without_log_shmfd": _without_shmfd,
+    "size_zero": _size_zero,
+    "fd_smaller_than_the_log": _fd_too_small,
+    "offset_past_the_fd": _offset_past_fd,
+    "offset_plus_size_overflows": _size_overflows,
+    "log_too_small_for_guest_memory": _too_small_for_memory,
+    "no_fd": _no_fd,
+    "unknown_vring_address_flag": _bad_vring_flags,
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_LOG))
+def test_malformed_log_messages_end_the_connection_not_the_export(export, case):
+    d = _device(export, log_shmfd=case != "without_log_shmfd")
+    fd = _log_fd(LOG_BYTES)
+    try:
+        MALFORMED_LOG[case](d, fd)
+        assert d.client.wait_disconnect(5.0), f"{case}: the backend kept the connection"
+    finally:
+        os.close(fd)
+        d.close()
+    assert export.alive(), export.logtext()
+    d2 = export.device(queues=1)
+    try:
+        assert d2.read(0, 512)[0] == vc.BLK_S_OK
+    finally:
+        d2.close()
