@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,33 @@ def test_malformed_log_messages_end_the_connection_not_the_export(export, case):
         assert d2.read(0, 512)[0] == vc.BLK_S_OK
     finally:
         d2.close()
+
+
+def test_two_exports_of_one_backing_never_run_rings_at_once(export, tmp_path):
+    """A second export of a backing starts (that is how a migration's
+    destination is prepared), but its rings are refused with a clear error
+    while the first export's run; once those stopped (the source QEMU let
+    go), the second serves, and sees what the first wrote."""
+    (tmp_path / "second").mkdir()
+    second = start_export(tmp_path / "second", "--queues", "1",
+                          backing=str(tmp_path / "disk.img"))
+    try:
+        d1 = export.device(queues=1)
+        blob = os.urandom(4096)
+        assert d1.write(8, blob) == vc.BLK_S_OK
+        with pytest.raises((vc.VhostError, OSError, TimeoutError)):
+            second.device(queues=1, connect_retry=0)
+        assert second.alive()
+        deadline = time.monotonic() + 5
+        while "the backing is in use" not in second.logtext():
+            assert time.monotonic() < deadline, second.logtext()
+            time.sleep(0.05)
+        d1.close()  # the source lets go: its rings stop, its lock goes
+        d2 = second.device(queues=1)
+        try:
+            status, data = d2.read(8, 4096)
+            assert status == vc.BLK_S_OK and data == blob
+        finally:
+            d2.close()
+    finally:
+        assert stop_export(second) == 0, second.logtext()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -47,6 +49,15 @@ def _replace_fd(old: int | None, new: int | None) -> int | None:
     if old is not None:
         os.close(old)
     return new
+
+
+FLOCK = struct.Struct("hhxxxxqqi4x")  # struct flock on x86-64 / arm64 Linux
+
+
+def _ofd_lock(fd: int, kind: int) -> None:
+    """A whole-file open-file-description lock (F_OFD_SETLK): KIND is
+    F_RDLCK, F_WRLCK or F_UNLCK; BlockingIOError if another holds it."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, FLOCK.pack(kind, 0, 0, 0, 0))
 
 
 class Session:
@@ -101,6 +112,7 @@ class Session:
         self._log_view = None
         self._log_size = 0
         self._old_logs: list[mmap.mmap] = []
+        self._backing_locked = False  # an OFD lock while any ring runs
         self.inflight: mmap.mmap | None = None  # the frontend's inflight region
         self._inflight_buf = None
         self.reply_fds: list[int] = []  # fds to send with the next reply
@@ -133,6 +145,7 @@ class Session:
         if v.started:
             v.base = await asyncio.to_thread(self.queues[i].stop)
             v.started = False
+            self._unlock_backing()
 
     async def _stop_every(self) -> None:
         """Stop all running queues at once, each in a thread of its own: each
@@ -154,6 +167,7 @@ class Session:
                 raise base
             self.vrings[i].base = base
             self.vrings[i].started = False
+        self._unlock_backing()
 
     def _maybe_start(self, i: int) -> None:
         v = self.vrings[i]
@@ -171,9 +185,11 @@ class Session:
             event_idx=bool(self.features & p.bits(Feature.RING_EVENT_IDX)),
             packed=self.packed,
         )
+        self._lock_backing()
         try:
             self.queues[i].start(self.mem, vc)
         except OSError as e:
+            self._unlock_backing()
             raise ProtocolError(f"queue {i} cannot start: {e.strerror}") from None
         v.started = True
         log.debug("queue %d started (size %d, base %d)", i, v.num, v.base)
@@ -260,6 +276,31 @@ class Session:
         if len(payload) not in (0, 8):
             raise ProtocolError(f"SET_LOG_FD: payload is {len(payload)} bytes")
         os.close(fds.pop())
+
+    def _lock_backing(self) -> None:
+        """The first ring to start takes an OFD lock on the backing (a read
+        lock for a read-only export), the last to stop drops it: two
+        frontends never run rings on one backing at once.  A second export
+        of a volume may start (a migration's destination is prepared that
+        way) but its rings wait until the source's have stopped."""
+        if self._backing_locked:
+            return
+        cfg = self.target.config
+        try:
+            _ofd_lock(cfg.fd_buffered, fcntl.F_RDLCK if cfg.read_only else fcntl.F_WRLCK)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise ProtocolError(f"cannot lock the backing: {e.strerror}") from None
+            raise ProtocolError(
+                "the backing is in use: another export runs rings on it (a second VM "
+                "on this volume, or a migration source that has not stopped its "
+                "rings yet); this connection's rings are refused") from None
+        self._backing_locked = True
+
+    def _unlock_backing(self) -> None:
+        if self._backing_locked and not any(v.started for v in self.vrings):
+            _ofd_lock(self.target.config.fd_buffered, fcntl.F_UNLCK)
+            self._backing_locked = False
 
     def _drop_inflight(self) -> None:
         if self.inflight is None:
