@@ -850,6 +850,7 @@ class StorageDaemon(BackendProcess):
         logical_block_size: int | None = None,
         log_path=None,
         extra_args: list[str] = (),
+        locking: str | None = None,
     ):
         binary = shutil.which("qemu-storage-daemon")
         if not binary:
@@ -862,6 +863,9 @@ class StorageDaemon(BackendProcess):
             list(extra_args),
         )
         self._binary = binary
+        # locking="off": a second daemon may open the same image (the two
+        # ends of a live migration each have their own export of one file)
+        self.locking = locking
         self.socket_path = Path(socket_path)
         super().__init__(
             self._argv("io_uring" if aio == "auto" else aio),
@@ -875,6 +879,8 @@ class StorageDaemon(BackendProcess):
             f"driver=file,node-name=file0,filename={_qopt(self.image)},"
             f"cache.direct={'on' if self.cache_direct else 'off'},aio={aio}"
         )
+        if self.locking:
+            blockdev += f",locking={self.locking}"
         export = (
             f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={_qopt(self.socket_path)},"
             f"writable={'on' if self.writable else 'off'},num-queues={self.num_queues}"
@@ -975,8 +981,14 @@ class Guest:
         accel: str = "tcg",
         cmdline_extra: str = "",
         machine: str = "q35",
+        incoming: str | None = None,
+        cpu: str = "max",
     ):
         self.machine = machine
+        self.cpu = cpu
+        # "unix:PATH": a live-migration destination (-incoming); start() then
+        # waits for no boot, the guest arrives with migrate() on the source
+        self.incoming = incoming
         self.qemu = shutil.which("qemu-system-x86_64")
         if not self.qemu:
             raise GuestUnavailable("qemu-system-x86_64 not installed")
@@ -1017,7 +1029,7 @@ class Guest:
             "-machine",
             self.machine,
             "-cpu",
-            "max",
+            self.cpu,
             "-m",
             self.mem,
             "-smp",
@@ -1062,6 +1074,8 @@ class Guest:
             args += ["-chardev", chardev, "-device", dev]
         for i, pid in enumerate(self.hotplug_port_ids):
             args += ["-device", f"pcie-root-port,id={pid},bus=pcie.0,chassis={i + 1},slot={i + 1}"]
+        if self.incoming:
+            args += ["-incoming", self.incoming]
         return args + self.extra_args
 
     def start(self) -> Guest:
@@ -1082,6 +1096,13 @@ class Guest:
                 target=self._read_loop, daemon=True, name="guest-serial"
             )
             self._reader.start()
+            if self.incoming:
+                # the shell (and its state) arrives with the RAM; QMP answers
+                # while QEMU waits for the migration stream
+                self.boot_time = None
+                wait_for_socket(self.qmp_path, 30, self.proc)
+                self.qmp("query-status")
+                return self
             t0 = time.monotonic()
             self._wait_for(READY_MARKER, 0, self.boot_timeout)
             self.boot_time = time.monotonic() - t0
@@ -1273,3 +1294,74 @@ class Guest:
         if self._qmp is None:
             self._qmp = QMP(self.qmp_path)
         return self._qmp.execute(command, **arguments)
+
+    # -- live migration ----------------------------------------------------
+
+    MIGRATION_DONE = ("completed", "failed", "cancelled")
+
+    def migrate(
+        self,
+        uri: str,
+        *,
+        max_bandwidth: int | None = None,
+        downtime_limit_ms: int | None = None,
+        capabilities: dict | None = None,
+    ) -> None:
+        """Start migrating to URI (a destination Guest's ``incoming``);
+        returns at once. max_bandwidth is in bytes/s; a low one makes the
+        RAM copy take several dirty-sync iterations. The destination must
+        have the identical devices (same disks, ids and props)."""
+        if capabilities:
+            self.qmp(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": k, "state": v} for k, v in capabilities.items()],
+            )
+        params = {}
+        if max_bandwidth is not None:
+            params["max-bandwidth"] = max_bandwidth
+        if downtime_limit_ms is not None:
+            params["downtime-limit"] = downtime_limit_ms
+        if params:
+            self.qmp("migrate-set-parameters", **params)
+        self.qmp("migrate", uri=uri)
+
+    def query_migrate(self) -> dict:
+        return self.qmp("query-migrate") or {}
+
+    def wait_migration(self, timeout: float = 300.0, until=None, poll: float = 0.2) -> dict:
+        """Poll query-migrate until the migration ends (completed, failed,
+        cancelled) or ``until(info)`` is true. Returns the last reply with
+        "statuses" (every status seen, in order) and "max-dirty-sync-count"
+        (RAM dirty-sync iterations seen) added."""
+        deadline = time.monotonic() + timeout
+        statuses: list[str] = []
+        syncs = 0
+        while True:
+            info = self.query_migrate()
+            status = info.get("status", "none")
+            if not statuses or statuses[-1] != status:
+                statuses.append(status)
+            syncs = max(syncs, info.get("ram", {}).get("dirty-sync-count", 0))
+            info = {**info, "statuses": statuses, "max-dirty-sync-count": syncs}
+            if status in self.MIGRATION_DONE or (until is not None and until(info)):
+                return info
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"migration not done after {timeout}s: {info}")
+            time.sleep(poll)
+
+    def migrate_cancel(self) -> None:
+        self.qmp("migrate_cancel")
+
+    def wait_running(self, timeout: float = 60.0) -> None:
+        """Wait until QEMU reports the guest running (a destination after
+        the switch-over, a source after a cancelled migration), then sync
+        with its shell."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.qmp("query-status")
+            if st.get("status") == "running":
+                break
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"guest not running after {timeout}s: {st}")
+            time.sleep(0.1)
+        self.run("true", timeout=max(5.0, deadline - time.monotonic()))
