@@ -227,9 +227,24 @@ class FakeQueue:
         return self.base
 
 
+class FakeBacking:
+    """What the session reads of its target's config: the backing fd it
+    locks while rings run (one memfd for every input: an OFD lock of its own
+    never conflicts), and whether it is read-only."""
+
+    fd = -1
+
+    def __init__(self) -> None:
+        if FakeBacking.fd < 0:
+            FakeBacking.fd = os.memfd_create("fuzz-backing", os.MFD_CLOEXEC)
+        self.fd_buffered = FakeBacking.fd
+        self.read_only = False
+
+
 class FakeTarget:
     def __init__(self) -> None:
         self.writethrough: bool | None = None
+        self.config = FakeBacking()
 
     def set_writethrough(self, on: bool) -> None:
         expect(isinstance(on, bool), "set_writethrough wants a bool")
