@@ -46,6 +46,10 @@ def test_check_message_sizes_and_fds():
     with pytest.raises(ProtocolError, match="unsupported message"):
         check(99, b"")
     with pytest.raises(ProtocolError, match="unsupported message"):
+        check(Req.SET_STATUS, b"\0" * 8)
+    # the dirty log comes with its fd, and its reply is awaited
+    assert check(Req.SET_LOG_BASE, b"\0" * 16, 1).reply
+    with pytest.raises(ProtocolError, match="expected 1"):
         check(Req.SET_LOG_BASE, b"\0" * 16)
     # vring fds: one fd unless the NOFD bit is set
     assert check(Req.SET_VRING_KICK, p.pack_u64(0), 1)
