@@ -403,7 +403,7 @@ int bs_queue_set_inflight(bs_queue *q, void *region, uint64_t size)
         ret = -EBUSY;
     } else {
         if (q->inflight_region)
-            bs_guard_remove(q->inflight_region);
+            bs_guard_remove(q->inflight_region, &q->inflight_faulted);
         q->inflight_region = NULL;
         q->inflight_size = 0;
         q->inflight_faulted = 0;
@@ -632,6 +632,8 @@ void bs_queue_free(bs_queue *q)
     if (!q)
         return;
     bs_queue_stop(q, NULL);
+    /* the SIGBUS guard of its inflight region points at this queue */
+    bs_queue_set_inflight(q, NULL, 0);
     pthread_mutex_destroy(&q->ctl_lock);
     free(q);
 }

@@ -72,7 +72,7 @@ static inline void bs_log_write(const struct bs_mem *m, const void *p, uint64_t 
  * shrink: a SIGBUS inside it is absorbed (an anonymous page replaces the
  * missing one) and sets *flag.  page: the mapping's page size. */
 int bs_guard_add(void *start, uint64_t len, uint64_t page, int *flag);
-void bs_guard_remove(void *start);
+void bs_guard_remove(void *start, int *flag);
 
 /* Host pointer for guest range [gpa, gpa+len) if it lies inside a single
  * region, else NULL. */

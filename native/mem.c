@@ -92,11 +92,11 @@ out:
     return ret;
 }
 
-void bs_guard_remove(void *start)
+void bs_guard_remove(void *start, int *flag)
 {
     pthread_mutex_lock(&guard_lock);
     for (int i = 0; i < GUARD_SLOTS; i++) {
-        if (guards[i].end && guards[i].start == (uintptr_t)start) {
+        if (guards[i].end && guards[i].start == (uintptr_t)start && guards[i].flag == flag) {
             __atomic_store_n(&guards[i].end, 0, __ATOMIC_RELEASE);
             break;
         }
@@ -177,7 +177,7 @@ int bs_mem_remove(bs_mem *m, uint64_t gpa, uint64_t size, uint64_t uva)
     for (int i = 0; i < m->nregions; i++) {
         struct bs_region *r = &m->r[i];
         if (r->gpa == gpa && r->size == size && r->uva == uva) {
-            bs_guard_remove(r->map_base);
+            bs_guard_remove(r->map_base, &m->faulted);
             munmap(r->map_base, r->map_len);
             m->r[i] = m->r[--m->nregions];
             return 0;
@@ -191,10 +191,11 @@ int bs_mem_count(bs_mem *m)
     return m->nregions;
 }
 
-static void free_logs(struct bs_log *lg)
+static void free_logs(struct bs_mem *m, struct bs_log *lg)
 {
     while (lg) {
         struct bs_log *next = lg->retired;
+        bs_guard_remove(lg->bits, &m->faulted);
         free(lg);
         lg = next;
     }
@@ -211,6 +212,12 @@ int bs_mem_set_log(bs_mem *m, void *log, uint64_t size)
             return -ENOMEM;
         lg->bits = log;
         lg->size = size;
+        /* the log is the frontend's file too: a shrink must not kill us */
+        int ret = bs_guard_add(log, size, 4096, &m->faulted);
+        if (ret) {
+            free(lg);
+            return ret;
+        }
     }
     struct bs_log *old = __atomic_exchange_n(&m->log, lg, __ATOMIC_ACQ_REL);
     if (old) {
@@ -219,7 +226,7 @@ int bs_mem_set_log(bs_mem *m, void *log, uint64_t size)
         m->retired = old;
     }
     if (__atomic_load_n(&m->users, __ATOMIC_ACQUIRE) == 0) {
-        free_logs(m->retired);
+        free_logs(m, m->retired);
         m->retired = NULL;
     }
     return 0;
@@ -260,10 +267,10 @@ int bs_mem_free(bs_mem *m)
         return 0;
     if (__atomic_load_n(&m->users, __ATOMIC_ACQUIRE) > 0)
         return -EBUSY;
-    free_logs(__atomic_load_n(&m->log, __ATOMIC_ACQUIRE));
-    free_logs(m->retired);
+    free_logs(m, __atomic_load_n(&m->log, __ATOMIC_ACQUIRE));
+    free_logs(m, m->retired);
     for (int i = 0; i < m->nregions; i++) {
-        bs_guard_remove(m->r[i].map_base);
+        bs_guard_remove(m->r[i].map_base, &m->faulted);
         munmap(m->r[i].map_base, m->r[i].map_len);
     }
     free(m);

@@ -108,6 +108,43 @@ def test_backend_writes_are_marked_in_the_dirty_log(export):
         d.close()
 
 
+def test_a_log_shrunk_under_the_backend_stops_the_queue_not_the_export(export):
+    """The frontend truncates its dirty-log file while logging is on: the
+    backend's next mark would SIGBUS the worker.  The export lives, says why
+    the queue stopped, and serves the next connection."""
+    d = _device(export)
+    fd = _log_fd(LOG_BYTES)
+    try:
+        d.client.set_features(d.features | vc.bit(vc.F_LOG_ALL))
+        assert _set_log_base(d, fd, LOG_BYTES).payload == vc.pack_u64(0)
+        os.ftruncate(fd, 0)
+        hdr = d.mem.alloc(16)
+        d.mem.write(hdr, vc.blk_header(vc.BLK_T_IN, 0))
+        st, data = d.mem.alloc(1), d.mem.alloc(PAGE, align=PAGE)
+        vq = d.vqs[0]
+        a, b, c = vq.alloc_descs(3)
+        vq.add_raw_descriptors([
+            (a, hdr, 16, vc.VRING_DESC_F_NEXT, b),
+            (b, data, PAGE, vc.VRING_DESC_F_NEXT | vc.VRING_DESC_F_WRITE, c),
+            (c, st, 1, vc.VRING_DESC_F_WRITE, 0),
+        ], head=a)
+        vq.kick()
+        deadline = time.monotonic() + 10
+        while "dirty-log file under the backend" not in export.logtext():
+            assert export.alive(), export.logtext()
+            assert time.monotonic() < deadline, export.logtext()
+            time.sleep(0.1)
+    finally:
+        os.close(fd)
+        d.close()
+    assert export.alive()
+    d2 = export.device(queues=1)
+    try:
+        assert d2.read(0, 512)[0] == vc.BLK_S_OK
+    finally:
+        d2.close()
+
+
 def _without_shmfd(d, fd):
     d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES, 0), fds=(fd,))
 

@@ -195,9 +195,9 @@ class VhostUserServer:
                                     s[key] - prev[key], what,
                                     os.strerror(-s["last_error"]) if s["last_error"] else "-")
                 if s["broken"] and not prev["broken"] and s["last_error"] == -errno.ENXIO:
-                    log.error("queue %d: the frontend shrank the guest memory or inflight "
-                              "file under the backend (SIGBUS absorbed); queue stopped "
-                              "until the frontend resets it", q.index)
+                    log.error("queue %d: the frontend shrank the guest memory, inflight or "
+                              "dirty-log file under the backend (SIGBUS absorbed); queue "
+                              "stopped until the frontend resets it", q.index)
                 elif s["broken"] and not prev["broken"]:
                     log.error("queue %d: the guest corrupted the ring (%s); queue stopped "
                               "until the frontend resets it", q.index,
