@@ -180,6 +180,15 @@ def _bad_vring_flags(d, fd):
         0, vq.desc_uva, vq.used_uva, vq.avail_uva, flags=0x2))
 
 
+def _memory_grows_past_the_log(d, fd):
+    d.client.set_features(d.features | vc.bit(vc.F_LOG_ALL))
+    assert _set_log_base(d, fd, LOG_BYTES).payload == vc.pack_u64(0)
+    extra = vc.GuestMemory(1 << 20, gpa=1 << 30)  # hot-added RAM the log does not cover
+    region = d.mem.regions[0]
+    d.client.send(vc.SET_MEM_TABLE, struct.pack("<II", 2, 0) + region.region_payload()
+                  + extra.region_payload(), fds=(region.fd, extra.fd))
+
+
 MALFORMED_LOG = {
     "without_log_shmfd": _without_shmfd,
     "size_zero": _size_zero,
@@ -189,6 +198,7 @@ MALFORMED_LOG = {
     "log_too_small_for_guest_memory": _too_small_for_memory,
     "no_fd": _no_fd,
     "unknown_vring_address_flag": _bad_vring_flags,
+    "memory_grows_past_the_log": _memory_grows_past_the_log,
 }
 
 

@@ -110,7 +110,6 @@ class Session:
         # maps stay mapped until no queue can still be writing to them
         self.log: mmap.mmap | None = None
         self._log_view = None
-        self._log_size = 0
         self._old_logs: list[mmap.mmap] = []
         self._backing_locked = False  # an OFD lock while any ring runs
         self.inflight: mmap.mmap | None = None  # the frontend's inflight region
@@ -215,12 +214,15 @@ class Session:
         return bool(self.features & p.bits(Feature.LOG_ALL))
 
     def _apply_log(self) -> None:
-        """Hand the engine the dirty log while LOG_ALL is on, else none."""
+        """Hand the engine the dirty log while LOG_ALL is on, else none.
+        Called whenever the log, the features or guest memory change: a log
+        that no longer covers guest memory (hot-added RAM) is refused."""
         if self.mem is None:
             return
         if self.logging and self.log is not None:
+            self._check_log_covers(len(self._log_view))
             self.mem.set_log(ffi.cast("void *", ffi.from_buffer(self._log_view)),
-                             self._log_size)
+                             len(self._log_view))
         else:
             self.mem.set_log(None, 0)
 
@@ -233,7 +235,7 @@ class Session:
         self._old_logs.clear()
 
     def _check_log_covers(self, size: int) -> None:
-        if self.mem is not None and self.mem_end and size < p.log_bytes_for(self.mem_end):
+        if self.mem_end and size < p.log_bytes_for(self.mem_end):
             raise ProtocolError(f"dirty log of {size} bytes is too small for guest memory "
                                 f"up to {self.mem_end:#x} (needs "
                                 f"{p.log_bytes_for(self.mem_end)})")
@@ -263,7 +265,6 @@ class Session:
             self._old_logs.append(self.log)
         self.log = m
         self._log_view = memoryview(m)[offset - base:offset - base + size]
-        self._log_size = size
         self._apply_log()
         self._release_old_logs()
         log.info("dirty log: %d bytes (guest pages up to %#x)", size,
