@@ -220,51 +220,78 @@ def test_malformed_log_messages_end_the_connection_not_the_export(export, case):
         d2.close()
 
 
+REFUSED = (vc.VhostError, OSError, TimeoutError)
+HANDOVERS = 10
+
+
+def _refused(e) -> None:
+    """A frontend on export E gets no rings: its setup fails, or (its last
+    messages did not wait for the refusal) its first request does."""
+    try:
+        d = e.device(queues=1, connect_retry=0)
+    except REFUSED:
+        return
+    try:
+        with pytest.raises(REFUSED):
+            d.read(0, 512)
+    finally:
+        d.close()
+
+
+def _served_once_free(e, sector: int) -> bytes:
+    """Read SECTOR through export E as soon as the other export has let go
+    (it stops its rings when it sees its frontend's connection close)."""
+    deadline = time.monotonic() + 15
+    while True:
+        d = None
+        try:
+            d = e.device(queues=1, connect_retry=0)
+            status, data = d.read(sector, 4096)
+            assert status == vc.BLK_S_OK
+            return data
+        except REFUSED:
+            assert time.monotonic() < deadline, e.logtext()
+            time.sleep(0.2)
+        finally:
+            if d is not None:
+                d.close()
+
+
 def test_two_exports_of_one_backing_never_run_rings_at_once(export, tmp_path):
     """A second export of a backing starts (that is how a migration's
     destination is prepared), but its rings are refused with a clear error
     while the first export's run; once those stopped (the source QEMU let
-    go), the second serves, and sees what the first wrote."""
+    go), the second serves and sees what the first wrote.  Handed back and
+    forth HANDOVERS times: the hand-over races a connection's close."""
     (tmp_path / "second").mkdir()
     second = start_export(tmp_path / "second", "--queues", "1",
                           backing=str(tmp_path / "disk.img"))
     try:
-        d1 = export.device(queues=1)
-        blob = os.urandom(4096)
-        assert d1.write(8, blob) == vc.BLK_S_OK
-        refused = (vc.VhostError, OSError, TimeoutError)
-        try:
-            d = second.device(queues=1, connect_retry=0)
-        except refused:
-            pass
-        else:
-            # the setup's last messages may not wait for the refusal: the
-            # first request then meets a closed connection
+        holder, other = export, second
+        for rnd in range(HANDOVERS):
+            d = None
+            deadline = time.monotonic() + 15
+            while d is None:  # the previous holder may still be letting go
+                try:
+                    d = holder.device(queues=1, connect_retry=0)
+                    blob = os.urandom(4096)
+                    assert d.write(8 + rnd * 8, blob) == vc.BLK_S_OK
+                except REFUSED:
+                    if d is not None:
+                        d.close()
+                    d = None
+                    assert time.monotonic() < deadline, holder.logtext()
+                    time.sleep(0.2)
             try:
-                with pytest.raises(refused):
-                    d.read(0, 512)
+                _refused(other)
+                assert other.alive()
             finally:
-                d.close()
-        assert second.alive()
+                d.close()  # the holder's frontend lets go
+            assert _served_once_free(other, 8 + rnd * 8) == blob, f"round {rnd}"
+            holder, other = other, holder
         deadline = time.monotonic() + 10
         while "the backing is in use" not in second.logtext():
             assert time.monotonic() < deadline, second.logtext()
             time.sleep(0.05)
-        d1.close()  # the source lets go: its rings stop, its lock goes
-        # (the first export stops them once it sees the connection close)
-        deadline = time.monotonic() + 15
-        while True:
-            d2 = None
-            try:
-                d2 = second.device(queues=1, connect_retry=0)
-                status, data = d2.read(8, 4096)
-                break
-            except refused:
-                assert time.monotonic() < deadline, second.logtext()
-                time.sleep(0.2)
-            finally:
-                if d2 is not None:
-                    d2.close()
-        assert status == vc.BLK_S_OK and data == blob
     finally:
         assert stop_export(second) == 0, second.logtext()
