@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -153,3 +154,17 @@ class ApiServer:
 
     def __exit__(self, *exc):
         self.cleanup()
+
+
+@contextlib.contextmanager
+def serving(**kw):
+    """A started ApiServer(**kw) for a module's tests: when they are done,
+    its log must show no traceback and no internal error; then it goes."""
+    server = ApiServer(**kw)
+    try:
+        server.start()
+        yield server
+        log = server.log()
+        assert "Traceback" not in log and "internal error" not in log, log
+    finally:
+        server.cleanup()

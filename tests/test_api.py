@@ -24,9 +24,9 @@ import httpx
 import pytest
 
 try:
-    from .apiserver import REPO, ApiServer, wait_for, worker_pids
+    from .apiserver import REPO, serving, wait_for, worker_pids
 except ImportError:
-    from apiserver import REPO, ApiServer, wait_for, worker_pids
+    from apiserver import REPO, serving, wait_for, worker_pids
 
 MiB = 1 << 20
 VOL_SIZE = 16 * MiB
@@ -148,39 +148,14 @@ def api(ext_dir):
     cfg = ext_dir / "blkserve.toml"
     cfg.write_text(f'allowed_backings = ["{ext_dir}/allowed/*", "/dev/loop*"]\n'
                    "worker_start_timeout_s = 10\n")
-    server = ApiServer(config=cfg)
-    try:
-        server.start()
+    with serving(config=cfg) as server:
         yield server
-        log = server.log()
-        assert "Traceback" not in log and "internal error" not in log, log
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")
 def http(api):
     with api.client() as c:
         yield c
-
-
-@pytest.fixture
-def fresh_state():
-    """A state dir of its own for tests that restart daemons; every daemon
-    and worker started on it is gone afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="bsapi-", dir="/tmp"))
-    servers: list[ApiServer] = []
-
-    def new(**kw) -> ApiServer:
-        servers.append(ApiServer(state_dir=d, **kw))
-        return servers[-1].start()
-    yield d, new
-    for s in servers:
-        s.cleanup()
-    for pid in worker_pids(d):
-        os.kill(pid, signal.SIGKILL)
-    (d.parent / f"{d.name}.serve.log").unlink(missing_ok=True)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 # -- auth --------------------------------------------------------------------

@@ -30,10 +30,10 @@ from blkserve.api.config import Settings
 from blkserve.api.controller import Controller
 
 try:
-    from .apiserver import REPO, ApiServer, worker_pids
+    from .apiserver import REPO, ApiServer, serving, worker_pids
     from .test_api import assert_error, create, listening, ok, pid_alive, wait_for
 except ImportError:
-    from apiserver import REPO, ApiServer, worker_pids
+    from apiserver import REPO, ApiServer, serving, worker_pids
     from test_api import assert_error, create, listening, ok, pid_alive, wait_for
 
 MiB = 1 << 20
@@ -58,14 +58,8 @@ def api(ext):
     cfg = ext / "blkserve.toml"
     cfg.write_text(f'allowed_backings = ["{ext}/allowed/*", "/dev/loop*"]\n'
                    "worker_start_timeout_s = 10\n")
-    server = ApiServer(config=cfg)
-    try:
-        server.start()
+    with serving(config=cfg) as server:
         yield server
-        log = server.log()
-        assert "Traceback" not in log and "internal error" not in log, log
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 try:
-    from .apiserver import ApiServer
+    from .apiserver import serving
 except ImportError:
-    from apiserver import ApiServer
+    from apiserver import serving
 
 MAX_EXAMPLES = 80      # per operation, stateless
 SCENARIOS = 60         # stateful: sequences of linked calls
@@ -38,14 +38,8 @@ TRACE_S = 0.2
 
 @pytest.fixture(scope="module")
 def api():
-    server = ApiServer()
-    try:
-        server.start()
+    with serving() as server:
         yield server
-        log = server.log()
-        assert "Traceback" not in log and "internal error" not in log, log
-    finally:
-        server.cleanup()
 
 
 def _spec() -> dict:

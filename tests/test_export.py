@@ -45,14 +45,17 @@ class Export:
 
 
 def start_export(tmp_path: Path, *args: str, size: int = IMG_SIZE,
-                 backing: str | None = None) -> Export:
-    """*backing*: serve that file (e.g. a faultfs one) instead of tmp_path/disk.img."""
+                 backing: str | None = None, image: str | None = None,
+                 name: str = "export") -> Export:
+    """*backing*: serve that file (e.g. a faultfs one) instead of
+    tmp_path/disk.img; *image*: where the test reads what was written (the
+    file under a faultfs one); the log is tmp_path/NAME.log."""
     img = Path(backing) if backing else tmp_path / "disk.img"
     if not img.exists():
         with open(img, "wb") as f:
             f.truncate(size)
     sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
-    log = tmp_path / "export.log"
+    log = tmp_path / f"{name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "blkserve", "export", str(img), "--socket", sock, *args],
         stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
@@ -63,7 +66,7 @@ def start_export(tmp_path: Path, *args: str, size: int = IMG_SIZE,
             proc.kill()
             raise RuntimeError(f"export did not start:\n{log.read_text()}")
         time.sleep(0.05)
-    return Export(img, sock, proc, log)
+    return Export(Path(image) if image else img, sock, proc, log)
 
 
 def stop_export(e: Export) -> int:
@@ -176,24 +179,12 @@ def test_bad_chains_get_ioerr_or_stop_the_queue(export, dev):
     located (a loop) gets no used entry at all: its queue stops until the
     frontend resets it, the other queues go on."""
     vq = dev.vqs[0]
-    hdr = dev.mem.alloc(16)
-    dev.mem.write(hdr, vc.blk_header(vc.BLK_T_IN))
-    st = dev.mem.alloc(1)
-    dev.mem.write(st, bytes([vc.BLK_S_OK]))  # what a stale byte would say
-    a, b, c = vq.alloc_descs(3)
-    vq.add_raw_descriptors([
-        (a, hdr, 16, vc.VRING_DESC_F_NEXT, b),
-        (b, 0xDEAD_0000_0000, 512, vc.VRING_DESC_F_NEXT | vc.VRING_DESC_F_WRITE, c),
-        (c, st, 1, vc.VRING_DESC_F_WRITE, 0),
-    ], head=a)
-    vq.kick()
+    a, st = vc.queue_read_outside_memory(dev)  # status pre-set to OK
     assert vq.wait_used(1)[0] == (a, 1)
     assert dev.mem.read(st, 1) == bytes([vc.BLK_S_IOERR])
     assert dev.read(0, 512)[0] == vc.BLK_S_OK
     used_before = vq.used_idx
-    (a,) = vq.alloc_descs(1)
-    vq.add_raw_descriptors([(a, dev.mem.alloc(16), 16, vc.VRING_DESC_F_NEXT, a)])  # loop
-    vq.kick()
+    vc.queue_looping_chain(dev)
     deadline = time.monotonic() + 10
     while "queue stopped until the frontend resets it" not in export.logtext():
         assert time.monotonic() < deadline, export.logtext()

@@ -14,9 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_export as export_tests  # noqa: E402
 import vhost_client as vc  # noqa: E402
 from apiserver import ApiServer  # noqa: E402
 from faultfs import FaultFS  # noqa: E402
@@ -48,19 +47,12 @@ def fs():
 
 
 def start_export(fs: FaultFS, tmp_path: Path, *args: str, name: str = "export") -> Export:
-    sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
-    log = tmp_path / f"{name}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blkserve", "export", fs.path("disk.img"), "--socket", sock,
-         "--io-engine", "io_uring", *args],
-        stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"export did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return Export(fs.backing("disk.img"), sock, proc, log)
+    """An export of the FUSE file (io_uring: a blocking syscall in the sync
+    engine could not be cancelled); the test reads what it wrote from the
+    file under it."""
+    return export_tests.start_export(tmp_path, "--io-engine", "io_uring", *args,
+                                     backing=fs.path("disk.img"),
+                                     image=str(fs.backing("disk.img")), name=name)
 
 
 def kill(e: Export) -> None:

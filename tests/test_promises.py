@@ -88,34 +88,15 @@ def metric(m: dict, name: str, **labels) -> float | None:
     return m.get((name, tuple(sorted(labels.items()))))
 
 
-@pytest.fixture
-def state_dir():
-    """A state dir for daemons this test starts and stops; every daemon and
-    worker on it is gone afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="bsprm-", dir="/tmp"))
-    servers: list[ApiServer] = []
-
-    def new(**kw) -> ApiServer:
-        servers.append(ApiServer(state_dir=d, **kw))
-        return servers[-1].start()
-    yield d, new
-    for s in servers:
-        s.cleanup()
-    for pid in worker_pids(d):
-        os.kill(pid, signal.SIGKILL)
-    (d.parent / f"{d.name}.serve.log").unlink(missing_ok=True)
-    shutil.rmtree(d, ignore_errors=True)
-
-
 # -- supervision -----------------------------------------------------------------
 
-def test_a_worker_pid_reused_by_another_process_is_neither_adopted_nor_killed(state_dir):
+def test_a_worker_pid_reused_by_another_process_is_neither_adopted_nor_killed(fresh_state):
     """The daemon is down, the worker it left dies, and its pid now belongs
     to another process that looks like that worker in every way the daemon
     can check but one: its command line names `export` and the socket, it
     holds the volume's backing open, but it started at another time.  The
     next daemon must start a new worker and leave that process alone."""
-    d, new = state_dir
+    d, new = fresh_state
     s1 = new()
     with s1.client() as c:
         vol = ok(c.post("/v1/volumes", json={"name": "reuse1", "size_bytes": 8 * MiB}), 201)
@@ -156,14 +137,14 @@ def test_a_worker_pid_reused_by_another_process_is_neither_adopted_nor_killed(st
         db.close()
 
 
-def test_a_worker_that_keeps_dying_is_restarted_with_a_growing_back_off(state_dir):
+def test_a_worker_that_keeps_dying_is_restarted_with_a_growing_back_off(fresh_state):
     """README: restarted after 0.2 s, backing off up to 30 s while it keeps
     dying young.  The backing is removed, then the worker killed: every
     restart fails at once.  The times at which the supervisor restarts it
     (the export's `restarts` count moving, polled through the API) are
     further and further apart: 0.2, 0.4, 0.8, 1.6, 3.2 s of back-off, each
     plus the short life of a worker that cannot open its backing."""
-    d, new = state_dir
+    d, new = fresh_state
     api = new()
     with api.client() as c:
         vol = ok(c.post("/v1/volumes", json={"name": "loop1", "size_bytes": 8 * MiB}), 201)
@@ -217,15 +198,7 @@ def test_metrics_count_kicks_notifications_bad_chains_and_broken_queues(api):
 
         # a bad chain: its data buffer lies outside guest memory -> IOERR, counted
         vq = dev.vqs[0]
-        hdr, st = dev.mem.alloc(16), dev.mem.alloc(1)
-        dev.mem.write(hdr, vc.blk_header(vc.BLK_T_IN))
-        a, b, c = vq.alloc_descs(3)
-        vq.add_raw_descriptors([
-            (a, hdr, 16, vc.VRING_DESC_F_NEXT, b),
-            (b, 0xDEAD_0000_0000, 512, vc.VRING_DESC_F_NEXT | vc.VRING_DESC_F_WRITE, c),
-            (c, st, 1, vc.VRING_DESC_F_WRITE, 0),
-        ], head=a)
-        vq.kick()
+        a, st = vc.queue_read_outside_memory(dev)
         assert vq.wait_used(1)[0] == (a, 1)
         assert dev.mem.read(st, 1) == bytes([vc.BLK_S_IOERR])
         m2 = scrape(api)
@@ -233,9 +206,7 @@ def test_metrics_count_kicks_notifications_bad_chains_and_broken_queues(api):
         assert metric(m2, "blkserve_queues_broken", volume="pm1") == 0
 
         # a chain that loops: no status byte to answer through, the queue stops
-        (a,) = vq.alloc_descs(1)
-        vq.add_raw_descriptors([(a, dev.mem.alloc(16), 16, vc.VRING_DESC_F_NEXT, a)])
-        vq.kick()
+        vc.queue_looping_chain(dev)
         m3 = wait_for(lambda: (m := scrape(api)) and
                       metric(m, "blkserve_queues_broken", volume="pm1") == 1 and m,
                       10, "blkserve_queues_broken to be 1")
@@ -258,11 +229,11 @@ def test_metrics_export_up_is_0_while_the_worker_is_not_running(api):
     ok(http.delete("/v1/volumes/pm2/export"), 204)
 
 
-def test_metrics_count_attachments_by_state(state_dir):
+def test_metrics_count_attachments_by_state(fresh_state):
     """An attachment to a QEMU that is not there: `attached` as the database
     says, then `stale` once the daemon's check finds no VM, then gone when
     it is deleted; the gauge follows the API's view at every step."""
-    d, new = state_dir
+    d, new = fresh_state
     s1 = new()
     with s1.client() as c:
         ok(c.post("/v1/volumes", json={"name": "pa1", "size_bytes": 8 * MiB}), 201)

@@ -1705,3 +1705,35 @@ class BlkDevice:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---------------------------------------------------------------------------
+# Malformed chains a hostile driver queues (each kicked at once)
+# ---------------------------------------------------------------------------
+
+def queue_read_outside_memory(dev: BlkDevice, queue: int = 0) -> tuple[int, int]:
+    """A read whose data buffer lies outside guest memory; its status byte is
+    pre-set to OK (what a driver that does not pre-set it could read).
+    Returns (head, status gpa)."""
+    vq = dev.vqs[queue]
+    hdr, st = dev.mem.alloc(16), dev.mem.alloc(1)
+    dev.mem.write(hdr, blk_header(BLK_T_IN))
+    dev.mem.write(st, bytes([BLK_S_OK]))
+    a, b, c = vq.alloc_descs(3)
+    vq.add_raw_descriptors([
+        (a, hdr, 16, VRING_DESC_F_NEXT, b),
+        (b, 0xDEAD_0000_0000, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, c),
+        (c, st, 1, VRING_DESC_F_WRITE, 0),
+    ], head=a)
+    vq.kick()
+    return a, st
+
+
+def queue_looping_chain(dev: BlkDevice, queue: int = 0) -> int:
+    """A one-descriptor chain whose next is itself (no status byte can be
+    located).  Returns its head."""
+    vq = dev.vqs[queue]
+    (a,) = vq.alloc_descs(1)
+    vq.add_raw_descriptors([(a, dev.mem.alloc(16), 16, VRING_DESC_F_NEXT, a)])
+    vq.kick()
+    return a
