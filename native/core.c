@@ -300,12 +300,6 @@ void bs_core_start(struct bs_core *c, struct bs_io *io)
     io->done = 0;
     io->cur = 0;
     io->fallback = 0;
-    io->log_first = io->req.iov_first;
-    io->log_count = io->req.iov_count;
-    if (io->req.iov_count) {
-        io->log_base = io->chain.iov[io->req.iov_first].iov_base;
-        io->log_len = io->chain.iov[io->req.iov_first].iov_len;
-    }
     BS_PROBE(request_start, t->serial, U64(c->index), U64(stat_op(&io->req)),
              U64(io->req.offset >> 9), U64(io->req.len), io);
     if (io->req.op == BS_OP_NONE) {
@@ -371,8 +365,15 @@ void bs_core_cqe(struct bs_core *c, struct bs_io *io, int res)
     }
     int rw = r->op == BS_OP_READ || r->op == BS_OP_WRITE;
     if (rw && res > 0 && io->done + (uint64_t)res < r->len) {
-        /* Short transfer: advance the iovecs and go on from there. */
+        /* Short transfer: advance the iovecs and go on from there.  The
+         * first time, keep what they were (a dirty log marks them all). */
         size_t skip = (size_t)res;
+        if (io->done == 0) {
+            io->log_first = r->iov_first;
+            io->log_count = r->iov_count;
+            io->log_base = io->chain.iov[r->iov_first].iov_base;
+            io->log_len = io->chain.iov[r->iov_first].iov_len;
+        }
         io->done += (uint64_t)res;
         while (skip > 0 && r->iov_count > 0) {
             struct iovec *v = &io->chain.iov[r->iov_first];

@@ -48,8 +48,6 @@ static void eventfd_drain(int fd)
 }
 
 
-
-
 static void push_used(struct bs_queue *q, const struct slot *s, uint32_t len)
 {
     if (q->vr.packed)
@@ -105,7 +103,6 @@ int bs_q_start_request(struct bs_queue *q, struct slot *s, int ret)
 }
 
 static void queue_event(struct bs_core *c, uint64_t ud, int res);
-
 static void publish_used(struct bs_queue *q);
 
 /* sync_io serves a whole batch inside one drain: publish every few requests
@@ -130,15 +127,6 @@ void bs_q_sync_progress(struct bs_queue *q)
         bs_core_reap(&q->core, queue_event);
     }
 }
-
-
-
-
-
-
-
-
-
 
 static void publish_used(struct bs_queue *q)
 {
@@ -236,7 +224,6 @@ static int poll_for_work(struct bs_queue *q)
     set_kicks(q, 1);
     return avail_pending(q);
 }
-
 
 
 /* The CQEs of our own polls and writes (the core handles the I/O ones). */
@@ -382,7 +369,6 @@ int bs_queue_new(bs_target *t, int index, bs_queue **out)
 }
 
 
-
 /* The ring layout (split or packed) may not be negotiated yet when the
  * frontend asks for the region: room for either. */
 uint64_t bs_inflight_queue_bytes(uint32_t queue_size)
@@ -417,7 +403,6 @@ int bs_queue_set_inflight(bs_queue *q, void *region, uint64_t size)
     pthread_mutex_unlock(&q->ctl_lock);
     return ret;
 }
-
 
 
 static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cfg *cfg)

@@ -335,8 +335,8 @@ struct bs_io {
     uint64_t t_pop;          /* CLOCK_MONOTONIC ns when the request was popped */
     int sync_res;            /* sync_io: the operation's result ... */
     struct bs_io *sync_next; /* ... queued for completion like a CQE */
-    /* the data iovecs as they were at start (short I/O consumes them): what
-     * a dirty log must mark once the device has written them */
+    /* the data iovecs as they were before a short transfer consumed them
+     * (valid when done > 0): what a dirty log marks once all is written */
     int log_first, log_count;
     void *log_base;          /* iov[log_first] before any was consumed */
     size_t log_len;

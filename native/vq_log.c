@@ -12,7 +12,12 @@ void bs_q_log_request(struct bs_queue *q, const struct bs_io *io)
     if (io->req.type == BS_BLK_T_GET_ID) {
         for (int i = c->nout; i < c->niov; i++)
             bs_log_write(q->mem, c->iov[i].iov_base, c->iov[i].iov_len);
-    } else if (io->req.op == BS_OP_READ && io->log_count) {
+    } else if (io->req.op == BS_OP_READ && io->done == 0) {
+        /* the iovecs as they were submitted */
+        for (int i = io->req.iov_first; i < io->req.iov_first + io->req.iov_count; i++)
+            bs_log_write(q->mem, c->iov[i].iov_base, c->iov[i].iov_len);
+    } else if (io->req.op == BS_OP_READ) {
+        /* a short transfer consumed them: as they were before it */
         bs_log_write(q->mem, io->log_base, io->log_len);
         for (int i = io->log_first + 1; i < io->log_first + io->log_count; i++)
             bs_log_write(q->mem, c->iov[i].iov_base, c->iov[i].iov_len);
