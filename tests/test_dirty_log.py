@@ -170,6 +170,15 @@ def _too_small_for_memory(d, fd):
     d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES // 4, 0), fds=(fd,))
 
 
+def _fd_not_a_file(d, fd):
+    r, w = os.pipe()
+    try:
+        d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES, 0), fds=(r,))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def _no_fd(d, fd):
     d.client.send(vc.SET_LOG_BASE, struct.pack("<QQ", LOG_BYTES, 0))
 
@@ -197,6 +206,7 @@ MALFORMED_LOG = {
     "offset_plus_size_overflows": _size_overflows,
     "log_too_small_for_guest_memory": _too_small_for_memory,
     "no_fd": _no_fd,
+    "fd_is_a_pipe": _fd_not_a_file,
     "unknown_vring_address_flag": _bad_vring_flags,
     "memory_grows_past_the_log": _memory_grows_past_the_log,
 }

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,6 +250,8 @@ class Session:
         fd = fds.pop()
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolError("the dirty log fd is not a shared-memory file")
             if st.st_size < offset + size:
                 raise ProtocolError(f"dirty log fd of {st.st_size} bytes is smaller than the "
                                     f"log it announces ({size} bytes at {offset:#x})")
