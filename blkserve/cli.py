@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                     help="how long stopping a queue (GET_VRING_BASE, SIGTERM) waits for "
                          "in-flight I/O before cancelling it; what is still in flight then "
-                         "is left to the next backend through the inflight region "
-                         "(default: 30)")
+                         "is left to the next backend through the inflight region; "
+                         "also bounds the backing's fdatasync when the last queue "
+                         "stops (default: 30)")
     ex.add_argument("--io-engine", choices=("auto", "io_uring", "sync"), default="auto",
                     help="io_uring: every request is an SQE; sync: plain syscalls in the "
                          "queue thread; auto (default): io_uring, unless the backing cannot "

@@ -1285,7 +1285,12 @@ class Guest:
             start = len(self._buf)
         self.qmp("set-action", reboot="reset")  # we run with -no-reboot
         self.qmp("system_reset")
-        self._wait_for(b"BLKSERVE_GUEST_READY", start, timeout)
+        try:
+            self._wait_for(b"BLKSERVE_GUEST_READY", start, timeout)
+        except GuestTimeout:
+            raise GuestTimeout(
+                f"guest not back within {timeout}s of a reset\n{self.diagnostics()}"
+            ) from None
         self.run("true", timeout=30)
 
     # -- QMP ---------------------------------------------------------------

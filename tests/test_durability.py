@@ -158,6 +158,40 @@ def test_writethrough_writes_are_dsync_and_flush_is_fdatasync(tmp_path, trace_re
         assert stop_export(e) == 0, e.logtext()
 
 
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+def test_last_ring_stop_syncs_the_backing_before_it_answers(tmp_path, trace_ready, cache):
+    """A migration's destination (maybe on another host) starts its rings
+    once the source answered its last GET_VRING_BASE: by then the source's
+    writes must be durable.  The first of two rings stopping syncs nothing
+    (the other still runs); the last one's reply comes after an fdatasync
+    of the backing has returned (its exit tracepoint is already recorded)."""
+    why = tracefs.unavailable("ext4/ext4_sync_file_exit")
+    if why:
+        pytest.skip(why)
+    e = start_export(tmp_path, "--cache", cache, "--queues", "2")
+    t = None
+    try:
+        dev = e.device(queues=2)
+        dev.data_align = 4096
+        t = _trace_export(e)
+        t.enable("ext4/ext4_sync_file_exit", f"ino == {os.stat(e.img).st_ino}")
+        for q in (0, 1):
+            assert dev.write(4096 * (q + 1), os.urandom(65536), queue=q) == vc.BLK_S_OK
+        t.clear()
+        dev.get_vring_base(0)
+        ev = t.take()
+        assert _names(ev, "ext4_sync_file_enter") == [], ev
+        dev.get_vring_base(1)
+        ev = t.take()
+        assert [s.field("datasync") for s in _names(ev, "ext4_sync_file_enter")] == ["1"], ev
+        assert [s.field("ret") for s in _names(ev, "ext4_sync_file_exit")] == ["0"], ev
+        dev.close()
+    finally:
+        if t is not None:
+            t.close()
+        assert stop_export(e) == 0, e.logtext()
+
+
 # -- Xen blkif: the C harness's FLUSH_DISKCACHE and WRITE_BARRIER --------------
 
 def _harness(name: str) -> Path:

@@ -143,6 +143,34 @@ def test_get_vring_base_with_a_stalled_backing_returns_within_the_drain_timeout(
     assert GAVE_UP in e.logtext()
 
 
+def test_last_ring_stop_with_a_stalled_sync_answers_within_the_drain_timeout(fs, tmp_path):
+    """The last ring's stop makes the backing durable (fdatasync) before it
+    answers; a backing whose sync hangs holds the answer for the drain
+    timeout, not for ever: logged, and the export serves the next frontend
+    once the backing is back."""
+    e = start_export(fs, tmp_path, "--drain-timeout", str(DRAIN))
+    try:
+        d = e.device(queues=1, timeout=60)
+        d.data_align = 4096
+        assert d.write(0, pattern(0)) == vc.BLK_S_OK
+        fs.stall("fsync")
+        t0 = time.monotonic()
+        d.get_vring_base(0)
+        took = time.monotonic() - t0
+        assert fs.stalled() == 1  # the sync reached the backing and is held there
+        assert DRAIN <= took < DRAIN + SLACK, took
+        fs.release()
+        d.close()
+        with e.device(queues=1) as d2:
+            d2.data_align = 4096
+            assert d2.write(64, pattern(9)) == vc.BLK_S_OK
+            assert d2.read(64, 4096) == (vc.BLK_S_OK, pattern(9))
+    finally:
+        fs.release()
+        assert stop_export(e) == 0, e.logtext()
+    assert "did not sync within" in e.logtext()
+
+
 def test_reset_device_with_a_stalled_backing_returns_within_the_drain_timeout(fs, tmp_path):
     """RESET_DEVICE with writes held by the backing is acknowledged after the
     drain timeout; the frontend sets the ring up again on the same connection

@@ -15,6 +15,8 @@ import mmap
 import os
 import stat
 import struct
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -145,7 +147,7 @@ class Session:
         if v.started:
             v.base = await asyncio.to_thread(self.queues[i].stop)
             v.started = False
-            self._unlock_backing()
+            await self._release_backing()
 
     async def _stop_every(self) -> None:
         """Stop all running queues at once, each in a thread of its own: each
@@ -167,7 +169,7 @@ class Session:
                 raise base
             self.vrings[i].base = base
             self.vrings[i].started = False
-        self._unlock_backing()
+        await self._release_backing()
 
     def _maybe_start(self, i: int) -> None:
         v = self.vrings[i]
@@ -300,6 +302,56 @@ class Session:
                 "on this volume, or a migration source that has not stopped its "
                 "rings yet); this connection's rings are refused") from None
         self._backing_locked = True
+
+    async def _release_backing(self) -> None:
+        """The last ring stopped: the backing's writes are made durable
+        (fdatasync: the page cache of --cache writeback, the disk's volatile
+        cache), then its lock is let go.  The next frontend on the backing
+        may run on another host (a migration's destination), so this comes
+        before the final GET_VRING_BASE is answered.  Bounded by the drain
+        timeout: a backing that does not sync in time is logged, not waited
+        for (the sync goes on in its own thread)."""
+        if not self._backing_locked or any(v.started for v in self.vrings):
+            return
+        cfg = self.target.config
+        if not cfg.read_only:
+            await self._sync_backing(cfg.fd_buffered, (cfg.drain_timeout_ms or 30000) / 1000)
+        self._unlock_backing()
+
+    @staticmethod
+    async def _sync_backing(fd: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(err: OSError | None) -> None:
+            if not done.done():
+                done.set_result(err)
+
+        def run() -> None:
+            err = None
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                err = e
+            try:
+                loop.call_soon_threadsafe(settle, err)
+            except RuntimeError:  # the loop is gone (shutdown)
+                pass
+
+        t0 = time.monotonic()
+        # a thread of its own, not the default executor: a sync that never
+        # returns (a dead NFS server) must not hold up the loop's shutdown
+        threading.Thread(target=run, name="bs-sync", daemon=True).start()
+        try:
+            err = await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            log.error("the backing did not sync within %.1f s of the last ring's stop: "
+                      "writes may not be durable yet", timeout)
+            return
+        if err is not None:
+            log.error("syncing the backing at the last ring's stop failed: %s", err.strerror)
+        else:
+            log.debug("backing synced in %.1f ms", (time.monotonic() - t0) * 1000)
 
     def _unlock_backing(self) -> None:
         if self._backing_locked and not any(v.started for v in self.vrings):
