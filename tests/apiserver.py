@@ -81,7 +81,7 @@ class ApiServer:
                  config: str | os.PathLike | None = None, port: int | None = None):
         # short path: export sockets live under it and sun_path is 108 bytes
         self._own_state = state_dir is None  # a temporary dir: removed by cleanup()
-        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="bsapi-", dir="/tmp"))
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="bsapi-"))
         self.token = token
         self.config = config
         self.port = port or free_port()

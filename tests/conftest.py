@@ -15,6 +15,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guest as g  # noqa: E402
 from apiserver import ApiServer, worker_pids  # noqa: E402
 
+# Every temporary directory the tests make goes under one root of this
+# session's, removed when the session ends: a run leaves nothing in /tmp.
+# Short (unix socket paths live there: sun_path is 108 bytes) and
+# traversable (QEMU under libvirt runs as another user).
+# (pytest's own tmp_path dirs stay where they were, kept for a look after a
+# failure.)
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+SESSION_TMP = tempfile.mkdtemp(prefix="bst-", dir="/tmp")
+os.chmod(SESSION_TMP, 0o755)
+tempfile.tempdir = SESSION_TMP
+
+
+def pytest_sessionfinish(session, exitstatus):
+    with open("/proc/self/mounts") as f:
+        mounted = [line.split()[1] for line in f
+                   if line.split()[1].startswith(SESSION_TMP + "/")]
+    if mounted:  # never recurse into a file system a test left mounted
+        print(f"\nleft {SESSION_TMP} in place: still mounted there: {mounted}")
+        return
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def guest_image():
@@ -29,7 +50,7 @@ def guest_image():
 def fresh_state():
     """A state dir of its own for tests that restart daemons; every daemon
     and worker started on it is gone afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="bsapi-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="bsapi-"))
     servers: list[ApiServer] = []
 
     def new(**kw) -> ApiServer:

@@ -83,7 +83,7 @@ class FaultFS:
 
     def __init__(self, files: dict[str, int | str | os.PathLike], dir: str | None = None,
                  start_timeout: float = 15.0):
-        self.root = Path(tempfile.mkdtemp(prefix="faultfs-", dir=dir or "/tmp"))
+        self.root = Path(tempfile.mkdtemp(prefix="faultfs-", dir=dir))
         self.mountpoint = self.root / "mnt"
         self.control = str(self.root / "ctl.sock")
         self.log_path = self.root / "faultfs.log"

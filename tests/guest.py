@@ -708,7 +708,7 @@ def build_guest_image(cache_dir: str | os.PathLike | None = None) -> GuestImage:
 
 def short_socket_dir(prefix: str = "bs-") -> Path:
     """A short private directory for unix sockets (sun_path is 108 bytes)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=tempfile.tempdir or "/tmp"))
 
 
 def wait_for_socket(
@@ -1278,9 +1278,13 @@ class Guest:
             timeout=timeout + 30,
         )
 
-    def reboot(self, timeout: float = 180.0) -> None:
+    def reboot(self, timeout: float = 600.0) -> None:
         """Hard reset (QMP system_reset, the virtual reset button): the guest
-        boots again from its kernel; returns when its control shell is back."""
+        boots again from its kernel; returns when its control shell is back.
+        Under TCG a reboot takes 5-20 s, but now and then minutes: in one
+        the new kernel unpacked its initramfs in 137 s instead of 2 s (the
+        next reboot of the same QEMU took 9 s), with every disk backend idle
+        (nothing in flight, no message unanswered), hence the long bound."""
         with self._cond:
             start = len(self._buf)
         self.qmp("set-action", reboot="reset")  # we run with -no-reboot

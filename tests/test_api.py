@@ -137,7 +137,7 @@ def stale_socket(path: str) -> str:
 def ext_dir():
     """A directory outside any state dir for external backings: allowed/* is
     on the allow-list, other.raw is not."""
-    d = Path(tempfile.mkdtemp(prefix="bsext-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="bsext-"))
     (d / "allowed").mkdir()
     yield d
     shutil.rmtree(d, ignore_errors=True)

@@ -46,7 +46,7 @@ NOBODY = 65534  # owner of the links "an unprivileged user" plants
 def ext():
     """allowed/ is on the allow-list, outside/ is not (root's files a link
     must never reach)."""
-    d = Path(tempfile.mkdtemp(prefix="bsbk-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="bsbk-"))
     (d / "allowed").mkdir()
     (d / "outside").mkdir()
     yield d
@@ -338,7 +338,7 @@ def test_a_partition_overlaps_its_whole_disk(tmp_path):
 # -- identity in the state, and adoption ------------------------------------------------
 
 def test_identity_is_recorded_and_checked_when_adopting(ext):
-    d = Path(tempfile.mkdtemp(prefix="bsbka-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="bsbka-"))
     servers = []
     try:
         s1 = ApiServer(state_dir=d)

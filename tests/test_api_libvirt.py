@@ -369,7 +369,7 @@ def _ok(r, status: int) -> dict:
 def ctx(libvirt_conn, guest_image, tmp_path_factory):
     # QEMU runs as libvirt-qemu: the kernel, initramfs and serial socket live
     # in a directory it may enter (pytest's tmp dirs are private to root)
-    workdir = Path(tempfile.mkdtemp(prefix="bs-lv-", dir="/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix="bs-lv-"))
     workdir.chmod(0o755)
     name = f"bs-test-{uuid.uuid4().hex[:6]}"
     # its state dir is a private (0700) mkdtemp; no token in the environment,

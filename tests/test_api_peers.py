@@ -108,7 +108,7 @@ def silent_server(path: str) -> socket.socket:
 
 @pytest.fixture
 def tmp():
-    d = Path(tempfile.mkdtemp(prefix="bspeer-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="bspeer-"))
     d.chmod(0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)

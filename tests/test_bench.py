@@ -81,7 +81,7 @@ def sockdirs():
     made: list[str] = []
 
     def make(prefix: str) -> str:
-        made.append(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        made.append(tempfile.mkdtemp(prefix=prefix))
         return made[-1]
     yield make
     for d in made:
@@ -292,7 +292,7 @@ class FakeBackend(threading.Thread):
     def __init__(self, mode: str):
         super().__init__(daemon=True)
         self.mode = mode
-        self.dir = tempfile.mkdtemp(prefix="bsf-", dir="/tmp")
+        self.dir = tempfile.mkdtemp(prefix="bsf-")
         self.path = self.dir + "/fake.sock"
         self.srv = socket.socket(socket.AF_UNIX)
         self.srv.bind(self.path)

@@ -54,7 +54,7 @@ def start_export(tmp_path: Path, *args: str, size: int = IMG_SIZE,
     if not img.exists():
         with open(img, "wb") as f:
             f.truncate(size)
-    sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+    sock = os.path.join(tempfile.mkdtemp(prefix="bs-"), "blk.sock")
     log = tmp_path / f"{name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "blkserve", "export", str(img), "--socket", sock, *args],
@@ -718,7 +718,7 @@ def loop_device(tmp_path, request):
 @pytest.mark.parametrize("loop_device", [512, 4096], indirect=True, ids=["512n", "4Kn"])
 def test_block_device_backing(tmp_path, loop_device):
     dev, sector = loop_device
-    sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+    sock = os.path.join(tempfile.mkdtemp(prefix="bs-"), "blk.sock")
     log = tmp_path / "export.log"
     proc = subprocess.Popen([sys.executable, "-m", "blkserve", "export", dev, "--socket", sock],
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
@@ -837,7 +837,7 @@ def test_enospc_is_an_ioerr_then_writes_recover(tmp_path, engine):
         img = mnt / "disk.img"
         with open(img, "wb") as f:
             f.truncate(IMG_SIZE)  # 64 MiB sparse on a 4 MiB filesystem
-        sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+        sock = os.path.join(tempfile.mkdtemp(prefix="bs-"), "blk.sock")
         log = tmp_path / "export.log"
         proc = subprocess.Popen([sys.executable, "-m", "blkserve", "export", str(img),
                                  "--socket", sock, "--io-engine", engine],

@@ -237,7 +237,7 @@ def _stop(proc: subprocess.Popen) -> int:
 
 def test_backend_conventions_socket_path_blk_file_read_only(tmp_path):
     img = _image(tmp_path)
-    sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+    sock = os.path.join(tempfile.mkdtemp(prefix="bs-"), "blk.sock")
     proc = subprocess.Popen(
         [sys.executable, "-m", "blkserve", "export", f"--socket-path={sock}",
          f"--blk-file={img}", "--read-only"], cwd=REPO, stdout=subprocess.DEVNULL,
@@ -258,7 +258,7 @@ def test_backend_conventions_fd(tmp_path):
     """--fd: a listening socket the management layer made (here: this test)
     is served; on SIGTERM it is closed, and its file left to its owner."""
     img = _image(tmp_path, b"\x33")
-    sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+    sock = os.path.join(tempfile.mkdtemp(prefix="bs-"), "blk.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock)
     listener.listen(4)

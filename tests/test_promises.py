@@ -368,7 +368,7 @@ def test_auto_engine_is_io_uring_on_a_block_device(tmp_path, engine_tracing):
         pytest.skip(f"cannot set up a loop device: {p.stderr.strip()}")
     loop = p.stdout.strip()
     try:
-        sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "blk.sock")
+        sock = os.path.join(tempfile.mkdtemp(prefix="bs-"), "blk.sock")
         log = tmp_path / "export.log"
         proc = subprocess.Popen([sys.executable, "-m", "blkserve", "export", loop,
                                  "--socket", sock, "--queues", "1"],

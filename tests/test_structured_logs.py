@@ -199,7 +199,7 @@ def test_workers_log_to_the_journal_in_journal_mode(monkeypatch, tmp_path):
     fake journald): each worker opens its own journal stream as
     blkserve-export, its lines carry their syslog priority; its log file
     keeps the tail the daemon quotes when a worker cannot start."""
-    jpath = os.path.join(tempfile.mkdtemp(prefix="bsj-", dir="/tmp"), "stdout")
+    jpath = os.path.join(tempfile.mkdtemp(prefix="bsj-"), "stdout")
     journal = FakeJournal(jpath)
     monkeypatch.setenv("BLKSERVE_WORKER_LOGS", "journal")
     monkeypatch.setenv("BLKSERVE_JOURNAL_SOCKET", jpath)
@@ -243,7 +243,7 @@ def test_export_log_formats(tmp_path):
     img = tmp_path / "d.img"
     img.write_bytes(b"\0" * MiB)
     for fmt in ("json", "text", "logfmt"):
-        sock = os.path.join(tempfile.mkdtemp(prefix="bs-", dir="/tmp"), "fmt.sock")
+        sock = os.path.join(tempfile.mkdtemp(prefix="bs-"), "fmt.sock")
         proc = subprocess.Popen([sys.executable, "-m", "blkserve", "export", str(img),
                                  "--socket", sock, "--log-format", fmt], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -49,7 +49,7 @@ def qsd(tmp_path):
     with open(img, "wb") as f:
         f.truncate(IMG_SIZE)
     # Short directory: sun_path is limited to 108 bytes.
-    sockdir = tempfile.mkdtemp(prefix="vuc-", dir="/tmp")
+    sockdir = tempfile.mkdtemp(prefix="vuc-")
     sock = os.path.join(sockdir, "blk.sock")
     log = tmp_path / "qsd.log"
     cmd = [
