@@ -8,7 +8,10 @@ Builds the engine of git revision REV in a temporary worktree, then runs
 on one RAM-backed file (/dev/shm), backend pinned to CPU 0 and the C bench
 frontend to CPU 1: 4k randread, QD 32, one queue.  Prints median IOPS and
 backend CPU microseconds per request for both, and their ratio.  --trace also
-runs the working tree with `blkserve trace` attached (the cost of tracing).
+runs the working tree with `blkserve trace` attached (the cost of tracing);
+--dirty-log also runs it with the frontend's dirty log on (`blkserve bench
+--dirty-log`: every page the backend writes is marked, as during a live
+migration).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def run_once(tree: Path, img: str, sock: str, runtime: float, trace: bool) -> tuple[float, float]:
+def run_once(tree: Path, img: str, sock: str, runtime: float, trace: bool,
+             dirty_log: bool = False) -> tuple[float, float]:
     exp = subprocess.Popen(["taskset", "-c", "0", PY, "-m", "blkserve", "export", img,
                             "--socket", sock], cwd=tree, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -51,7 +55,8 @@ def run_once(tree: Path, img: str, sock: str, runtime: float, trace: bool) -> tu
         t0 = cpu_ticks(exp.pid)
         out = subprocess.run(["taskset", "-c", "1", PY, "-m", "blkserve", "bench", "--socket",
                               sock, "--rw", "randread", "--iodepth", "32", "--runtime",
-                              str(runtime), "--ramp", "0.5", "--json"], cwd=REPO,
+                              str(runtime), "--ramp", "0.5", "--json",
+                              *(["--dirty-log"] if dirty_log else [])], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
         ticks = cpu_ticks(exp.pid) - t0
         r = json.loads(out.strip().splitlines()[0])
@@ -72,6 +77,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runtime", type=float, default=3.0)
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--dirty-log", action="store_true")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bs-ab-"))
     base = work / "base"
@@ -83,14 +89,16 @@ def main() -> int:
         img = "/dev/shm/bs-ab.img"
         with open(img, "wb") as f:
             f.truncate(256 << 20)
-        systems = {"base": (base, False), "head": (REPO, False)}
+        systems = {"base": (base, False, False), "head": (REPO, False, False)}
         if a.trace:
-            systems["head+trace"] = (REPO, True)
+            systems["head+trace"] = (REPO, True, False)
+        if a.dirty_log:
+            systems["head+log"] = (REPO, False, True)
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in systems}
         for rnd in range(a.rounds):
-            for name, (tree, trace) in systems.items():
+            for name, (tree, trace, dirty_log) in systems.items():
                 res[name].append(run_once(tree, img, str(work / f"{name}.sock"), a.runtime,
-                                          trace))
+                                          trace, dirty_log))
                 print(f"round {rnd + 1} {name}: {res[name][-1][0]:.0f} IOPS, "
                       f"{res[name][-1][1]:.2f} us CPU/req", file=sys.stderr)
         med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))

@@ -109,6 +109,7 @@ class BenchOptions:
     rwmixread: int = 50
     poll_us: float = 50.0
     indirect: bool = False
+    dirty_log: bool = False
     seed: int = 0
     timeout: float = 30.0
 
@@ -156,6 +157,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "call eventfd; 0 = always sleep (default: 50)")
     p.add_argument("--indirect", action="store_true",
                    help="send each request as one indirect descriptor")
+    p.add_argument("--dirty-log", action="store_true",
+                   help="run as during a live migration: hand the backend a dirty "
+                        "log (SET_LOG_BASE) and turn VHOST_F_LOG_ALL on, so it marks "
+                        "every page it writes (the backend must offer LOG_ALL and "
+                        "LOG_SHMFD)")
     p.add_argument("--seed", type=_int_range(0, 2**64 - 1), default=0, metavar="N",
                    help="random offsets and verify pattern seed (default: random)")
     p.add_argument("--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
@@ -178,7 +184,8 @@ def _cli(args: argparse.Namespace) -> int:
         socket=args.socket, rw=args.rw, bs=args.bs, iodepth=args.iodepth,
         queues=args.queues, runtime=args.runtime, ramp=args.ramp, size=args.size,
         verify=args.verify, rwmixread=args.rwmixread, poll_us=args.poll_us,
-        indirect=args.indirect, seed=args.seed, timeout=args.timeout,
+        indirect=args.indirect, dirty_log=args.dirty_log, seed=args.seed,
+        timeout=args.timeout,
     )
     try:
         result = run(opts)
@@ -252,6 +259,7 @@ def run(opts: BenchOptions) -> dict:
     cfg.queues = opts.queues
     cfg.verify = int(opts.verify)
     cfg.indirect = int(opts.indirect)
+    cfg.dirty_log = int(opts.dirty_log)
     cfg.size = opts.size
     cfg.runtime_ns = int(opts.runtime * 1e9)
     cfg.ramp_ns = int(opts.ramp * 1e9)
@@ -299,6 +307,7 @@ def run(opts: BenchOptions) -> dict:
 
         total = ffi.new("struct bs_bench_stats *")
         lib.bs_bench_get_stats(h, -1, total)
+        lib.bs_bench_get_info(h, info)  # again: the pages marked in the dirty log
         per_queue = []
         for q in range(opts.queues):
             s = ffi.new("struct bs_bench_stats *")
@@ -320,6 +329,8 @@ def run(opts: BenchOptions) -> dict:
         "frontend": {
             "poll_us": opts.poll_us,
             "indirect": bool(info.indirect),
+            "dirty_log": bool(info.dirty_log),
+            "dirty_pages": int(info.dirty_pages),
             "event_idx": bool(info.event_idx),
             "queue_size": int(info.queue_size),
             "seed": int(info.seed),
@@ -369,7 +380,8 @@ def format_text(r: dict) -> str:
         f"  backend : {be['socket']} capacity={_bytes(be['capacity'])} "
         f"max_queues={be['max_queues']} features={be['features']} "
         f"event_idx={'yes' if fe['event_idx'] else 'no'} "
-        f"indirect={'yes' if fe['indirect'] else 'no'} queue_size={fe['queue_size']}",
+        f"indirect={'yes' if fe['indirect'] else 'no'} queue_size={fe['queue_size']}"
+        + (f" dirty_log=yes ({fe['dirty_pages']} pages marked)" if fe["dirty_log"] else ""),
         f"  iops    : {r['iops']:.0f}  (reads {r['read_ios']}, writes {r['write_ios']} "
         f"in {r['ios']} requests)",
         f"  bw      : {_bytes(r['bw_bytes'])}/s",

@@ -572,6 +572,10 @@ void bs_bench_free(bs_bench *b)
         munmap(b->mem, b->mem_size);
     if (b->memfd >= 0)
         close(b->memfd);
+    if (b->log)
+        munmap(b->log, b->log_size);
+    if (b->logfd >= 0)
+        close(b->logfd);
     free(b->written);
     free(b->busy);
     pthread_mutex_destroy(&b->err_lock);

@@ -36,6 +36,7 @@ enum {
     VU_SET_FEATURES = 2,
     VU_SET_OWNER = 3,
     VU_SET_MEM_TABLE = 5,
+    VU_SET_LOG_BASE = 6,
     VU_SET_VRING_NUM = 8,
     VU_SET_VRING_ADDR = 9,
     VU_SET_VRING_BASE = 10,
@@ -60,12 +61,14 @@ enum {
 #define F_BLK_RO 5
 #define F_BLK_BLK_SIZE 6
 #define F_BLK_MQ 12
+#define F_LOG_ALL 26
 #define F_RING_INDIRECT 28
 #define F_RING_EVENT_IDX 29
 #define F_PROTOCOL_FEATURES 30
 #define F_VERSION_1 32
 
 #define PF_MQ 0
+#define PF_LOG_SHMFD 1
 #define PF_REPLY_ACK 3
 #define PF_CONFIG 9
 
@@ -75,6 +78,7 @@ enum {
 #define VRING_DESC_F_WRITE 2
 #define VRING_DESC_F_INDIRECT 4
 #define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VRING_F_LOG 1          /* vhost_vring_addr.flags: log the used ring */
 #define VRING_USED_F_NO_NOTIFY 1
 
 #define BLK_T_IN 0
@@ -199,6 +203,9 @@ struct bs_bench {
     int memfd;
     uint8_t *mem;
     uint64_t mem_size;
+    int logfd;               /* --dirty-log: the log the backend marks */
+    uint8_t *log;
+    uint64_t log_size;
 
     struct bq *q;
     uint32_t nq;

@@ -54,6 +54,7 @@ int bs_bench_new(const struct bs_bench_cfg *cfg, bs_bench **out)
         return -ENOMEM;
     b->sock = -1;
     b->memfd = -1;
+    b->logfd = -1;
     pthread_mutex_init(&b->err_lock, NULL);
     pthread_mutex_init(&b->gate_lock, NULL);
     pthread_cond_init(&b->gate_cond, NULL);
@@ -120,6 +121,8 @@ static int negotiate(struct bs_bench *b)
             return ret;
         in->offered_protocol_features = poffered;
         want = poffered & (BIT(PF_MQ) | BIT(PF_REPLY_ACK) | BIT(PF_CONFIG));
+        if (b->cfg.dirty_log)
+            want |= poffered & BIT(PF_LOG_SHMFD);
         /* Sent before REPLY_ACK is in force: no ack asked. */
         ret = bench_vu_send(b, VU_SET_PROTOCOL_FEATURES, &want, sizeof(want), NULL, 0, 0);
         if (ret)
@@ -210,6 +213,13 @@ static int negotiate(struct bs_bench *b)
                                           BIT(F_BLK_MQ) | BIT(F_BLK_RO)));
     if (b->cfg.indirect)
         want |= BIT(F_RING_INDIRECT);
+    if (b->cfg.dirty_log) {
+        if (!(offered & BIT(F_LOG_ALL)) ||
+            !(in->protocol_features & BIT(PF_LOG_SHMFD)))
+            return bench_fail(b, -ENOTSUP, "backend does not offer VHOST_F_LOG_ALL with "
+                              "LOG_SHMFD (--dirty-log)");
+        want |= BIT(F_LOG_ALL);
+    }
     ret = bench_vu_set_u64(b, VU_SET_FEATURES, want);
     if (ret)
         return ret;
@@ -217,6 +227,7 @@ static int negotiate(struct bs_bench *b)
     in->event_idx = !!(want & BIT(F_RING_EVENT_IDX));
     in->indirect = !!(want & BIT(F_RING_INDIRECT));
     in->reply_ack = !!(in->protocol_features & BIT(PF_REPLY_ACK));
+    in->dirty_log = !!(want & BIT(F_LOG_ALL));
 
     if (in->capacity == 0 && !(in->protocol_features & BIT(PF_CONFIG))) {
         if (!b->cfg.size)
@@ -355,6 +366,41 @@ static int setup_memory(struct bs_bench *b)
     return 0;
 }
 
+/* --dirty-log: a log of one bit per 4 KiB page of guest memory, handed over
+ * as QEMU does when a migration starts (SET_LOG_BASE, then LOG_ALL in the
+ * features and the log flag on every ring); the backend marks every page it
+ * writes, which is what this measures.  Nobody reads or clears the log. */
+static int setup_log(struct bs_bench *b)
+{
+    struct { uint64_t size, offset; } lb;
+    uint64_t reply = 0;
+    uint32_t rsize = sizeof(reply);
+    int ret;
+
+    b->log_size = align_up((b->mem_size / PAGE + 7) / 8, 8);
+    b->logfd = memfd_create("blkserve-bench-log", MFD_CLOEXEC);
+    if (b->logfd < 0)
+        return bench_fail(b, -errno, "memfd_create (dirty log) failed: %s", strerror(errno));
+    if (ftruncate(b->logfd, (off_t)b->log_size) < 0)
+        return bench_fail(b, -errno, "sizing the dirty log failed: %s", strerror(errno));
+    b->log = mmap(NULL, b->log_size, PROT_READ | PROT_WRITE, MAP_SHARED, b->logfd, 0);
+    if (b->log == MAP_FAILED) {
+        b->log = NULL;
+        return bench_fail(b, -errno, "mapping the dirty log failed: %s", strerror(errno));
+    }
+    lb.size = b->log_size;
+    lb.offset = 0;
+    /* The backend always answers SET_LOG_BASE, REPLY_ACK or not; as QEMU,
+     * only its size is looked at (libvhost-user echoes the log size back). */
+    ret = bench_vu_send(b, VU_SET_LOG_BASE, &lb, sizeof(lb), &b->logfd, 1, 0);
+    if (!ret)
+        ret = bench_vu_recv_reply(b, VU_SET_LOG_BASE, &reply, &rsize);
+    if (!ret && rsize != sizeof(reply))
+        ret = bench_fail(b, -EPROTO, "the backend's reply to SET_LOG_BASE is %u bytes, "
+                         "not 8", rsize);
+    return ret;
+}
+
 static int setup_vrings(struct bs_bench *b)
 {
     struct {
@@ -364,6 +410,8 @@ static int setup_vrings(struct bs_bench *b)
     int ret = bench_vu_set(b, VU_SET_MEM_TABLE, &mt, sizeof(mt), &b->memfd, 1);
     if (ret)
         return ret;
+    if (b->info.dirty_log && (ret = setup_log(b)))
+        return ret;
 
     for (uint32_t i = 0; i < b->nq; i++) {
         struct bq *q = &b->q[i];
@@ -371,9 +419,10 @@ static int setup_vrings(struct bs_bench *b)
             uint32_t index, flags;
             uint64_t desc, used, avail, log;
         } addr = {
-            i, 0,
+            i, b->info.dirty_log ? VRING_F_LOG : 0,
             (uint64_t)(uintptr_t)q->desc, (uint64_t)(uintptr_t)q->used,
-            (uint64_t)(uintptr_t)q->avail, 0,
+            (uint64_t)(uintptr_t)q->avail,
+            b->info.dirty_log ? (uint64_t)((uint8_t *)q->used - b->mem) : 0,
         };
         uint64_t v = i;
 
@@ -419,6 +468,10 @@ int bs_bench_setup(bs_bench *b)
 int bs_bench_get_info(bs_bench *b, struct bs_bench_info *out)
 {
     *out = b->info;
+    out->dirty_pages = 0;
+    for (uint64_t i = 0; b->log && i < b->log_size; i++)
+        out->dirty_pages += (uint64_t)__builtin_popcount(__atomic_load_n(&b->log[i],
+                                                                         __ATOMIC_RELAXED));
     out->size = b->cfg.size;
     out->seed = b->cfg.seed;
     return 0;

@@ -46,6 +46,7 @@ const char *bench_req_name(uint32_t req)
     case VU_SET_FEATURES: return "SET_FEATURES";
     case VU_SET_OWNER: return "SET_OWNER";
     case VU_SET_MEM_TABLE: return "SET_MEM_TABLE";
+    case VU_SET_LOG_BASE: return "SET_LOG_BASE";
     case VU_SET_VRING_NUM: return "SET_VRING_NUM";
     case VU_SET_VRING_ADDR: return "SET_VRING_ADDR";
     case VU_SET_VRING_BASE: return "SET_VRING_BASE";

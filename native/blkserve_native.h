@@ -245,6 +245,7 @@ struct bs_bench_cfg {
     uint32_t queues;
     int32_t verify;           /* write a per-sector pattern, check reads    */
     int32_t indirect;         /* one indirect descriptor per request        */
+    int32_t dirty_log;        /* LOG_ALL on: the backend marks a dirty log   */
     uint64_t size;            /* bytes of the device to use; 0 = capacity  */
     uint64_t runtime_ns;      /* measured time                             */
     uint64_t ramp_ns;         /* unmeasured warm-up before it              */
@@ -268,6 +269,8 @@ struct bs_bench_info {
     int32_t event_idx;
     int32_t indirect;
     int32_t reply_ack;
+    int32_t dirty_log;           /* LOG_ALL acked and a log handed over    */
+    uint64_t dirty_pages;        /* pages marked in that log so far        */
 };
 
 struct bs_bench_stats {

@@ -215,6 +215,19 @@ def test_randread_two_queues_indirect(backend):
     assert r["backend"]["capacity"] == IMG_SIZE
 
 
+def test_dirty_log(backend):
+    """--dirty-log runs as during a live migration (SET_LOG_BASE, LOG_ALL,
+    the log flag on the rings): the requests complete as usual and the
+    backend has marked the pages it wrote in the log, each data buffer (a
+    page of its own per request slot) among them; on blkserve and on
+    qemu-storage-daemon alike."""
+    r = bench_json(backend, "--rw", "randread", "--queues", "2", "--iodepth", "16",
+                   "--dirty-log", "--runtime", "1")
+    _check_result(r, queues=2, reads=True, writes=False)
+    assert r["frontend"]["dirty_log"] is True
+    assert r["frontend"]["dirty_pages"] >= 2 * 16, r["frontend"]
+
+
 def test_qd1_no_polling(blkserve_sock):
     r = bench_json(blkserve_sock, "--iodepth", "1", "--poll-us", "0", "--runtime", "1",
                    "--bs", "8k")
