@@ -1281,10 +1281,11 @@ class Guest:
     def reboot(self, timeout: float = 600.0) -> None:
         """Hard reset (QMP system_reset, the virtual reset button): the guest
         boots again from its kernel; returns when its control shell is back.
-        Under TCG a reboot takes 5-20 s, but now and then minutes: in one
-        the new kernel unpacked its initramfs in 137 s instead of 2 s (the
-        next reboot of the same QEMU took 9 s), with every disk backend idle
-        (nothing in flight, no message unanswered), hence the long bound."""
+        Under TCG a reboot takes 5-20 s after a fresh boot, but 150-230 s
+        after minutes of fio in the guest, on blkserve's disks and on
+        qemu-storage-daemon's alike (the new kernel unpacked its initramfs
+        in 137 s instead of 2 s, every disk backend idle), hence the long
+        bound."""
         with self._cond:
             start = len(self._buf)
         self.qmp("set-action", reboot="reset")  # we run with -no-reboot
