@@ -111,8 +111,8 @@ asan: setup
 	cd build/asan-pkg && $(ASAN_ENV) \
 		LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) \
 		$(CURDIR)/$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
-		$(CURDIR)/tests/test_export.py
-	@echo "asan: engine C tests and export/adversarial tests ran clean under ASan+UBSan"
+		$(CURDIR)/tests/test_export.py $(CURDIR)/tests/test_bench.py
+	@echo "asan: engine C tests, export/adversarial and bench tests ran clean under ASan+UBSan"
 
 lint: setup
 	$(BIN)/ruff check .
