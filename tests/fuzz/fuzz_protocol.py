@@ -229,8 +229,9 @@ class FakeQueue:
 
 class FakeBacking:
     """What the session reads of its target's config: the backing fd it
-    locks while rings run (one memfd for every input: an OFD lock of its own
-    never conflicts), and whether it is read-only."""
+    locks while rings run and syncs when the last stops (one memfd for every
+    input: an OFD lock of its own never conflicts), whether it is read-only,
+    and the bound on that sync."""
 
     fd = -1
 
@@ -239,6 +240,7 @@ class FakeBacking:
             FakeBacking.fd = os.memfd_create("fuzz-backing", os.MFD_CLOEXEC)
         self.fd_buffered = FakeBacking.fd
         self.read_only = False
+        self.drain_timeout_ms = 1000
 
 
 class FakeTarget:
