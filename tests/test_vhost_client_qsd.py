@@ -262,7 +262,9 @@ def test_no_event_idx_and_no_reply_ack(qsd):
         assert d.read(10, 4096, queue=0) == (vc.BLK_S_OK, data)
         reqs = d.submit_many([(vc.BLK_T_IN, 10, 4096)] * 20)
         assert all(r.data == data for r in reqs)
-        assert d.vqs[0].notifications >= 1
+        # the client may have seen every completion in the used ring before
+        # reading the call eventfd: then the signal is still pending there
+        assert d.vqs[0].notifications >= 1 or d.vqs[0].wait_notification(5.0)
     finally:
         d.close()
 
