@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,8 +85,15 @@ def main() -> int:
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), a.base],
                    check=True, capture_output=True)
     try:
-        subprocess.run([PY, "blkserve/_native_build.py", str(base)], cwd=base, check=True,
-                       capture_output=True)
+        # built in a scratch directory: cffi reads the packaging metadata of
+        # the directory it builds in, and an old tree's may not suit today's
+        # setuptools
+        scratch = work / "build"
+        scratch.mkdir()
+        subprocess.run([PY, str(base / "blkserve" / "_native_build.py"), str(scratch)],
+                       cwd=scratch, check=True, capture_output=True)
+        for so in (scratch / "blkserve").glob("_native*.so"):
+            shutil.copy(so, base / "blkserve" / so.name)
         img = "/dev/shm/bs-ab.img"
         with open(img, "wb") as f:
             f.truncate(256 << 20)
