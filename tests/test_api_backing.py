@@ -354,10 +354,14 @@ def test_identity_is_recorded_and_checked_when_adopting(ext):
         assert f"{st.st_dev}:{st.st_ino}".encode() in \
             Path(f"/proc/{exp['pid']}/cmdline").read_bytes()
         s1.stop(signal.SIGKILL)
-        # the worker left running must serve the recorded inode to be adopted
+        # the worker left running must serve the recorded inode to be adopted:
+        # record one it certainly has no descriptor on (inode + 1 was, in one
+        # CI run, a file the worker had open: adopted, the test timed out)
+        decoy = d / "decoy"
+        decoy.touch()
         with db:
-            db.execute("UPDATE volumes SET backing_ino = backing_ino + 1 "
-                       "WHERE name = 'adopt1'")
+            db.execute("UPDATE volumes SET backing_ino = ? WHERE name = 'adopt1'",
+                       (decoy.stat().st_ino,))
         db.close()
         s2 = ApiServer(state_dir=d)
         servers.append(s2)
