@@ -72,6 +72,23 @@ def pattern(i: int, n: int = 4096) -> bytes:
     return bytes([(i * 37 + 11) % 251 + 1]) * n
 
 
+def written_device(e: Export) -> vc.BlkDevice:
+    """A one-queue frontend on E (O_DIRECT-able buffers) that has written
+    block 0 while the backing answered."""
+    d = e.device(queues=1, timeout=60)
+    d.data_align = 4096
+    assert d.write(0, pattern(0)) == vc.BLK_S_OK
+    return d
+
+
+def assert_next_frontend_served(e: Export) -> None:
+    """The same export serves the next frontend: a write and its read-back."""
+    with e.device(queues=1) as d:
+        d.data_align = 4096
+        assert d.write(64, pattern(9)) == vc.BLK_S_OK
+        assert d.read(64, 4096) == (vc.BLK_S_OK, pattern(9))
+
+
 GAVE_UP = "stopped with requests still in flight after the drain timeout"
 RESUBMITTED = "2 request(s) a previous backend left in flight, resubmitted"
 
@@ -116,9 +133,7 @@ def test_get_vring_base_with_a_stalled_backing_returns_within_the_drain_timeout(
     the popped requests; the export keeps serving once the backing answers."""
     e = start_export(fs, tmp_path, "--drain-timeout", str(DRAIN))
     try:
-        d = e.device(queues=1, timeout=60)
-        d.data_align = 4096
-        assert d.write(0, pattern(0)) == vc.BLK_S_OK
+        d = written_device(e)
         fs.stall("write")
         reqs = d.submit_many([(vc.BLK_T_OUT, 8 * i, pattern(i)) for i in range(1, 5)],
                              wait=False)
@@ -132,10 +147,7 @@ def test_get_vring_base_with_a_stalled_backing_returns_within_the_drain_timeout(
         assert took < DRAIN + GRACE + SLACK, took
         fs.release()
         d.close()
-        with e.device(queues=1) as d2:  # same export, next frontend
-            d2.data_align = 4096
-            assert d2.write(64, pattern(9)) == vc.BLK_S_OK
-            assert d2.read(64, 4096) == (vc.BLK_S_OK, pattern(9))
+        assert_next_frontend_served(e)
         assert e.alive()
     finally:
         fs.release()
@@ -150,9 +162,7 @@ def test_last_ring_stop_with_a_stalled_sync_answers_within_the_drain_timeout(fs,
     once the backing is back."""
     e = start_export(fs, tmp_path, "--drain-timeout", str(DRAIN))
     try:
-        d = e.device(queues=1, timeout=60)
-        d.data_align = 4096
-        assert d.write(0, pattern(0)) == vc.BLK_S_OK
+        d = written_device(e)
         fs.stall("fsync")
         t0 = time.monotonic()
         d.get_vring_base(0)
@@ -161,10 +171,7 @@ def test_last_ring_stop_with_a_stalled_sync_answers_within_the_drain_timeout(fs,
         assert DRAIN <= took < DRAIN + SLACK, took
         fs.release()
         d.close()
-        with e.device(queues=1) as d2:
-            d2.data_align = 4096
-            assert d2.write(64, pattern(9)) == vc.BLK_S_OK
-            assert d2.read(64, 4096) == (vc.BLK_S_OK, pattern(9))
+        assert_next_frontend_served(e)
     finally:
         fs.release()
         assert stop_export(e) == 0, e.logtext()
