@@ -343,7 +343,7 @@ class Session:
         # returns (a dead NFS server) must not hold up the loop's shutdown
         threading.Thread(target=run, name="bs-sync", daemon=True).start()
         try:
-            err = await asyncio.wait_for(asyncio.shield(done), timeout)
+            err = await asyncio.wait_for(done, timeout)  # settle() sees it cancelled
         except TimeoutError:
             log.error("the backing did not sync within %.1f s of the last ring's stop: "
                       "writes may not be durable yet", timeout)
