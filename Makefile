@@ -70,12 +70,12 @@ soak: setup
 # The engine's own C tests, with the same warnings as the extension.
 ENGINE_C := native/mem.c native/virtq.c native/blk.c native/core.c native/engine.c \
 	native/ring_split.c native/ring_packed.c native/vq_log.c native/blkif.c native/blkif_req.c
-build/test_engine: native/tests/test_engine.c $(NATIVE_SRC)
+build/test_engine: native/tests/test_engine.c native/tests/util.h $(NATIVE_SRC)
 	mkdir -p build
 	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_engine.c $(ENGINE_C) -luring -lpthread
 
 # The blkif transport against a fake Xen (grant table over a memfd).
-build/test_blkif: native/tests/test_blkif.c $(NATIVE_SRC)
+build/test_blkif: native/tests/test_blkif.c native/tests/util.h $(NATIVE_SRC)
 	mkdir -p build
 	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_blkif.c $(ENGINE_C) -luring -lpthread
 
