@@ -365,15 +365,11 @@ void bs_core_cqe(struct bs_core *c, struct bs_io *io, int res)
     }
     int rw = r->op == BS_OP_READ || r->op == BS_OP_WRITE;
     if (rw && res > 0 && io->done + (uint64_t)res < r->len) {
-        /* Short transfer: advance the iovecs and go on from there.  The
-         * first time, keep what they were (a dirty log marks them all). */
+        /* Short transfer: advance the iovecs and go on from there (the
+         * transport first notes what the piece filled). */
         size_t skip = (size_t)res;
-        if (io->done == 0) {
-            io->log_first = r->iov_first;
-            io->log_count = r->iov_count;
-            io->log_base = io->chain.iov[r->iov_first].iov_base;
-            io->log_len = io->chain.iov[r->iov_first].iov_len;
-        }
+        if (r->op == BS_OP_READ && c->partial)
+            c->partial(c, io, skip);
         io->done += (uint64_t)res;
         while (skip > 0 && r->iov_count > 0) {
             struct iovec *v = &io->chain.iov[r->iov_first];

@@ -71,6 +71,14 @@ static void slot_done(struct bs_core *c, struct bs_io *io, uint8_t status)
     bs_q_slot_put(q, s);
 }
 
+/* The core's partial(): a short read's piece, marked in a dirty log. */
+static void slot_partial(struct bs_core *c, const struct bs_io *io, size_t bytes)
+{
+    struct bs_queue *q = QUEUE_OF(c);
+    if (__atomic_load_n(&q->mem->log, __ATOMIC_ACQUIRE) != NULL)
+        bs_q_log_partial(q, io, bytes);
+}
+
 
 /* Validate and start one popped request whose chain walk returned ret.
  * A chain whose buffers are bad is answered IOERR through its status byte
@@ -360,6 +368,7 @@ int bs_queue_new(bs_target *t, int index, bs_queue **out)
     q->core.target = t;
     q->core.index = index;
     q->core.done = slot_done;
+    q->core.partial = slot_partial;
     q->ctl_fd = -1;
     q->one = 1;
     q->st = &q->st_local;

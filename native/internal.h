@@ -335,16 +335,15 @@ struct bs_io {
     uint64_t t_pop;          /* CLOCK_MONOTONIC ns when the request was popped */
     int sync_res;            /* sync_io: the operation's result ... */
     struct bs_io *sync_next; /* ... queued for completion like a CQE */
-    /* the data iovecs as they were before a short transfer consumed them
-     * (valid when done > 0): what a dirty log marks once all is written */
-    int log_first, log_count;
-    void *log_base;          /* iov[log_first] before any was consumed */
-    size_t log_len;
 };
 
 struct bs_core;
 /* Deliver the final status of io to the guest and free its slot. */
 typedef void bs_core_done_fn(struct bs_core *c, struct bs_io *io, uint8_t status);
+/* A read got BYTES of its data (a short transfer) into its data iovecs as
+ * they are now, which the core then moves past them: what the transport
+ * must note about those bytes before they go (a dirty log marks them). */
+typedef void bs_core_partial_fn(struct bs_core *c, const struct bs_io *io, size_t bytes);
 
 /* io_uring user_data values below this are the transports' own (polls,
  * notifications); anything else is a struct bs_io pointer. */
@@ -370,6 +369,7 @@ struct bs_core {
     struct bs_io **sync_tail;
     struct bs_queue_stats *st;
     bs_core_done_fn *done;
+    bs_core_partial_fn *partial;     /* NULL: nothing to note */
 };
 
 uint64_t bs_now_ns(void);

@@ -144,6 +144,7 @@ static inline uint32_t bs_q_nslots(uint32_t num)
 
 /* vq_log.c: dirty logging (mem->log set) */
 void bs_q_log_request(struct bs_queue *q, const struct bs_io *io);
+void bs_q_log_partial(struct bs_queue *q, const struct bs_io *io, size_t bytes);
 void bs_q_log_rings(struct bs_queue *q);
 
 /* engine.c */

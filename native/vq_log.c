@@ -5,22 +5,31 @@
 #include "queue.h"
 
 /* Dirty logging: the guest memory a finished request made the device
- * write (read data, the GET_ID serial), before its used entry is pushed. */
+ * write (read data, the GET_ID serial), before its used entry is pushed.
+ * A read's data iovecs are what its last transfer filled: the pieces of a
+ * short transfer before it were marked as they came (bs_q_log_partial). */
 void bs_q_log_request(struct bs_queue *q, const struct bs_io *io)
 {
     const struct bs_chain *c = &io->chain;
     if (io->req.type == BS_BLK_T_GET_ID) {
         for (int i = c->nout; i < c->niov; i++)
             bs_log_write(q->mem, c->iov[i].iov_base, c->iov[i].iov_len);
-    } else if (io->req.op == BS_OP_READ && io->done == 0) {
-        /* the iovecs as they were submitted */
+    } else if (io->req.op == BS_OP_READ) {
         for (int i = io->req.iov_first; i < io->req.iov_first + io->req.iov_count; i++)
             bs_log_write(q->mem, c->iov[i].iov_base, c->iov[i].iov_len);
-    } else if (io->req.op == BS_OP_READ) {
-        /* a short transfer consumed them: as they were before it */
-        bs_log_write(q->mem, io->log_base, io->log_len);
-        for (int i = io->log_first + 1; i < io->log_first + io->log_count; i++)
-            bs_log_write(q->mem, c->iov[i].iov_base, c->iov[i].iov_len);
+    }
+}
+
+/* Dirty logging: a read's short transfer put BYTES into the front of its
+ * data iovecs, which the core is about to move past: mark them now (the
+ * data is in guest memory; its used entry comes later). */
+void bs_q_log_partial(struct bs_queue *q, const struct bs_io *io, size_t bytes)
+{
+    const struct iovec *v = &io->chain.iov[io->req.iov_first];
+    for (int i = 0; i < io->req.iov_count && bytes > 0; i++) {
+        size_t n = v[i].iov_len < bytes ? v[i].iov_len : bytes;
+        bs_log_write(q->mem, v[i].iov_base, n);
+        bytes -= n;
     }
 }
 

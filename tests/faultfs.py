@@ -8,7 +8,9 @@ range meets:
 
 - ``delay``: it is answered after that many seconds;
 - ``stall``: it blocks until the test calls ``release()``;
-- ``fail``: it is answered with an errno (EIO, ENOSPC, ...), nothing is done.
+- ``fail``: it is answered with an errno (EIO, ENOSPC, ...), nothing is done;
+- ``short``: a read is answered with at most that many bytes (a short
+  transfer: the caller must ask again for the rest).
 
 Every file is opened with FUSE ``direct_io``: no page cache, so every read and
 write of the user, O_DIRECT or not, reaches the file system as a request.
@@ -48,7 +50,7 @@ OPS = ("read", "write", "fsync")
 # sends at most max_background (default 12) of them to the file system at
 # once, the rest wait in the kernel.  So at most 12 can be seen held.
 MAX_HELD_ASYNC = 12
-ACTIONS = ("delay", "stall", "fail")
+ACTIONS = ("delay", "stall", "fail", "short")
 
 
 # ---------------------------------------------------------------------------
@@ -215,6 +217,13 @@ class FaultFS:
         """Answer OP requests overlapping [start, end) with errno ERR."""
         self._rule("fail", op, start, end, file, errno=err)
 
+    def short(self, limit: int, start: int = 0, end: int | None = None,
+              file: str | None = None) -> None:
+        """Answer reads overlapping [start, end) with at most LIMIT bytes."""
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        self._rule("short", "read", start, end, file, limit=limit)
+
     def release(self, err: int | None = None) -> None:
         """Drop every stall rule and let every held request go on, or, with
         ERR, answer every held request with that errno instead (nothing it
@@ -262,8 +271,10 @@ def serve(mountpoint: str, control: str, files: dict[str, str]) -> None:
 
     class Rule:
         def __init__(self, action: str, op: str, start: int, end: int | None,
-                     file: str | None, seconds: float = 0.0, err: int = errno.EIO):
+                     file: str | None, seconds: float = 0.0, err: int = errno.EIO,
+                     limit: int = 0):
             self.action, self.op, self.file = action, op, file
+            self.limit = limit
             self.start, self.end = start, end
             self.seconds, self.err = seconds, err
             self.released = trio.Event() if action == "stall" else None
@@ -330,7 +341,8 @@ def serve(mountpoint: str, control: str, files: dict[str, str]) -> None:
             except KeyError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
 
-        async def _fault(self, op: str, name: str, off: int, length: int) -> None:
+        async def _fault(self, op: str, name: str, off: int, length: int) -> int:
+            """Apply the rule that decides; returns how many bytes to transfer."""
             state.calls[op] += 1
             for r in reversed(state.rules):  # the newest rule that matches decides
                 if not r.matches(op, name, off, length):
@@ -338,6 +350,8 @@ def serve(mountpoint: str, control: str, files: dict[str, str]) -> None:
                 if r.action == "fail":
                     state.failed[op] += 1
                     raise pyfuse3.FUSEError(r.err)
+                if r.action == "short":
+                    return min(length, r.limit)
                 if r.action == "delay":
                     await trio.sleep(r.seconds)
                 elif r.action == "stall":
@@ -350,7 +364,8 @@ def serve(mountpoint: str, control: str, files: dict[str, str]) -> None:
                     if r.release_err is not None:
                         state.failed[op] += 1
                         raise pyfuse3.FUSEError(r.release_err)
-                return
+                return length
+            return length
 
         async def lookup(self, parent_inode, name, ctx=None):
             if parent_inode != pyfuse3.ROOT_INODE or name not in self.by_name:
@@ -388,7 +403,7 @@ def serve(mountpoint: str, control: str, files: dict[str, str]) -> None:
 
         async def read(self, fh, off, size):
             name, fd = self._file(fh)
-            await self._fault("read", name, off, size)
+            size = await self._fault("read", name, off, size)
             return os.pread(fd, size, off)
 
         async def write(self, fh, off, buf):
@@ -426,7 +441,8 @@ def serve(mountpoint: str, control: str, files: dict[str, str]) -> None:
             state.rules.append(Rule(req["action"], req["op"], int(req.get("start") or 0),
                                     req.get("end"), req.get("file"),
                                     float(req.get("seconds") or 0),
-                                    int(req.get("errno") or errno.EIO)))
+                                    int(req.get("errno") or errno.EIO),
+                                    int(req.get("limit") or 0)))
             return {"ok": True}
         if cmd == "release":
             err = req.get("errno")

@@ -108,6 +108,68 @@ def test_backend_writes_are_marked_in_the_dirty_log(export):
         d.close()
 
 
+@pytest.mark.parametrize("engine", ["sync", "io_uring"])
+def test_a_read_the_backing_splits_marks_every_page_it_filled(tmp_path, engine):
+    """A read the backing answers piecemeal (here at most 3000 bytes per
+    call, a FUSE file) moves the engine's iovecs on after each piece; the
+    log must still get every page the whole read filled, the first
+    buffer's included, not only those of the last piece."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    pytest.importorskip("pyfuse3", reason="pyfuse3 missing (make setup installs it)")
+    from faultfs import FaultFS
+
+    content = os.urandom(4 * PAGE)
+    with FaultFS({"disk.img": 1 << 20}) as fs:
+        with open(fs.backing("disk.img"), "r+b") as f:
+            f.write(content)
+        e = start_export(tmp_path, "--queues", "1", "--io-engine", engine,
+                         backing=fs.path("disk.img"), image=str(fs.backing("disk.img")))
+        fd = _log_fd(LOG_BYTES)
+        d = None
+        try:
+            d = _device(e)
+            d.client.set_features(d.features | vc.bit(vc.F_LOG_ALL))
+            assert _set_log_base(d, fd, LOG_BYTES).payload == vc.pack_u64(0)
+            fs.short(3000)
+            before = fs.calls("read")
+            vq = d.vqs[0]
+            hdr = d.mem.alloc(16)
+            d.mem.write(hdr, vc.blk_header(vc.BLK_T_IN, 0))
+            st = d.mem.alloc(1)
+            d.mem.write(st, b"\xff")
+            # two buffers of two pages each, far apart, a page between them
+            one = d.mem.alloc(3 * PAGE, align=PAGE)
+            two = d.mem.alloc(3 * PAGE, align=PAGE) + PAGE
+            a, b, c, x = vq.alloc_descs(4)
+            W = vc.VRING_DESC_F_WRITE
+            vq.add_raw_descriptors([
+                (a, hdr, 16, vc.VRING_DESC_F_NEXT, b),
+                (b, one, 2 * PAGE, vc.VRING_DESC_F_NEXT | W, c),
+                (c, two, 2 * PAGE, vc.VRING_DESC_F_NEXT | W, x),
+                (x, st, 1, W, 0),
+            ], head=a)
+            vq.kick()
+            (_, used_len), = vq.wait_used(1)
+            assert d.mem.read(st, 1) == bytes([vc.BLK_S_OK])
+            assert used_len == 4 * PAGE + 1
+            assert d.mem.read(one, 2 * PAGE) + d.mem.read(two, 2 * PAGE) == content
+            # the backing really split it: 16 KiB in pieces of 3000 bytes
+            assert fs.calls("read") - before >= 6
+            log = os.pread(fd, LOG_BYTES, 0)
+            unmarked = [hex(g) for g in (one, one + PAGE, two, two + PAGE) if not _bit(log, g)]
+            marked = [hex(g) for g in range(0, MEM, PAGE) if _bit(log, g)]
+            assert not unmarked, (f"pages the read filled but the log misses: {unmarked} "
+                                  f"(buffers at {one:#x} and {two:#x}; marked: {marked})")
+            assert not _bit(log, one + 2 * PAGE), "a page the read never touched is marked"
+            assert _bit(log, st) and _bit(log, vq.used_gpa)
+        finally:
+            if d is not None:
+                d.close()
+            os.close(fd)
+            assert stop_export(e) == 0, e.logtext()
+
+
 def test_a_log_shrunk_under_the_backend_stops_the_queue_not_the_export(export):
     """The frontend truncates its dirty-log file while logging is on: the
     backend's next mark would SIGBUS the worker.  The export lives, says why
