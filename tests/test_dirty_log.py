@@ -293,7 +293,7 @@ def test_malformed_log_messages_end_the_connection_not_the_export(export, case):
 
 
 REFUSED = (vc.VhostError, OSError, TimeoutError)
-HANDOVERS = 10
+HANDOVERS = 20
 
 
 def _refused(e) -> None:
