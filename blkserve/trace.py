@@ -13,9 +13,12 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
-BPF_SOURCE = Path(__file__).resolve().parent.parent / "ebpf" / "blkserve.bpf.c"
+# ebpf/ installs as blkserve.ebpf (package data): found in a checkout and in
+# an installed package alike
+BPF_SOURCE = Path(str(resources.files("blkserve.ebpf").joinpath("blkserve.bpf.c")))
 OPS = ("read", "write", "flush", "discard", "write_zeroes", "get_id", "other")
 STAGES = ("kick->pop", "pop->submit", "submit->complete", "complete->used", "used->notify")
 MAX_DURATION_S = 300
@@ -216,6 +219,12 @@ class Tracer:
     def collect(self, duration: float) -> dict:
         t0 = time.monotonic()
         time.sleep(duration)
+        # every probe counts only processes (and block devices) in these
+        # tables: emptied, the histograms stop changing, and the tables read
+        # one after the other below describe the same moment
+        self._bpf.get_table("workers").clear()
+        if self.block and self._devs:
+            self._bpf.get_table("block_devs").clear()
         elapsed = time.monotonic() - t0
         result: dict = {"duration_s": round(elapsed, 3), "volumes": {}}
         if self.not_traced:

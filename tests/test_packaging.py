@@ -29,3 +29,24 @@ def test_every_hypervisor_adapter_is_a_variant_of_the_attach_body():
     for name, adapter in ADAPTERS.items():
         assert issubclass(adapter, Hypervisor) and adapter.name == name
         assert adapter.request_model.model_fields["hypervisor"].annotation.__args__ == (name,)
+
+
+def test_an_installed_package_finds_its_bpf_program(tmp_path):
+    """`blkserve trace` compiles ebpf/blkserve.bpf.c at load time: a package
+    installed from a wheel (not this checkout) must carry it and find it."""
+    import zipfile
+
+    out = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True, timeout=600)
+    wheel, = out.glob("blkserve-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        assert "blkserve/ebpf/blkserve.bpf.c" in z.namelist(), z.namelist()
+        z.extractall(site)
+    code = (f"import sys; sys.path.insert(0, {str(site)!r}); from blkserve import trace; "
+            "print(trace.__file__); print(trace.BPF_SOURCE); print(trace.BPF_SOURCE.exists())")
+    lines = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    assert lines[0].startswith(str(site)), lines  # the installed copy, not the checkout
+    assert lines[1].startswith(str(site)) and lines[2] == "True", lines
