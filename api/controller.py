@@ -75,6 +75,7 @@ class Controller(Volumes):
         os.makedirs(settings.sockets_dir, exist_ok=True)
         self.state = State(settings.db_path)
         self.workers: dict[str, Worker] = {}
+        self.incoming: dict[str, Worker] = {}  # incoming attachment id -> its worker
         self._named_locks = NamedLocks()
         self._locks = self._named_locks.entries  # what is held or waited on, by name
         self._stale_task: asyncio.Task | None = None
@@ -111,6 +112,8 @@ class Controller(Volumes):
         for att in self.state.attachments():
             if att.state == "attaching":
                 await self._settle_attaching(att)
+            elif att.state == "incoming":
+                await self._adopt_incoming(att)
         self._stale_task = asyncio.get_running_loop().create_task(self._watch_vms())
 
     async def _settle_attaching(self, att: AttachmentRow) -> None:
@@ -132,7 +135,7 @@ class Controller(Volumes):
         """Daemon shutdown: workers keep serving guests; the next daemon adopts them."""
         if self._stale_task:
             self._stale_task.cancel()
-        for w in self.workers.values():
+        for w in [*self.workers.values(), *self.incoming.values()]:
             w.detach()
         self.state.close()
 
@@ -148,6 +151,10 @@ class Controller(Volumes):
     async def _watch_vms(self) -> None:
         while True:
             await asyncio.sleep(STALE_CHECK_S)
+            try:
+                await self._settle_migrations()
+            except Exception:
+                log.exception("checking live migrations failed")
             for hv in self.hypervisors.values():
                 try:
                     await self._mark_stale(hv)
@@ -170,7 +177,9 @@ class Controller(Volumes):
             self.state.set_attachment_state(att.id, "stale", why)
             log_event(log, "attachment.stale", level=logging.WARNING, volume=att.volume,
                       attachment=att.id, **hv.log_fields(att), reason=why)
-            if hv.own_worker:
+            if att.state == "incoming":  # a migration's destination that died
+                await self._stop_incoming_worker(att.id)
+            elif hv.own_worker:
                 await self.stop_worker(att.volume, self.settings.worker_stop_timeout_s)
 
     # -- allowed peers of the exports ------------------------------------------
@@ -225,7 +234,9 @@ class Controller(Volumes):
         return os.path.join(self.settings.stats_dir, f"{name}.stats")
 
     def _new_worker(self, v: VolumeRow, socket_path: str,
-                    socket_owner: tuple[int, int] | None = None) -> Worker:
+                    socket_owner: tuple[int, int] | None = None, *,
+                    stats_file: str | None = None, log_path: str | None = None,
+                    on_pid=None, on_restart=None) -> Worker:
         # a volume whose attachment has a worker of its own (Xen: a blkif
         # worker) is served by that worker alone
         own = next((a for a in self.state.attachments(v.name)
@@ -236,14 +247,16 @@ class Controller(Volumes):
                           cache=self.settings.export_cache,
                           io_engine=self.settings.export_io_engine,
                           poll_us=self.settings.export_poll_us,
-                          stats_file=self.stats_path(v.name), socket_owner=socket_owner,
+                          stats_file=stats_file or self.stats_path(v.name),
+                          socket_owner=socket_owner,
                           backing_identity=v.identity,
                           # an export from before allowed-peers files serves any peer
                           allow_peers_file=None if own or not os.path.exists(peers_file)
                           else peers_file,
                           **(self.hypervisor(own.hypervisor).worker_spec(own) if own else {}))
-        return Worker(spec, os.path.join(self.settings.logs_dir, f"{v.name}.log"),
-                      on_pid=self.state.set_export_pid, on_restart=self.state.count_restart,
+        return Worker(spec, log_path or os.path.join(self.settings.logs_dir, f"{v.name}.log"),
+                      on_pid=on_pid or self.state.set_export_pid,
+                      on_restart=on_restart or self.state.count_restart,
                       start_timeout_s=self.settings.worker_start_timeout_s)
 
     async def ensure_export(self, name: str, explicit: bool) -> tuple[dict, bool]:
@@ -397,6 +410,8 @@ class Controller(Volumes):
         of the adapters: its `hypervisor` picks it)."""
         v = self.get_volume(name)
         hv = self.hypervisor(request.hypervisor)
+        if getattr(request, "migrate_from", None) is not None:
+            return await self._attach_incoming(v, hv, request)
         target = await hv.prepare(v, request)
         row = target.row
         if hv.own_worker:
@@ -463,6 +478,18 @@ class Controller(Volumes):
     async def detach(self, name: str, att_id: str, timeout: float | None = None) -> None:
         a = self.get_attachment(name, att_id)
         hv = self.hypervisor(a.hypervisor)
+        if a.migrate_from is not None:
+            # a migration's destination (cancelled, failed or gone): its export
+            # stops; the QEMU it was plugged into is the caller's to quit
+            await self._end_incoming(a)
+            log_event(log, "attachment.detached", volume=name, attachment=att_id, was=a.state)
+            return
+        dst = next((x for x in self.state.attachments(name)
+                    if x.migrate_from == att_id and x.state == "incoming"), None)
+        if dst is not None:
+            raise ApiError(409, f"attachment {att_id} is migrating to the VM at "
+                                f"{dst.qmp_socket} (attachment {dst.id}): DELETE that one to "
+                                "cancel, or let the migration complete")
         # a stale attachment (VM gone) is just forgotten, but a worker of its
         # own is stopped all the same
         if hv.own_worker or a.state != "stale":
@@ -484,3 +511,158 @@ class Controller(Volumes):
             await self.stop_export(name)
         elif exp is not None and os.path.exists(self._peers_path(name)):
             self._set_peers(name, bool(exp.explicit))  # its QEMU may no longer connect
+
+    # -- live migration ------------------------------------------------------
+
+    def _incoming_paths(self, name: str, att_id: str) -> tuple[str, str, str]:
+        """Socket, stats file and log of the export worker of the incoming
+        attachment ATT_ID of volume NAME."""
+        base = f"{name}.in-{att_id}"
+        return (os.path.join(self.settings.sockets_dir, f"{base}.sock"),
+                os.path.join(self.settings.stats_dir, f"{base}.stats"),
+                os.path.join(self.settings.logs_dir, f"{base}.log"))
+
+    def _incoming_worker(self, v: VolumeRow, att: AttachmentRow) -> Worker:
+        """The second export of volume V, for the incoming attachment ATT:
+        its own socket, stats and log; the volume's allowed-peers file (both
+        QEMUs of the migrating VM); its pid recorded on the attachment."""
+        _, stats_file, log_path = self._incoming_paths(v.name, att.id)
+        exp = self.state.export(v.name)
+        att_id = att.id
+        return self._new_worker(
+            v, att.worker_socket, _owner(exp.socket_owner) if exp else None,
+            stats_file=stats_file, log_path=log_path,
+            on_pid=lambda _vol, pid, start: self.state.set_attachment_worker(att_id, pid, start),
+            on_restart=lambda vol: log.warning("export %s: the worker of incoming attachment "
+                                               "%s restarted", vol, att_id))
+
+    async def _attach_incoming(self, v: VolumeRow, hv: Hypervisor, request) -> AttachmentRow:
+        """A live migration's destination: plug the volume into the destination
+        VM (REQUEST.qmp_socket) where the source VM has it, served by a second
+        export of the volume; `incoming` until the watcher sees the VM arrive."""
+        name = v.name
+        if not hv.supports_incoming:
+            raise ApiError(422, f"live migration of {hv.label} attachments is not supported")
+        if getattr(request, "bus", None) is not None:
+            raise ApiError(422, "bus cannot be given with migrate_from: the disk goes where "
+                                "the source VM has it")
+        src = self.get_attachment(name, request.migrate_from)
+        if src.hypervisor != hv.name or src.state != "attached":
+            raise ApiError(409, f"attachment {src.id} of volume '{name}' is a {src.state} "
+                                f"{self.hypervisor(src.hypervisor).label} attachment, not an "
+                                f"attached {hv.label} one: there is no migration to take over")
+        busy = next((a for a in self.state.attachments(name) if a.state == "incoming"), None)
+        if busy is not None:
+            raise ApiError(409, f"volume '{name}' is already migrating to the VM at "
+                                f"{busy.qmp_socket} (attachment {busy.id})")
+        if self.state.export(name) is None or name not in self.workers:
+            raise ApiError(409, f"volume '{name}' has no running export to migrate from")
+        target = await hv.prepare(v, request)
+        target.placement = await hv.placement(src)
+        row = target.row
+        row.state, row.migrate_from = "incoming", src.id
+        row.device_id, row.chardev_id, row.bus = src.device_id, src.chardev_id, src.bus
+        row.worker_socket = self._incoming_paths(name, row.id)[0]
+        if len(row.worker_socket.encode()) > SOCKET_PATH_MAX:
+            raise ApiError(422, f"socket path {row.worker_socket} is longer than "
+                                f"{SOCKET_PATH_MAX} bytes; use a shorter volume name or "
+                                "socket_dir")
+        peer = peers.peer_of(target.peer_pid, row.id) if target.peer_pid else None
+        if peer is None:
+            raise target.peer_gone
+        self.state.add_attachment(row)
+        worker = self._incoming_worker(v, row)
+        try:
+            # the volume's peers file: both QEMUs of the VM, on either export
+            self._set_peers(name, self._export_explicit(name), add=peer)
+            await worker.start(self.settings.worker_start_timeout_s)
+            self.incoming[row.id] = worker
+            async with self.vm_lock(hv.vm_key(row)):
+                await hv.plug(target, v, row.worker_socket)
+        except WorkerStartError as e:
+            await self._end_incoming(row, worker)
+            raise ApiError(502, str(e)) from None
+        except ApiError:
+            await self._end_incoming(row, worker)
+            raise
+        except Exception as e:
+            log.exception("preparing the migration of %s to %s failed", name, target.where)
+            await self._end_incoming(row, worker)
+            raise ApiError(502, f"preparing the migration of volume '{name}' to "
+                                f"{target.where} failed: {type(e).__name__}: {e}") from None
+        except BaseException:  # cancelled: the clean-up goes on regardless
+            await asyncio.shield(self._end_incoming(row, worker))
+            raise
+        log_event(log, "attachment.incoming", volume=name, attachment=row.id,
+                  migrate_from=src.id, socket=row.worker_socket, pid=worker.pid,
+                  **hv.log_fields(row))
+        return row
+
+    async def _stop_incoming_worker(self, att_id: str, worker: Worker | None = None) -> None:
+        w = self.incoming.pop(att_id, None) or worker
+        if w is not None:
+            await w.stop(self.settings.worker_stop_timeout_s)
+
+    async def _end_incoming(self, att: AttachmentRow, worker: Worker | None = None) -> None:
+        """Forget the incoming attachment ATT (a cancelled or failed migration)
+        and stop its export; the source's export serves on."""
+        await self._stop_incoming_worker(att.id, worker)
+        self.state.delete_attachment(att.id)
+        exp = self.state.export(att.volume)
+        self._set_peers(att.volume, bool(exp and exp.explicit), drop=att.id)
+        for path in self._incoming_paths(att.volume, att.id)[:2]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _adopt_incoming(self, att: AttachmentRow) -> None:
+        """Daemon start: take the worker of an incoming attachment back (or
+        start it again: its destination QEMU reconnects)."""
+        v = self.state.volume(att.volume)
+        worker = self._incoming_worker(v, att)
+        self.incoming[att.id] = worker
+        if att.worker_pid and worker.adopt(att.worker_pid, att.worker_pid_start):
+            return
+        log.warning("incoming attachment %s of %s: worker %s is gone; starting a new one",
+                    att.id, att.volume, att.worker_pid)
+        try:
+            await worker.start(self.settings.worker_start_timeout_s)
+        except WorkerStartError as e:
+            log.error("%s; retrying with back-off", e)
+            worker.retry_later()
+
+    async def _settle_migrations(self) -> None:
+        """Incoming attachments whose destination VM has received the
+        migration take over from their source."""
+        for att in [a for a in self.state.attachments() if a.state == "incoming"]:
+            if not await self.hypervisor(att.hypervisor).incoming_done(att):
+                continue
+            async with self.lock(att.volume):
+                current = self.state.attachment(att.volume, att.id)
+                if current is not None and current.state == "incoming":
+                    await self._complete_migration(current)
+
+    async def _complete_migration(self, att: AttachmentRow) -> None:
+        """The VM runs at ATT's QEMU now: its export becomes the volume's, the
+        source attachment and its export go."""
+        name = att.volume
+        new = self.incoming.pop(att.id, None)
+        if new is None:  # (cannot be: adopted or started at daemon start)
+            log.error("incoming attachment %s of %s has no worker", att.id, name)
+            return
+        old = self.workers.pop(name, None)
+        if old is not None:
+            await old.stop(self.settings.worker_stop_timeout_s)
+        new.on_pid = self.state.set_export_pid
+        new.on_restart = self.state.count_restart
+        # its stats block becomes the volume's (renamed: the worker's mapping
+        # stays, and a restarted or adopted worker finds it where the
+        # volume's always is)
+        with contextlib.suppress(OSError):
+            os.replace(new.spec.stats_file, self.stats_path(name))
+        new.spec.stats_file = self.stats_path(name)
+        self.state.complete_migration(att, new.pid, new.pid_start)
+        self.workers[name] = new
+        self._set_peers(name, self._export_explicit(name))
+        log_event(log, "attachment.migrated", volume=name, attachment=att.id,
+                  replaced=att.migrate_from, socket=att.worker_socket, pid=new.pid,
+                  **self.hypervisor(att.hypervisor).log_fields(att))

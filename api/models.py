@@ -115,12 +115,18 @@ class Attachment(BaseModel):
         "libvirt `<target dev>` of the disk (`libvirt`; the guest names its disks in "
         "probe order, not after it), or the Xen guest's disk name (`xen`)."),
         examples=["vdb"])
-    state: Literal["attaching", "attached", "detaching", "stale"] = Field(description=(
-        "`attaching`: the hypervisor is being asked to plug the disk; `detaching`: an "
-        "unplug timed out and is still pending in the guest; "
-        "`stale`: the VM is gone (its QMP socket does not answer, the libvirt domain "
-        "is no longer running or no longer has the disk, or the Xen domain is gone); "
-        "delete it."))
+    state: Literal["attaching", "attached", "detaching", "incoming", "stale"] = Field(
+        description=(
+            "`attaching`: the hypervisor is being asked to plug the disk; `detaching`: an "
+            "unplug timed out and is still pending in the guest; `incoming`: the disk is "
+            "plugged into a live migration's destination QEMU (served by an export of its "
+            "own) and takes over from `migrate_from` once the migration completes; "
+            "`stale`: the VM is gone (its QMP socket does not answer, the libvirt domain "
+            "is no longer running or no longer has the disk, or the Xen domain is gone); "
+            "delete it."))
+    migrate_from: str | None = Field(default=None, description=(
+        "`incoming` only: the attachment (the migrating VM's source QEMU) this one "
+        "replaces when the migration completes."))
     created_at: str
     error: str | None = Field(description="Last error seen for this attachment.")
 

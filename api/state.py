@@ -49,7 +49,11 @@ CREATE TABLE IF NOT EXISTS attachments (
     error       TEXT,
     uri         TEXT,
     domain      TEXT,
-    target      TEXT
+    target      TEXT,
+    migrate_from TEXT,
+    worker_socket TEXT,
+    worker_pid  INTEGER,
+    worker_pid_start INTEGER
 );
 """
 
@@ -91,6 +95,14 @@ MIGRATIONS = [
     ALTER TABLE volumes ADD COLUMN backing_ino INTEGER;
     ALTER TABLE volumes ADD COLUMN backing_kind TEXT;
     ALTER TABLE volumes ADD COLUMN backing_rdev INTEGER;
+    """,
+    # 3: live migration: an `incoming` attachment (the destination QEMU) names
+    # the attachment it takes over and has an export worker of its own
+    """
+    ALTER TABLE attachments ADD COLUMN migrate_from TEXT;
+    ALTER TABLE attachments ADD COLUMN worker_socket TEXT;
+    ALTER TABLE attachments ADD COLUMN worker_pid INTEGER;
+    ALTER TABLE attachments ADD COLUMN worker_pid_start INTEGER;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -149,6 +161,12 @@ class AttachmentRow:
     uri: str | None = None  # libvirt: connection URI
     domain: str | None = None  # libvirt: domain name
     target: str | None = None  # libvirt: <target dev=...> of the disk
+    # incoming (a live migration's destination): the attachment it takes over,
+    # and the socket and process of the export worker it has until then
+    migrate_from: str | None = None
+    worker_socket: str | None = None
+    worker_pid: int | None = None
+    worker_pid_start: int | None = None
 
 
 class State:
@@ -264,10 +282,31 @@ class State:
 
     def add_attachment(self, a: AttachmentRow) -> None:
         self._exec("INSERT INTO attachments (id, volume, hypervisor, qmp_socket, bus, "
-                   "device_id, chardev_id, state, created_at, error, uri, domain, target) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   "device_id, chardev_id, state, created_at, error, uri, domain, target, "
+                   "migrate_from, worker_socket) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (a.id, a.volume, a.hypervisor, a.qmp_socket, a.bus, a.device_id,
-                    a.chardev_id, a.state, a.created_at, a.error, a.uri, a.domain, a.target))
+                    a.chardev_id, a.state, a.created_at, a.error, a.uri, a.domain, a.target,
+                    a.migrate_from, a.worker_socket))
+
+    def set_attachment_worker(self, att_id: str, pid: int | None,
+                              pid_start: int | None) -> None:
+        self._exec("UPDATE attachments SET worker_pid = ?, worker_pid_start = ? WHERE id = ?",
+                   (pid, pid_start, att_id))
+
+    def complete_migration(self, incoming: AttachmentRow, pid: int | None,
+                           pid_start: int | None) -> None:
+        """One transaction: INCOMING takes over from the attachment it migrated
+        from (forgotten), and its worker becomes the volume's export."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self._exec("DELETE FROM attachments WHERE id = ?", (incoming.migrate_from,))
+            self._exec("UPDATE attachments SET state = 'attached', error = NULL, "
+                       "migrate_from = NULL, worker_socket = NULL, worker_pid = NULL, "
+                       "worker_pid_start = NULL WHERE id = ?", (incoming.id,))
+            self._exec("UPDATE exports SET socket = ?, pid = ?, pid_start = ?, started_at = ? "
+                       "WHERE volume = ?", (incoming.worker_socket, pid, pid_start,
+                                            now() if pid else None, incoming.volume))
 
     def set_attachment_state(self, att_id: str, state: str, error: str | None = None,
                              bus: str | None = None, target: str | None = None) -> None:

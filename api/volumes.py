@@ -40,7 +40,7 @@ def _backing_size(path: str,
 
 class Volumes:
     """The volume operations of the Controller (which provides settings,
-    state and workers)."""
+    state, workers and the workers of incoming attachments)."""
 
     def get_volume(self, name: str) -> VolumeRow:
         v = self.state.volume(name)
@@ -249,11 +249,14 @@ class Volumes:
             os.close(fd)
         self.state.set_volume_size(name, size)
         log_event(log, "volume.resized", volume=name, size_bytes=size, old_size_bytes=v.size_bytes)
-        w = self.workers.get(name)
-        if w is not None and w.pid is not None and size > v.size_bytes:
-            # the worker re-reads the size and tells the guest (online resize)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(w.pid, signal.SIGHUP)
+        # the export's worker (and a live migration's destination export)
+        # re-reads the size and tells the guest (online resize)
+        incoming = [self.incoming.get(a.id) for a in self.state.attachments(name)
+                    if a.state == "incoming"]
+        for w in [self.workers.get(name), *incoming]:
+            if w is not None and w.pid is not None and size > v.size_bytes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGHUP)
         return self.get_volume(name)
 
     def delete_volume(self, name: str) -> None:

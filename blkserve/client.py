@@ -357,6 +357,8 @@ def _cmd_attach(api: Api, args: argparse.Namespace) -> int:
     if args.libvirt_domain is not None:
         if args.bus is not None:
             raise CliError("--bus is for --qmp; libvirt picks the slot itself")
+        if args.migrate_from is not None:
+            raise CliError("--migrate-from is for --qmp (a QEMU VM's live migration)")
         body = {"hypervisor": "libvirt", "domain": args.libvirt_domain}
         if args.libvirt_uri is not None:
             body["uri"] = args.libvirt_uri
@@ -366,13 +368,17 @@ def _cmd_attach(api: Api, args: argparse.Namespace) -> int:
         body = {"hypervisor": "qemu", "qmp_socket": os.path.abspath(args.qmp)}
         if args.bus is not None:
             body["bus"] = args.bus
+        if args.migrate_from is not None:
+            body["migrate_from"] = args.migrate_from
     _, att = api.call("POST", _volume_path(args.name) + "/attachments", body)
     if args.json:
         _print_json(att)
         return 0
     where = (f"libvirt domain {_vm(att)}, target {_cell(att.get('target'))}"
              if att.get("hypervisor") == "libvirt" else f"QMP {att.get('qmp_socket')}")
-    print(f"attached volume {att.get('volume', args.name)} as attachment {att.get('id')} "
+    what = "attached" if att.get("state") != "incoming" else \
+        f"prepared the migration from attachment {att.get('migrate_from')}: attached"
+    print(f"{what} volume {att.get('volume', args.name)} as attachment {att.get('id')} "
           f"(device {att.get('device_id')}, bus {_cell(att.get('bus'))}, {where})")
     return 0
 
@@ -544,6 +550,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--bus", metavar="BUS",
                    help="QEMU bus id to plug into (--qmp; default: a free pcie-root-port, "
                         "or pci.0)")
+    p.add_argument("--migrate-from", metavar="ID",
+                   help="live migration (--qmp): the attachment of the VM that migrates; "
+                        "--qmp is its destination QEMU (-incoming), which gets the disk "
+                        "where the source has it, from a second export; the new attachment "
+                        "replaces ID once the VM has arrived")
     p.set_defaults(func=_run(_cmd_attach))
 
     p = sub.add_parser(

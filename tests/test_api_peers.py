@@ -57,11 +57,12 @@ def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-def start_qemu(qmp: str, target: bool = False) -> subprocess.Popen:
+def start_qemu(qmp: str, target: bool = False, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """A QEMU that never runs a guest (-S), with its QMP monitor on QMP; a
-    TARGET one can take a vhost-user-blk disk (shared memory, a free root port)."""
+    TARGET one can take a vhost-user-blk disk (shared memory, a free root port).
+    EXTRA: more arguments."""
     argv = [QEMU, "-nodefaults", "-display", "none", "-S",
-            "-qmp", f"unix:{qmp},server=on,wait=off"]
+            "-qmp", f"unix:{qmp},server=on,wait=off", *extra]
     if target:
         # native PCIe hotplug: with no guest to power the slot, device_del
         # unplugs at once (ACPI hotplug would wait for a guest to eject it)
@@ -90,8 +91,8 @@ def qemus():
     """start_qemu, every QEMU killed at the end whatever happens."""
     started: list[subprocess.Popen] = []
 
-    def start(qmp: str, target: bool = False) -> subprocess.Popen:
-        started.append(start_qemu(qmp, target))
+    def start(qmp: str, target: bool = False, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        started.append(start_qemu(qmp, target, extra))
         return started[-1]
     yield start
     for p in started:

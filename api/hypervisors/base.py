@@ -48,6 +48,7 @@ class Target:
     socket_owner: tuple[int, int] | None = None  # (uid, gid) the export socket goes to
     socket: str | None = None  # own_worker: the socket of the attachment's worker
     fields: dict | None = None  # attachment.created log fields (default: the bus)
+    placement: dict | None = None  # incoming: where the source VM has the disk
 
 
 class Hypervisor(abc.ABC):
@@ -115,12 +116,16 @@ class Hypervisor(abc.ABC):
         config rather than hot-plugged; None: the socket stays root's."""
         return None
 
-    # -- migration (hooks for live migration; not supported yet) ---------------
+    # -- live migration (an `incoming` attachment: the destination VM) --------
 
-    async def migration_started(self, att: AttachmentRow, destination: str) -> None:
-        """The VM of ATT starts to migrate to DESTINATION (a host)."""
-        raise ApiError(501, f"live migration of {self.label} attachments is not supported yet")
+    supports_incoming: ClassVar[bool] = False
 
-    async def migration_finished(self, att: AttachmentRow, succeeded: bool) -> None:
-        """The migration of ATT's VM ended (SUCCEEDED: the VM runs there now)."""
-        raise ApiError(501, f"live migration of {self.label} attachments is not supported yet")
+    async def placement(self, att: AttachmentRow) -> dict:
+        """Where ATT's disk sits in its VM, as the destination must repeat it
+        (QEMU: the PCI address); ApiError when the VM cannot tell."""
+        raise ApiError(501, f"live migration of {self.label} attachments is not supported")
+
+    async def incoming_done(self, att: AttachmentRow) -> bool | None:
+        """Has the destination VM of the incoming ATT finished receiving the
+        migration?  None when it cannot tell now (it is gone or busy)."""
+        return None

@@ -175,12 +175,13 @@ async def _free_bus(client: QMPClient, timeout: float) -> str:
 
 async def attach(qmp_socket: str, export_socket: str, chardev_id: str, device_id: str,
                  queues: int, bus: str | None, timeout: float,
-                 expect_pid: int | None = None) -> str:
-    """Plug the export into the VM (the QEMU process EXPECT_PID, if given);
-    returns the bus used."""
+                 expect_pid: int | None = None, addr: int | None = None) -> str:
+    """Plug the export into the VM (the QEMU process EXPECT_PID, if given),
+    at PCI device/function ADDR of the bus if given; returns the bus used."""
     async with session(qmp_socket, timeout, expect_pid) as client:
         if bus is None:
             bus = await _free_bus(client, timeout)
+        where = {"bus": bus} if addr is None else {"bus": bus, "addr": addr}
         await _execute(client, "chardev-add", {
             "id": chardev_id,
             "backend": {"type": "socket", "data": {
@@ -190,7 +191,7 @@ async def attach(qmp_socket: str, export_socket: str, chardev_id: str, device_id
         try:
             await _execute(client, "device_add", {
                 "driver": "vhost-user-blk-pci", "id": device_id, "chardev": chardev_id,
-                "num-queues": queues, "bus": bus}, timeout)
+                "num-queues": queues, **where}, timeout)
         except QMPFailed:
             with contextlib.suppress(QMPFailed):
                 await _execute(client, "chardev-remove", {"id": chardev_id}, timeout)
@@ -206,6 +207,20 @@ async def _device_exists(client: QMPClient, device_id: str, timeout: float) -> b
     except QMPFailed:
         return False
     return True
+
+
+async def device_addr(qmp_socket: str, device_id: str, timeout: float) -> int:
+    """The PCI device/function number of DEVICE_ID on its bus."""
+    async with session(qmp_socket, timeout) as client:
+        return int(await _execute(client, "qom-get", {
+            "path": f"/machine/peripheral/{device_id}", "property": "addr"}, timeout))
+
+
+async def run_state(qmp_socket: str, timeout: float) -> str:
+    """The VM's run state (query-status): `inmigrate` while it waits for or
+    receives a migration, `running`, `paused`, `postmigrate`, ..."""
+    async with session(qmp_socket, timeout) as client:
+        return str((await _execute(client, "query-status", None, timeout))["status"])
 
 
 async def device_present(qmp_socket: str, device_id: str, timeout: float) -> bool:
@@ -274,12 +289,22 @@ class QemuAttachmentCreate(BaseModel):
     bus: str | None = Field(default=None, min_length=1, max_length=128, description=(
         "QEMU bus id to plug into. Default: the first empty pcie-root-port (q35) or "
         "pci.0 (pc)."), examples=["hp0"])
+    migrate_from: str | None = Field(default=None, pattern=r"^[0-9a-f]{8}$", description=(
+        "Live migration: the id of this volume's attachment to the VM that migrates. "
+        "`qmp_socket` is then its destination QEMU (started with `-incoming`, with the "
+        "same devices and shared memory): the disk is plugged there with the source's "
+        "device id, bus and PCI address, served by a second export of the volume that "
+        "admits only that VM's QEMUs and runs rings only once the source's have stopped. "
+        "The attachment is `incoming` until the destination has received the VM, then "
+        "replaces the source's (forgotten, its export stopped). `bus` must be left out."),
+        examples=["a1b2c3d4"])
 
 
 class Qemu(base.Hypervisor):
     name = "qemu"
     label = "QEMU"
     request_model = QemuAttachmentCreate
+    supports_incoming = True
 
     async def _probe(self, qmp_socket: str) -> PeerCred:
         """Who listens on QMP_SOCKET: it must lie under qmp_socket_dirs (its
@@ -326,7 +351,8 @@ class Qemu(base.Hypervisor):
         try:
             row.bus = await attach(row.qmp_socket, socket, row.chardev_id, row.device_id,
                                    v.queues, row.bus, self.settings.qmp_timeout_s,
-                                   expect_pid=target.peer_pid)
+                                   expect_pid=target.peer_pid,
+                                   addr=(target.placement or {}).get("addr"))
         except (QMPFailed, VMGone, NoFreeSlot, PeerRefused) as e:
             status = 409 if isinstance(e, NoFreeSlot) else \
                 422 if isinstance(e, VMGone) else \
@@ -358,3 +384,21 @@ class Qemu(base.Hypervisor):
 
     def log_fields(self, att: AttachmentRow) -> dict:
         return {"qmp_socket": att.qmp_socket}
+
+    async def placement(self, att: AttachmentRow) -> dict:
+        try:
+            addr = await device_addr(att.qmp_socket, att.device_id,
+                                     self.settings.qmp_timeout_s)
+        except (VMGone, PeerRefused) as e:
+            raise ApiError(409, f"the VM of attachment {att.id} is gone: {e}") from None
+        except QMPFailed as e:
+            raise ApiError(502, f"where is device {att.device_id} in the VM at "
+                                f"{att.qmp_socket}: {e}") from None
+        return {"bus": att.bus, "addr": addr}
+
+    async def incoming_done(self, att: AttachmentRow) -> bool | None:
+        try:
+            status = await run_state(att.qmp_socket, self.settings.qmp_timeout_s)
+        except (VMGone, PeerRefused, QMPFailed):
+            return None
+        return status not in ("inmigrate", "prelaunch")

@@ -23,9 +23,12 @@ router = APIRouter()
                                    "(libvirt) the domain does not share its memory, is not "
                                    "running, or its QEMU user cannot reach the socket, or "
                                    "(xen) the volume is exported or attached elsewhere, or "
-                                   "the domain has that disk already."),
-                        **err(422, "Invalid body, qmp_socket is not a live QMP socket, or "
-                                   "no such libvirt or Xen domain."),
+                                   "the domain has that disk already, or (migrate_from) "
+                                   "that attachment is not an attached QEMU one, its VM is "
+                                   "gone, or the volume is already migrating."),
+                        **err(422, "Invalid body, qmp_socket is not a live QMP socket, "
+                                   "no such libvirt or Xen domain, or bus given with "
+                                   "migrate_from."),
                         **err(501, "libvirt: the libvirt Python bindings are not "
                                    "installed (pip install libvirt-python); xen: the Xen "
                                    "libraries or xenstored are missing (not a Xen dom0)."),
@@ -51,7 +54,13 @@ async def attach(controller: ControllerDep, name: str, body: models.AttachmentCr
 
     `xen`: a blkif worker (`blkserve export --xen-domain`) creates the
     vbd in xenstore and serves it; the guest's blkfront connects and the
-    disk appears as `vdev`. The daemon must run in dom0."""
+    disk appears as `vdev`. The daemon must run in dom0.
+
+    `qemu` with `migrate_from`: a live migration's destination QEMU
+    (`-incoming`) gets the disk where the source VM has it, from a second
+    export of the volume; the attachment is `incoming` until the
+    destination has received the VM, then replaces the source's (whose
+    export stops). DELETE it to cancel."""
     async with controller.lock(name):
         return vars(await controller.attach(name, body))
 
@@ -91,6 +100,9 @@ async def get_attachment(controller: ControllerDep, name: str, att_id: str):
                                      "installed."),
                           **err(403, "libvirt: its socket is no longer allowed, or what "
                                      "listens there is not a root libvirt daemon."),
+                          **err(409, "The attachment is the source of a live migration "
+                                     "(an `incoming` attachment names it): DELETE that "
+                                     "one to cancel, or let the migration complete."),
                           **err(502, "QEMU or libvirt refused, or libvirt is unreachable "
                                      "(the message is in detail)."),
                           **err(503, "libvirt: every libvirt call thread is still busy."),
@@ -103,7 +115,9 @@ async def detach(controller: ControllerDep, name: str, att_id: str,
     """`device_del`, wait for DEVICE_DELETED, `chardev-remove` (libvirt:
     `detachDeviceAlias`, wait until the disk has left the live domain XML);
     the export stops if it was only there for attachments. A stale
-    attachment (VM gone) is just forgotten."""
+    attachment (VM gone) is just forgotten. An `incoming` one (a cancelled
+    migration) has its own export stopped; the destination QEMU is left
+    as it is."""
     async with controller.lock(name):
         await controller.detach(name, att_id, timeout_s)
     return Response(status_code=204)
