@@ -725,11 +725,12 @@ def test_database_of_an_older_daemon_is_migrated(tmp_path):
             "qmp_socket": "/nonexistent/qmp.sock", "bus": "hp0", "device_id": "blkserve-a1",
             "chardev_id": "blkserve-a1-chr", "uri": None, "domain": None, "target": None,
             "state": "stale", "created_at": "2024-01-01T00:00:00+00:00",
-            "error": "the VM is gone"}]
+            "error": "the VM is gone", "migrate_from": None}]
         _ok(http.delete("/v1/volumes/old1/attachments/a1"), 204)
         _ok(http.delete("/v1/volumes/old1"), 204)
     db = sqlite3.connect(state / "blkserve.db")
     assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
     cols = {r[1]: r[3] for r in db.execute("PRAGMA table_info(attachments)")}
     assert {"uri", "domain", "target"} <= set(cols) and cols["qmp_socket"] == 0  # nullable
+    assert {"migrate_from", "worker_socket", "worker_pid", "worker_pid_start"} <= set(cols)
     db.close()
