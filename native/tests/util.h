@@ -45,4 +45,14 @@ static inline int cq_overflow_entries(void)
     return total;
 }
 
+/* No more than a few CQEs left in the kernel's overflow lists (a loop
+ * that reaps as it goes leaves none); says how many when there are. */
+static inline int cq_overflow_small(void)
+{
+    int n = cq_overflow_entries();
+    if (n >= 64)
+        fprintf(stderr, "io_uring overflow list: %d entries\n", n);
+    return n < 64;
+}
+
 #endif
