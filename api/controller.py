@@ -541,8 +541,6 @@ class Controller(Volumes):
         VM (REQUEST.qmp_socket) where the source VM has it, served by a second
         export of the volume; `incoming` until the watcher sees the VM arrive."""
         name = v.name
-        if not hv.supports_incoming:
-            raise ApiError(422, f"live migration of {hv.label} attachments is not supported")
         if getattr(request, "bus", None) is not None:
             raise ApiError(422, "bus cannot be given with migrate_from: the disk goes where "
                                 "the source VM has it")

@@ -63,3 +63,13 @@ def fresh_state():
         os.kill(pid, signal.SIGKILL)
     (d.parent / f"{d.name}.serve.log").unlink(missing_ok=True)
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp():
+    """A short directory (sockets fit in sun_path) that QEMU, whoever it runs
+    as, can search; removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="bsq-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

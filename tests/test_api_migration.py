@@ -35,18 +35,7 @@ pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not 
 
 MiB = 1 << 20
 SETTLE_S = 30  # the watcher looks every 5 s; a QMP round trip under load
-RESTARTS = 10  # daemon kill -9 and restart during a migration
-
-
-@pytest.fixture
-def tmp():
-    import shutil
-    import tempfile
-
-    d = Path(tempfile.mkdtemp(prefix="bsmig-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+RESTARTS = 20  # daemon kill -9 and restart during a migration
 
 
 def vm(sock: Path, incoming: bool = False):

@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -105,14 +104,6 @@ def silent_server(path: str) -> socket.socket:
     s.bind(path)
     s.listen(64)
     return s
-
-
-@pytest.fixture
-def tmp():
-    d = Path(tempfile.mkdtemp(prefix="bspeer-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def server(tmp: Path, **keys) -> ApiServer:

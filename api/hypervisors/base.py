@@ -118,8 +118,6 @@ class Hypervisor(abc.ABC):
 
     # -- live migration (an `incoming` attachment: the destination VM) --------
 
-    supports_incoming: ClassVar[bool] = False
-
     async def placement(self, att: AttachmentRow) -> dict:
         """Where ATT's disk sits in its VM, as the destination must repeat it
         (QEMU: the PCI address); ApiError when the VM cannot tell."""

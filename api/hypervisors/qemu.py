@@ -304,7 +304,6 @@ class Qemu(base.Hypervisor):
     name = "qemu"
     label = "QEMU"
     request_model = QemuAttachmentCreate
-    supports_incoming = True
 
     async def _probe(self, qmp_socket: str) -> PeerCred:
         """Who listens on QMP_SOCKET: it must lie under qmp_socket_dirs (its
