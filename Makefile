@@ -68,7 +68,7 @@ soak: setup
 	BLKSERVE_SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -v tests/test_soak.py
 
 # The engine's own C tests, with the same warnings as the extension.
-ENGINE_C := native/mem.c native/virtq.c native/blk.c native/core.c native/engine.c \
+ENGINE_C := native/mem.c native/virtq.c native/blk.c native/core.c native/qos.c native/engine.c \
 	native/ring_split.c native/ring_packed.c native/vq_log.c native/blkif.c native/blkif_req.c
 build/test_engine: native/tests/test_engine.c native/tests/util.h $(NATIVE_SRC)
 	mkdir -p build

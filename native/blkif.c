@@ -88,7 +88,10 @@ static void sync_progress(struct bs_blkif *b)
  * has completed (blkif.h). */
 static void start_barrier(struct bs_blkif *b, const union blkif_any *q)
 {
+    /* never held for QoS: what follows must not start before it has */
+    b->core.qos_bypass = 1;
     start_request(b, q);
+    b->core.qos_bypass = 0;
     sync_progress(b);
     b->fenced = b->core.inflight > 0;
 }
@@ -105,6 +108,8 @@ static void drain_ring(struct bs_blkif *b)
     b->starved = 0;
     b->more = 0;
     b->core.t_now = bs_now_ns();
+    if (b->core.held)
+        return;                 /* out of QoS budget */
     if (b->has_held || b->fenced) {
         if (b->core.inflight)
             return;             /* a barrier still waits, or is still running */
@@ -145,6 +150,8 @@ static void drain_ring(struct bs_blkif *b)
             }
             start_request(b, &q);
             sync_progress(b);
+            if (b->core.held)
+                return;         /* out of QoS budget: resumes once it started */
             if (--budget == 0 || b->core.stopping) {
                 b->more = 1;
                 return;
@@ -204,7 +211,9 @@ static void *blkif_thread(void *arg)
     b->evt = 1;     /* requests queued before we started */
     for (;;) {
         int broken = __atomic_load_n(&b->st->broken, __ATOMIC_RELAXED);
-        if (!c->stopping && !broken &&
+        if (c->held && bs_core_qos_tick(c))
+            b->evt = 1;
+        if (!c->stopping && !broken && !c->held &&
             (b->evt || (b->starved && b->free_head >= 0) || ((b->has_held || b->fenced) && !c->inflight)))
             drain_ring(b);
         b->evt = 0;
@@ -217,8 +226,8 @@ static void *blkif_thread(void *arg)
             ret = bs_core_stop_wait(c);
             if (ret == -ETIME && c->stop_expired == 2)
                 break;
-        } else if (!broken && ((b->starved && b->free_head >= 0) ||
-                               ((b->has_held || b->fenced) && !c->inflight))) {
+        } else if (!broken && !c->held && ((b->starved && b->free_head >= 0) ||
+                                           ((b->has_held || b->fenced) && !c->inflight))) {
             ret = io_uring_submit(&c->ring);
         } else if (!broken && b->more) {
             /* handle what is ready (completions, a stop) without sleeping */

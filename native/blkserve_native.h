@@ -111,6 +111,11 @@ struct bs_queue_stats {
     /* latency from descriptor pop to used-ring entry, per op, log2 ns */
     uint64_t op_lat_hist[7][40];
     uint64_t resubmitted;    /* requests found in flight after a restart     */
+    /* QoS: requests that waited for budget, the time they waited, and that
+     * time's log2 ns histogram (bucketed like op_lat_hist) */
+    uint64_t throttled;
+    uint64_t throttle_wait_ns;
+    uint64_t throttle_wait_hist[40];
 };
 
 /* ---- guest memory ---- */
@@ -145,6 +150,65 @@ void bs_target_set_writethrough(bs_target *t, int writethrough);
  * of the block size) from now on.  -EINVAL if it is not a multiple. */
 int bs_target_set_capacity(bs_target *t, uint64_t capacity);
 void bs_target_free(bs_target *t);
+
+/* ---- QoS: IOPS and bandwidth limits (native/qos.c) ----
+ * A struct bs_qos holds the limits of one volume or of one group of
+ * volumes together with their token buckets, in memory that may be shared
+ * between processes (a file every member's worker maps): each queue of each
+ * member takes its requests' cost from the same buckets with atomic
+ * operations, so a limit holds for the volume (or the group) as a whole.
+ * The control plane writes rate / burst_rate / burst_ms at any time (each
+ * field is read atomically per request) and then calls bs_qos_rebase.
+ *
+ * Each limit is a GCRA token bucket on CLOCK_MONOTONIC: a request of n
+ * units (1 for iops_*, its data bytes for bps_*) may start when the bucket's
+ * theoretical arrival time is at most `tolerance` ahead of now, and pushes
+ * it n / rate seconds further.  tolerance is 10 ms of the rate, or with a
+ * burst (burst_rate > rate, burst_ms > 0) the credit of running at
+ * burst_rate for burst_ms: (burst_rate - rate) * burst_ms / rate; a second
+ * bucket then holds the burst itself to burst_rate.  A request larger than
+ * the bucket still starts once the bucket is level, and the debt it leaves
+ * delays the next ones.  Reads count in *_total and *_read, writes in
+ * *_total and *_write; DISCARD and WRITE_ZEROES count as writes in iops_*
+ * only; FLUSH, GET_ID and bad requests are never held. */
+enum bs_qos_kind {
+    BS_QOS_IOPS_TOTAL = 0,
+    BS_QOS_IOPS_READ = 1,
+    BS_QOS_IOPS_WRITE = 2,
+    BS_QOS_BPS_TOTAL = 3,
+    BS_QOS_BPS_READ = 4,
+    BS_QOS_BPS_WRITE = 5,
+    BS_QOS_KINDS = 6
+};
+
+struct bs_qos_limit {
+    uint64_t rate;          /* units per second; 0: no limit of this kind    */
+    uint64_t burst_rate;    /* up to this rate for burst_ms after idling ... */
+    uint64_t burst_ms;      /* ... (0, or burst_rate <= rate: no burst)      */
+    uint64_t tat;           /* the engine's: bucket state (ns)               */
+    uint64_t tat_burst;
+    uint64_t reserved[3];
+};
+
+struct bs_qos {
+    uint32_t magic;         /* 0x534f5142 ("BQOS") once initialised          */
+    uint32_t size;          /* sizeof(struct bs_qos)                         */
+    struct bs_qos_limit lim[6];
+    /* requests held for this block's budget, and how long (atomic adds
+     * from every queue of every member; log2 ns like op_lat_hist) */
+    uint64_t throttled;
+    uint64_t wait_ns;
+    uint64_t wait_hist[40];
+    char group[64];         /* the control plane's (a volume's group name)   */
+};
+
+/* Serve t's requests under VOL's limits and GRP's (either may be NULL).
+ * Takes effect for the next request of every queue; the blocks must stay
+ * mapped until bs_target_free or until no queue of t runs. */
+void bs_target_set_qos(bs_target *t, struct bs_qos *vol, struct bs_qos *grp);
+/* After a limit of KIND (-1: every kind) changed: debt owed under the old
+ * limit is forgiven, so a raised limit applies at once. */
+void bs_qos_rebase(struct bs_qos *q, int32_t kind);
 
 /* ---- queues ---- */
 int bs_queue_new(bs_target *t, int index, bs_queue **out);

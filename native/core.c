@@ -106,6 +106,9 @@ int bs_core_init(struct bs_core *c, unsigned nslots)
     c->abandoned = 0;
     c->sync_head = NULL;
     c->sync_tail = &c->sync_head;
+    c->held = NULL;
+    c->qos_timer = 0;
+    c->qos_bypass = 0;
     for (size_t i = 0; i < sizeof(flag_sets) / sizeof(flag_sets[0]); i++) {
         ret = io_uring_queue_init(entries, &c->ring, flag_sets[i]);
         if (ret == 0)
@@ -140,7 +143,7 @@ static int stat_op(const struct bs_blk_req *r)
     }
 }
 
-static int lat_bucket(uint64_t ns)
+int bs_lat_bucket(uint64_t ns)
 {
     int b = ns ? 64 - __builtin_clzll(ns) : 0;   /* ns < 2^b */
     return b < BS_LAT_BUCKETS ? b : BS_LAT_BUCKETS - 1;
@@ -155,7 +158,7 @@ void bs_core_account(struct bs_core *c, struct bs_io *io, uint8_t status)
 
     BS_STAT_ADD(st->op_status[op][status <= BS_BLK_S_UNSUPP ? status : BS_BLK_S_IOERR], 1);
     BS_STAT_ADD(st->op_lat_sum_ns[op], lat);
-    BS_STAT_ADD(st->op_lat_hist[op][lat_bucket(lat)], 1);
+    BS_STAT_ADD(st->op_lat_hist[op][bs_lat_bucket(lat)], 1);
     if (status == BS_BLK_S_OK)
         BS_STAT_ADD(st->op_bytes[op], op == BS_STAT_GET_ID ? r->used_len - 1 : r->len);
     BS_PROBE(request_done, c->target->cfg.serial, U64(c->index), U64(op), U64(r->offset >> 9),
@@ -293,7 +296,7 @@ static int submit_io(struct bs_core *c, struct bs_io *io)
     return 0;
 }
 
-void bs_core_start(struct bs_core *c, struct bs_io *io)
+static void start_now(struct bs_core *c, struct bs_io *io)
 {
     const struct bs_target_cfg *t = &c->target->cfg;
 
@@ -313,6 +316,70 @@ void bs_core_start(struct bs_core *c, struct bs_io *io)
         return;
     }
     c->inflight++;
+}
+
+/* A QoS wait: wake the thread when it is over, or after QOS_RECHECK_NS to
+ * see a changed limit (one timer armed at a time). */
+#define QOS_RECHECK_NS 20000000ULL
+
+static void qos_arm(struct bs_core *c, uint64_t wait)
+{
+    if (c->qos_timer)
+        return;
+    struct io_uring_sqe *sqe = bs_core_sqe(c);
+    if (!sqe)
+        return;     /* the next completion or kick looks again */
+    if (wait > QOS_RECHECK_NS)
+        wait = QOS_RECHECK_NS;
+    c->qos_ts.tv_sec = (long long)(wait / 1000000000ULL);
+    c->qos_ts.tv_nsec = (long long)(wait % 1000000000ULL);
+    io_uring_prep_timeout(sqe, &c->qos_ts, 0, 0);
+    io_uring_sqe_set_data64(sqe, BS_UD_QOS);
+    c->qos_timer = 1;
+}
+
+void bs_core_start(struct bs_core *c, struct bs_io *io)
+{
+    if (__builtin_expect(__atomic_load_n(&c->target->qos_on, __ATOMIC_RELAXED), 0) &&
+        !c->qos_bypass) {
+        uint64_t now = bs_now_ns();
+        int by_group;
+        uint64_t wait = bs_qos_admit(c->target, io->req.op, io->req.len, now, &by_group, 0);
+        if (wait) {
+            c->held = io;
+            c->held_since = now;
+            c->held_by_group = by_group;
+            BS_STAT_ADD(c->st->throttled, 1);
+            BS_PROBE(throttle, c->target->cfg.serial, U64(c->index), U64(wait), io);
+            qos_arm(c, wait);
+            return;
+        }
+    }
+    start_now(c, io);
+}
+
+int bs_core_qos_tick(struct bs_core *c)
+{
+    struct bs_io *io = c->held;
+    if (!io)
+        return 0;
+    uint64_t now = bs_now_ns();
+    int by_group;
+    uint64_t wait = bs_qos_admit(c->target, io->req.op, io->req.len, now, &by_group,
+                                 c->stopping);
+    if (wait) {
+        c->held_by_group |= by_group;
+        qos_arm(c, wait);
+        return 0;
+    }
+    c->held = NULL;
+    wait = now - c->held_since;
+    BS_STAT_ADD(c->st->throttle_wait_ns, wait);
+    BS_STAT_ADD(c->st->throttle_wait_hist[bs_lat_bucket(wait)], 1);
+    bs_qos_account(c->target, wait, c->held_by_group);
+    c->t_now = now;
+    start_now(c, io);
+    return 1;
 }
 
 void bs_core_cqe(struct bs_core *c, struct bs_io *io, int res)
@@ -460,7 +527,9 @@ void bs_core_reap(struct bs_core *c, void (*other)(struct bs_core *c, uint64_t u
     io_uring_for_each_cqe(&c->ring, head, cqe) {
         uint64_t ud = io_uring_cqe_get_data64(cqe);
         n++;
-        if (ud < BS_UD_RESERVED)
+        if (ud == BS_UD_QOS)
+            c->qos_timer = 0;
+        else if (ud < BS_UD_RESERVED)
             other(c, ud, cqe->res);
         else
             bs_core_cqe(c, (struct bs_io *)(uintptr_t)ud, cqe->res);

@@ -285,6 +285,7 @@ static void *queue_thread(void *arg)
 
     /* requests a previous backend left in flight, in the order it popped them */
     c->t_now = bs_now_ns();
+    c->qos_bypass = 1;       /* admitted once already: never held again */
     for (int i = 0; i < q->nresubmit; i++) {
         BS_STAT_ADD(q->st->resubmitted, 1);
         int broke;
@@ -299,11 +300,17 @@ static void *queue_thread(void *arg)
             break;
         bs_q_sync_progress(q);
     }
+    c->qos_bypass = 0;
 
     for (;;) {
         check_faults(q);
         int broken = __atomic_load_n(&q->st->broken, __ATOMIC_RELAXED);
-        if (!c->stopping && !broken && (q->kicked || (q->starved && q->free_head >= 0))) {
+        /* a request held for QoS budget starts first (at once on a stop);
+         * until it has, nothing more is popped */
+        if (c->held && bs_core_qos_tick(c))
+            q->kicked = 1;
+        if (!c->stopping && !broken && !c->held &&
+            (q->kicked || (q->starved && q->free_head >= 0))) {
             if (q->vr.packed)
                 bs_packed_drain(q);
             else
@@ -318,7 +325,7 @@ static void *queue_thread(void *arg)
             break;
 
         int polled = 0;
-        if (q->poll_ns && !c->stopping && !broken) {
+        if (q->poll_ns && !c->stopping && !broken && !c->held) {
             /* start what was queued (I/O, the guest notification) first */
             if (io_uring_sq_ready(&c->ring))
                 io_uring_submit(&c->ring);
@@ -331,10 +338,10 @@ static void *queue_thread(void *arg)
             ret = bs_core_stop_wait(c);
             if (ret == -ETIME && c->stop_expired == 2)
                 break;
-        } else if (q->starved && q->free_head >= 0 && !broken) {
+        } else if (q->starved && q->free_head >= 0 && !broken && !c->held) {
             ret = io_uring_submit(&c->ring);   /* slots came free: pop more */
             q->kicked = 1;
-        } else if (q->more && !c->stopping && !broken) {
+        } else if (q->more && !c->stopping && !broken && !c->held) {
             /* the drain used its budget: handle what is ready (completions,
              * a stop request) without sleeping, then go on */
             ret = io_uring_submit_and_get_events(&c->ring);

@@ -313,7 +313,26 @@ int bs_range_ok(const struct bs_target_cfg *t, uint64_t sector, uint64_t len);
 
 struct bs_target {
     struct bs_target_cfg cfg;   /* cfg.writethrough is read atomically */
+    /* QoS blocks (bs_target_set_qos), read atomically per request; qos_on
+     * is nonzero when either is set: the one load a request costs when no
+     * limit is */
+    struct bs_qos *qos_vol;
+    struct bs_qos *qos_grp;
+    int qos_on;
 };
+
+/* ---- QoS (qos.c) ----
+ * bs_qos_admit: may a request of op (enum bs_op) with BYTES of data start at
+ * NOW?  0: yes, and its cost is taken from every bucket it counts in; else
+ * the ns to wait before asking again (nothing taken).  *by_group is set
+ * when the group's budget is (one of) the reason(s).  force: take the cost
+ * without waiting (a stop). */
+uint64_t bs_qos_admit(bs_target *t, int op, uint64_t bytes, uint64_t now, int *by_group,
+                      int force);
+/* Count a request that waited WAIT ns into the blocks (the queue's stats
+ * are the caller's). */
+void bs_qos_account(bs_target *t, uint64_t wait, int by_group);
+int bs_lat_bucket(uint64_t ns);
 
 /* ---- request execution core (core.c) ----
  * What every transport shares: a parsed request (struct bs_blk_req) and the
@@ -351,6 +370,7 @@ typedef void bs_core_partial_fn(struct bs_core *c, const struct bs_io *io, size_
 #define BS_UD_CTL 2ULL
 #define BS_UD_CALL 3ULL
 #define BS_UD_CANCEL 4ULL
+#define BS_UD_QOS 5ULL           /* the QoS timer: a held request's budget is due */
 #define BS_UD_RESERVED 16ULL
 
 struct bs_core {
@@ -370,6 +390,15 @@ struct bs_core {
     struct bs_queue_stats *st;
     bs_core_done_fn *done;
     bs_core_partial_fn *partial;     /* NULL: nothing to note */
+    /* QoS: a request out of budget is held here (one per queue: the
+     * transport stops popping while one is) until bs_core_qos_tick starts
+     * it; a timeout SQE wakes the thread for that */
+    struct bs_io *held;
+    uint64_t held_since;
+    int held_by_group;
+    int qos_timer;           /* the timeout SQE is armed */
+    int qos_bypass;          /* start without asking (resubmissions, barriers) */
+    struct __kernel_timespec qos_ts;
 };
 
 uint64_t bs_now_ns(void);
@@ -381,6 +410,10 @@ struct io_uring_sqe *bs_core_sqe(struct bs_core *c);
 /* Start a parsed request (io->req filled, io->chain holding its buffers):
  * completes at once through done() for BS_OP_NONE or a failed submit. */
 void bs_core_start(struct bs_core *c, struct bs_io *io);
+/* QoS: if a request is held, start it when its budget is there (or at once
+ * when stopping) and return 1 (the transport pops again); else arm the
+ * timer that wakes the thread for it and return 0. */
+int bs_core_qos_tick(struct bs_core *c);
 /* A CQE (or a sync_io result) for io. */
 void bs_core_cqe(struct bs_core *c, struct bs_io *io, int res);
 /* sync_io: complete what ran inline, in order, like CQEs. */

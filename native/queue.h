@@ -128,6 +128,8 @@ static inline void bs_q_mark_broken(struct bs_queue *q, int err)
 
 static inline int bs_q_over_budget(struct bs_queue *q, const struct slot *s)
 {
+    if (q->core.held)
+        return 1;            /* out of QoS budget: popping resumes once it started */
     q->budget_pops++;
     q->budget_descs += s->io.chain.ndesc;
     if (q->budget_pops < DRAIN_BUDGET_POPS && q->budget_descs < DRAIN_BUDGET_DESCS &&

@@ -564,6 +564,59 @@ static void test_flood_is_bounded(void)
     }
 }
 
+
+/* QoS on the blkif transport: 200 IOPS holds 48 requests (a full ring
+ * kicked at once) to (48 - 2) / 200 s, a stop with one held answers it,
+ * and nothing is lost. */
+static void test_qos(void)
+{
+    static struct bs_qos vol;
+    struct front f;
+    memset(&vol, 0, sizeof(vol));
+    vol.lim[BS_QOS_IOPS_TOTAL].rate = 200;
+    bs_qos_rebase(&vol, -1);
+    front_init(&f, 0, 1);
+    bs_target_set_qos(f.tgt, &vol, NULL);
+    double t0 = now_s();
+    int total = 0;
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < 24; i++, total++)
+            rw(&f, i % 2 ? BLKIF_OP_READ : BLKIF_OP_WRITE, (uint64_t)total,
+               (uint64_t)i * 8, 1, 10 + (uint32_t)(i % 8), 0, 7);
+        kick(&f);
+        for (int i = 0; i < 24; i++)
+            CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+    }
+    double t = now_s() - t0;
+    CHECK(t >= 0.22 && t < 1.5);
+    struct bs_queue_stats st;
+    bs_blkif_get_stats(f.b, &st);
+    CHECK(st.throttled > 30 && vol.throttled == st.throttled);
+    /* a stop while requests wait for budget */
+    vol.lim[BS_QOS_IOPS_TOTAL].rate = 1;
+    bs_qos_rebase(&vol, -1);
+    for (int i = 0; i < 4; i++)
+        rw(&f, BLKIF_OP_READ, (uint64_t)i, (uint64_t)i * 8, 1, 10, 0, 7);
+    kick(&f);
+    usleep(100000);
+    t0 = now_s();
+    CHECK(bs_blkif_stop(f.b) == 0);
+    CHECK(now_s() - t0 < 1.0);
+    int answered = 0;
+    while (RING_HAS_UNCONSUMED_RESPONSES(&f.ring)) {
+        CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+        answered++;
+    }
+    CHECK(answered >= 1 && answered < 4);   /* the rest wait in the ring */
+    /* the next start serves them */
+    vol.lim[BS_QOS_IOPS_TOTAL].rate = 0;
+    CHECK(bs_blkif_start(f.b, &ops, &f.bcfg) == 0);
+    eventfd_write(fx.evt, 1);
+    for (; answered < 4; answered++)
+        CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+    front_fini(&f);
+}
+
 int main(void)
 {
     fx.memfd = memfd_create("guest-pages", MFD_CLOEXEC);
@@ -579,6 +632,7 @@ int main(void)
     test_barrier();
     test_full_ring();
     test_flood_is_bounded();
+    test_qos();
     if (failures) {
         fprintf(stderr, "test_blkif: %d failure(s)\n", failures);
         return 1;

@@ -1309,6 +1309,136 @@ static void test_inflight_resubmit(void)
     free(in);
 }
 
+
+/* QoS: N reads of LEN bytes, in batches the 64-entry test ring holds; the
+ * seconds they took. */
+static double qos_reads(struct drv *d, int n, uint32_t len)
+{
+    double t0 = now_s();
+    while (n > 0) {
+        int b = n < 16 ? n : 16;
+        for (int i = 0; i < b; i++)
+            submit(d, BS_BLK_T_IN, (uint64_t)(i % 8) * (len / 512), len, 1);
+        kick(d);
+        CHECK(wait_used(d, d->avail_idx) == 0);
+        n -= b;
+    }
+    return now_s() - t0;
+}
+
+static void test_qos(void)
+{
+    static struct bs_qos vol, grp;
+    struct drv d, e;
+    struct bs_queue_stats st;
+    uint32_t base;
+
+    /* 200 IOPS: 48 reads take (48 - 2 let through at once) / 200 s; 10 ms
+     * of credit (2 requests) and the wait's wake-up latency aside, the limit
+     * is exact, so the lower bound is tight and the upper one generous */
+    memset(&vol, 0, sizeof(vol));
+    vol.lim[BS_QOS_IOPS_TOTAL].rate = 200;
+    bs_qos_rebase(&vol, -1);
+    CHECK(vol.magic == 0x534f5142u && vol.size == sizeof(vol));
+    drv_init(&d, 0);
+    bs_target_set_qos(d.tgt, &vol, NULL);
+    CHECK(drv_start(&d, 1) == 0);
+    double t = qos_reads(&d, 48, 4096);
+    CHECK(t >= 0.22 && t < 1.5);
+    /* writes count in the total too; flushes are never held */
+    struct req f = submit(&d, BS_BLK_T_FLUSH, 0, 0, 0);
+    kick(&d);
+    CHECK(wait_used(&d, d.avail_idx) == 0 && status_of(&d, &f) == BS_BLK_S_OK);
+    bs_queue_get_stats(d.q, &st);
+    CHECK(st.throttled > 30 && hist_total(st.throttle_wait_hist) == st.throttled);
+    CHECK(st.throttle_wait_ns > 100000000ULL);
+    CHECK(vol.throttled == st.throttled && vol.wait_ns == st.throttle_wait_ns);
+
+    /* bandwidth: 256 KiB of reads at 1 MiB/s (iops limit off) */
+    vol.lim[BS_QOS_IOPS_TOTAL].rate = 0;
+    vol.lim[BS_QOS_BPS_READ].rate = 1 << 20;
+    bs_qos_rebase(&vol, -1);
+    t = qos_reads(&d, 16, 16384);
+    CHECK(t >= 0.2 && t < 1.5);
+    /* a write is not a read: bps_read does not hold it */
+    vol.lim[BS_QOS_BPS_READ].tat = bs_now_ns() + 5000000000ULL;  /* 5 s of debt */
+    double t0 = now_s();
+    struct req w = submit(&d, BS_BLK_T_OUT, 0, 4096, 0);
+    kick(&d);
+    CHECK(wait_used(&d, d.avail_idx) == 0 && status_of(&d, &w) == BS_BLK_S_OK);
+    CHECK(now_s() - t0 < 1.0);
+
+    /* held requests are started, not lost, when the limit goes away ... */
+    vol.lim[BS_QOS_BPS_READ].rate = 0;
+    vol.lim[BS_QOS_IOPS_READ].rate = 1;
+    bs_qos_rebase(&vol, -1);
+    uint16_t before = d.avail_idx;
+    for (int i = 0; i < 6; i++)
+        submit(&d, BS_BLK_T_IN, (uint64_t)i * 8, 4096, 1);
+    kick(&d);
+    usleep(100000);
+    CHECK(d.vr.used->idx != d.avail_idx);   /* precondition: some are held */
+    t0 = now_s();
+    vol.lim[BS_QOS_IOPS_READ].rate = 0;
+    CHECK(wait_used(&d, d.avail_idx) == 0);
+    CHECK(now_s() - t0 < 0.5);               /* re-checked every 20 ms */
+    /* ... and when the queue stops while one waits: the held request is
+     * served, the ones behind it stay in the ring for the next start */
+    vol.lim[BS_QOS_IOPS_READ].rate = 1;
+    bs_qos_rebase(&vol, -1);
+    before = d.avail_idx;
+    struct req held[4];
+    for (int i = 0; i < 4; i++)
+        held[i] = submit(&d, BS_BLK_T_IN, (uint64_t)i * 8, 4096, 1);
+    kick(&d);
+    usleep(100000);
+    uint16_t served = (uint16_t)(d.vr.used->idx - before);
+    CHECK(served < 3);
+    t0 = now_s();
+    CHECK(bs_queue_stop(d.q, &base) == 0);
+    CHECK(now_s() - t0 < 1.0);
+    CHECK(d.vr.used->idx == (uint16_t)(before + served + 1) && base == d.vr.used->idx);
+    for (int i = 0; i <= served; i++)
+        CHECK(status_of(&d, &held[i]) == BS_BLK_S_OK);
+    vol.lim[BS_QOS_IOPS_READ].rate = 0;
+    CHECK(drv_start_at(&d, 1, (uint16_t)base) == 0);
+    kick(&d);
+    CHECK(wait_used(&d, d.avail_idx) == 0);
+    for (int i = 0; i < 4; i++)
+        CHECK(status_of(&d, &held[i]) == BS_BLK_S_OK);
+    CHECK(bs_queue_stop(d.q, &base) == 0);
+
+    /* a group: two targets (as two workers would) share one budget of 200
+     * IOPS; 24 reads each take (48 - 2) / 200 s together */
+    memset(&vol, 0, sizeof(vol));
+    memset(&grp, 0, sizeof(grp));
+    grp.lim[BS_QOS_IOPS_TOTAL].rate = 200;
+    bs_qos_rebase(&grp, -1);
+    bs_target_set_qos(d.tgt, NULL, &grp);
+    drv_init(&e, 0);
+    bs_target_set_qos(e.tgt, NULL, &grp);
+    CHECK(drv_start(&d, 1) == 0 && drv_start(&e, 0) == 0);
+    t0 = now_s();
+    for (int r = 0; r < 3; r++) {
+        for (int i = 0; i < 8; i++) {
+            submit(&d, BS_BLK_T_IN, (uint64_t)i * 8, 4096, 1);
+            submit(&e, BS_BLK_T_IN, (uint64_t)i * 8, 4096, 1);
+        }
+        kick(&d);
+        kick(&e);
+        CHECK(wait_used(&d, d.avail_idx) == 0 && wait_used(&e, e.avail_idx) == 0);
+    }
+    t = now_s() - t0;
+    CHECK(t >= 0.22 && t < 1.5);
+    CHECK(grp.throttled > 20);
+    /* off: no limit, no wait */
+    bs_target_set_qos(d.tgt, NULL, NULL);
+    CHECK(qos_reads(&d, 32, 4096) < 0.2);
+    CHECK(bs_queue_stop(d.q, &base) == 0 && bs_queue_stop(e.q, &base) == 0);
+    drv_fini(&d);
+    drv_fini(&e);
+}
+
 int main(void)
 {
     test_rw_roundtrip();
@@ -1328,6 +1458,7 @@ int main(void)
     test_blocking_call_fd();
     test_guest_ram_truncated();
     test_dirty_log();
+    test_qos();
     /* the sync engine behind the same interface (the fallback and oracle) */
     sync_io = 1;
     test_rw_roundtrip();
@@ -1345,6 +1476,7 @@ int main(void)
     test_blocking_call_fd();
     test_guest_ram_truncated();
     test_dirty_log();
+    test_qos();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
