@@ -13,7 +13,7 @@ from blkserve import __version__, logs
 from blkserve.api import deps, errors, metrics, openapi
 from blkserve.api.controller import Controller
 from blkserve.api.middleware import RequestIdMiddleware
-from blkserve.api.routes import AUTH, attachments, exports, service, tracing, volumes
+from blkserve.api.routes import AUTH, attachments, exports, qos_groups, service, tracing, volumes
 
 log = logging.getLogger("blkserve.api")
 
@@ -67,7 +67,7 @@ def create_app(controller: Controller | None, token: str) -> FastAPI:
 
     app.include_router(service.router)
     v1 = APIRouter(prefix="/v1", dependencies=[deps.bearer], responses=AUTH)
-    for resource in (volumes, exports, attachments, tracing):
+    for resource in (volumes, qos_groups, exports, attachments, tracing):
         v1.include_router(resource.router)
     app.include_router(v1)
     app.add_middleware(RequestIdMiddleware)  # added last: the outermost

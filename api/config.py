@@ -120,6 +120,11 @@ class Settings:
         return os.path.join(self.state_dir, "stats")
 
     @property
+    def qos_dir(self) -> str:
+        """QoS blocks of the volumes (and groups/ of the groups): blkserve.qos."""
+        return os.path.join(self.state_dir, "qos")
+
+    @property
     def logs_dir(self) -> str:
         return os.path.join(self.state_dir, "logs")
 

@@ -19,6 +19,7 @@ from blkserve.api import sockets
 from blkserve.api.config import SOCKET_PATH_MAX, Settings
 from blkserve.api.errors import ApiError
 from blkserve.api.hypervisors import ADAPTERS, DetachTimeout, Hypervisor, Target
+from blkserve.api.qos import QosControl
 from blkserve.api.state import AttachmentRow, State, VolumeRow
 from blkserve.api.volumes import Volumes
 from blkserve.api.workers import Worker, WorkerSpec, WorkerStartError, own_socket
@@ -63,13 +64,14 @@ class NamedLocks:
                 del self.entries[key]
 
 
-class Controller(Volumes):
+class Controller(Volumes, QosControl):
     def __init__(self, settings: Settings):
         self.settings = settings
         os.makedirs(settings.state_dir, exist_ok=True)
         # private: the state dir may be made searchable for the QEMU user, who
         # must reach the sockets through it, and nothing else
-        for d in (settings.volumes_dir, settings.logs_dir, settings.stats_dir):
+        for d in (settings.volumes_dir, settings.logs_dir, settings.stats_dir,
+                  settings.qos_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(d, 0o700)
         os.makedirs(settings.sockets_dir, exist_ok=True)
@@ -225,7 +227,8 @@ class Controller(Volumes):
     def volume_view(self, v: VolumeRow) -> dict:
         return {"name": v.name, "size_bytes": v.size_bytes, "read_only": v.read_only,
                 "queues": v.queues, "backing": v.backing, "managed": v.managed,
-                "created_at": v.created_at, "export": self.export_view(v.name),
+                "created_at": v.created_at, **self.qos_view(v),
+                "export": self.export_view(v.name),
                 "attachments": [vars(a) for a in self.state.attachments(v.name)]}
 
     # -- exports -----------------------------------------------------------
@@ -250,6 +253,7 @@ class Controller(Volumes):
                           stats_file=stats_file or self.stats_path(v.name),
                           socket_owner=socket_owner,
                           backing_identity=v.identity,
+                          qos_file=self.sync_qos_block(v),
                           # an export from before allowed-peers files serves any peer
                           allow_peers_file=None if own or not os.path.exists(peers_file)
                           else peers_file,

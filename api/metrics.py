@@ -21,7 +21,19 @@ log = logging.getLogger("blkserve.metrics")
 # Histogram bounds: the engine's log2 buckets from 2^13 ns (8.2 us) to 2^30 ns
 # (1.07 s); engine bucket i counts requests faster than 2^i ns.
 BUCKET_BITS = range(13, 31)
+# QoS waits: 8.2 us to 8.6 s
+WAIT_BITS = range(13, 34)
 ALWAYS_OPS = ("read", "write", "flush", "discard", "write_zeroes", "get_id")
+
+
+def _log2_hist(counts: list[int], bits: range) -> list[tuple[str, int]]:
+    cum, out = 0, []
+    for b, n in enumerate(counts):
+        cum += n
+        if b in bits:
+            out.append((repr((1 << b) / 1e9), cum))
+    out.append(("+Inf", cum))
+    return out
 
 
 def engine_metrics(snapshots: dict[str, stats.Snapshot]):
@@ -45,6 +57,13 @@ def engine_metrics(snapshots: dict[str, stats.Snapshot]):
                                 labels=["volume"])
     notifies = CounterMetricFamily("blkserve_guest_notifications", "Interrupts sent to the "
                                    "guest.", labels=["volume"])
+    throttled = CounterMetricFamily("blkserve_throttled_requests", "Requests held for QoS "
+                                    "budget (the volume's limits or its group's).",
+                                    labels=["volume"])
+    waited = HistogramMetricFamily("blkserve_throttle_wait_seconds", "Time requests were "
+                                   "held for QoS budget. Each queue holds one request at a "
+                                   "time: the rate of _sum is the share of time the "
+                                   "volume's queues were held.", labels=["volume"])
     for vol, snap in sorted(snapshots.items()):
         qs = snap.queues
         for o, op in enumerate(stats.OPS):
@@ -56,19 +75,54 @@ def engine_metrics(snapshots: dict[str, stats.Snapshot]):
             for st, status in enumerate(stats.STATUSES[1:], start=1):
                 errors.add_metric([vol, op, status], done[st])
             buckets = [sum(q.op_lat_hist[o][b] for q in qs) for b in range(stats.LAT_BUCKETS)]
-            cum, out = 0, []
-            for b in range(stats.LAT_BUCKETS):
-                cum += buckets[b]
-                if b in BUCKET_BITS:
-                    out.append((repr((1 << b) / 1e9), cum))
-            out.append(("+Inf", cum))
-            hist.add_metric([vol, op], out, sum(q.op_lat_sum_ns[o] for q in qs) / 1e9)
+            hist.add_metric([vol, op], _log2_hist(buckets, BUCKET_BITS),
+                            sum(q.op_lat_sum_ns[o] for q in qs) / 1e9)
         inflight.add_metric([vol], sum(q.inflight for q in qs))
         bad.add_metric([vol], sum(q.bad_chains for q in qs))
         broken.add_metric([vol], sum(q.broken for q in qs))
         kicks.add_metric([vol], sum(q.kicks for q in qs))
         notifies.add_metric([vol], sum(q.notifies for q in qs))
-    return (reqs, nbytes, errors, hist, inflight, bad, broken, kicks, notifies)
+        throttled.add_metric([vol], sum(q.throttled for q in qs))
+        wh = [sum((q.throttle_wait_hist or [0] * stats.LAT_BUCKETS)[b] for q in qs)
+              for b in range(stats.LAT_BUCKETS)]
+        waited.add_metric([vol], _log2_hist(wh, WAIT_BITS),
+                          sum(q.throttle_wait_ns for q in qs) / 1e9)
+    return (reqs, nbytes, errors, hist, inflight, bad, broken, kicks, notifies, throttled,
+            waited)
+
+
+def qos_metrics(volumes: list, groups: list):
+    """Limits in force (gauges) per volume and group; a group's throttled
+    requests and waits (counted in its shared block by every member)."""
+    limit = GaugeMetricFamily("blkserve_qos_limit", "A volume's QoS limit in force: "
+                              "requests/s (iops_*) or bytes/s (bps_*).",
+                              labels=["volume", "kind"])
+    burst = GaugeMetricFamily("blkserve_qos_burst_limit", "A volume's QoS burst rate "
+                              "(KIND_max).", labels=["volume", "kind"])
+    glimit = GaugeMetricFamily("blkserve_qos_group_limit", "A QoS group's limit in force.",
+                               labels=["group", "kind"])
+    gburst = GaugeMetricFamily("blkserve_qos_group_burst_limit", "A QoS group's burst "
+                               "rate.", labels=["group", "kind"])
+    gthrottled = CounterMetricFamily("blkserve_qos_group_throttled_requests", "Requests of "
+                                     "the group's volumes held for the group's budget.",
+                                     labels=["group"])
+    gwaited = HistogramMetricFamily("blkserve_qos_group_throttle_wait_seconds", "Time "
+                                    "requests were held for the group's budget.",
+                                    labels=["group"])
+    for name, limits, _ in volumes:
+        for kind, lim in sorted(limits.items()):
+            limit.add_metric([name, kind], lim.rate)
+            if lim.burst:
+                burst.add_metric([name, kind], lim.burst)
+    for name, limits, block in groups:
+        for kind, lim in sorted(limits.items()):
+            glimit.add_metric([name, kind], lim.rate)
+            if lim.burst:
+                gburst.add_metric([name, kind], lim.burst)
+        n, wait_ns, hist_counts = block.counters()
+        gthrottled.add_metric([name], n)
+        gwaited.add_metric([name], _log2_hist(hist_counts, WAIT_BITS), wait_ns / 1e9)
+    return (limit, burst, glimit, gburst, gthrottled, gwaited)
 
 
 class ControlPlaneCollector:
@@ -106,6 +160,7 @@ class ControlPlaneCollector:
             except stats.StatsError as e:
                 log.debug("no engine stats for %s: %s", exp.volume, e)
         yield from engine_metrics(snapshots)
+        yield from qos_metrics(*c.qos_metrics())
 
 
 def registry_for(controller) -> CollectorRegistry:

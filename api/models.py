@@ -6,8 +6,16 @@ import functools
 import operator
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from blkserve import qos as qos_mod
 from blkserve.api.hypervisors import ADAPTERS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -28,6 +36,75 @@ def _check_size(v: int) -> int:
 class Error(BaseModel):
     detail: str = Field(description="What went wrong, in one line.",
                         examples=["volume 'db1' already exists"])
+
+
+def _rate(what: str, unit: str):
+    return Field(default=None, gt=0, le=qos_mod.MAX_RATE, description=f"{what} ({unit}).")
+
+
+def _burst(kind: str):
+    return Field(default=None, gt=0, le=qos_mod.MAX_RATE, description=(
+        f"Burst: up to this rate (above `{kind}`) for `{kind}_max_length` seconds after "
+        "running below the rate."))
+
+
+def _burst_len(kind: str):
+    return Field(default=None, ge=0.001, le=qos_mod.MAX_BURST_SECONDS, description=(
+        f"Seconds a `{kind}_max` burst may last (default 1)."))
+
+
+class QosLimits(BaseModel):
+    """IOPS and bandwidth limits for a volume (all its queues together) or a
+    group of volumes (all of them together). Any subset; leave a key out for
+    no limit of that kind."""
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"iops_total": 5000, "bps_write": 20971520},
+        {"iops_total": 1000, "iops_total_max": 4000, "iops_total_max_length": 2},
+    ]})
+
+    iops_total: int | None = _rate("Requests per second, reads and writes", "IOPS")
+    iops_total_max: int | None = _burst("iops_total")
+    iops_total_max_length: float | None = _burst_len("iops_total")
+    iops_read: int | None = _rate("Reads per second", "IOPS")
+    iops_read_max: int | None = _burst("iops_read")
+    iops_read_max_length: float | None = _burst_len("iops_read")
+    iops_write: int | None = _rate("Writes per second (DISCARD and WRITE_ZEROES count)",
+                                   "IOPS")
+    iops_write_max: int | None = _burst("iops_write")
+    iops_write_max_length: float | None = _burst_len("iops_write")
+    bps_total: int | None = _rate("Data bytes per second, read and written", "bytes/s")
+    bps_total_max: int | None = _burst("bps_total")
+    bps_total_max_length: float | None = _burst_len("bps_total")
+    bps_read: int | None = _rate("Bytes read per second", "bytes/s")
+    bps_read_max: int | None = _burst("bps_read")
+    bps_read_max_length: float | None = _burst_len("bps_read")
+    bps_write: int | None = _rate("Bytes written per second (DISCARD and WRITE_ZEROES "
+                                  "do not count)", "bytes/s")
+    bps_write_max: int | None = _burst("bps_write")
+    bps_write_max_length: float | None = _burst_len("bps_write")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        qos_mod.from_flat(self.flat())   # QosError is a ValueError: a 422
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):
+        # the limits in force only (a missing key: no limit of that kind)
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def flat(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+QOS_DESCRIPTION = (
+    "QoS limits of the volume as a whole (all its queues), applied to a running export "
+    "within 20 ms without restarting it; `null`: none. A queue out of budget stops "
+    "taking requests until the budget is due (the guest sees back-pressure). Without a "
+    "burst a volume may run 100 ms worth of a rate ahead of it. FLUSH is never held.")
+QOS_GROUP_DESCRIPTION = (
+    "A QoS group (`/v1/qos-groups`) whose limits this volume shares with the group's "
+    "other volumes (held in sum across their export workers); `null`: none.")
 
 
 class VolumeCreate(BaseModel):
@@ -54,21 +131,61 @@ class VolumeCreate(BaseModel):
         "the state dir. Allowed only if it matches the daemon config's `allowed_backings`. "
         "Deleting the volume does not delete an external backing."),
         examples=["/dev/disk/by-id/nvme-example"])
+    qos: QosLimits | None = Field(default=None, description=QOS_DESCRIPTION)
+    qos_group: str | None = Field(default=None, pattern=NAME_PATTERN,
+                                  description=QOS_GROUP_DESCRIPTION)
 
     _size = field_validator("size_bytes")(lambda cls, v: v if v is None else _check_size(v))
 
 
-class VolumeResize(BaseModel):
+class VolumePatch(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
-        {"size_bytes": 21474836480}]})
+        {"size_bytes": 21474836480}, {"qos": {"iops_total": 5000}}, {"qos": None},
+        {"qos_group": "tenant-a"}]})
 
-    size_bytes: int = Field(gt=0, le=MAX_SIZE, json_schema_extra=SECTORS, description=(
+    size_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE, json_schema_extra=SECTORS,
+                                   description=(
         "New capacity in bytes, a multiple of 512. Growing extends the file (sparse) and "
         "a running export serves the new size at once and tells an attached guest, which "
         "sees the new capacity without a reboot; shrinking is refused while the volume is "
         "exported or attached."))
+    qos: QosLimits | None = Field(default=None, description=(
+        "New limits (replacing all of the old ones), or `null` to remove them. " +
+        QOS_DESCRIPTION))
+    qos_group: str | None = Field(default=None, pattern=NAME_PATTERN, description=(
+        "Join this QoS group (leaving another), or `null` to leave it; a running export "
+        "switches within a second."))
 
-    _size = field_validator("size_bytes")(lambda cls, v: _check_size(v))
+    _size = field_validator("size_bytes")(lambda cls, v: v if v is None else _check_size(v))
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.model_fields_set:
+            raise ValueError("give size_bytes, qos or qos_group")
+        return self
+
+
+class QosGroupCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"name": "tenant-a", "qos": {"iops_total": 20000, "bps_total": 209715200}}]})
+
+    name: str = Field(pattern=NAME_PATTERN, description="Group name (as a volume name).")
+    qos: QosLimits = Field(description="Limits all member volumes share.")
+
+
+class QosGroupPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"qos": {"iops_total": 30000}}]})
+
+    qos: QosLimits = Field(description="New limits (replacing the old ones), applied to "
+                           "the members' running exports within 20 ms.")
+
+
+class QosGroup(BaseModel):
+    name: str
+    qos: QosLimits
+    members: list[str] = Field(description="Volumes in the group.")
+    created_at: str
 
 
 class ExportRequest(BaseModel):
@@ -153,6 +270,8 @@ class Volume(BaseModel):
     managed: bool = Field(description="The file was created by blkserve under the state "
                           "dir (and is deleted with the volume).")
     created_at: str
+    qos: QosLimits | None = Field(description="The volume's own limits in force, or null.")
+    qos_group: str | None = Field(description="Its QoS group, or null.")
     export: Export | None
     attachments: list[Attachment]
 

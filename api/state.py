@@ -24,7 +24,14 @@ CREATE TABLE IF NOT EXISTS volumes (
     backing_dev  INTEGER,
     backing_ino  INTEGER,
     backing_kind TEXT,
-    backing_rdev INTEGER
+    backing_rdev INTEGER,
+    qos         TEXT,
+    qos_group   TEXT REFERENCES qos_groups(name)
+);
+CREATE TABLE IF NOT EXISTS qos_groups (
+    name        TEXT PRIMARY KEY,
+    qos         TEXT NOT NULL,
+    created_at  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS exports (
     volume      TEXT PRIMARY KEY REFERENCES volumes(name),
@@ -104,6 +111,17 @@ MIGRATIONS = [
     ALTER TABLE attachments ADD COLUMN worker_pid INTEGER;
     ALTER TABLE attachments ADD COLUMN worker_pid_start INTEGER;
     """,
+    # 4: QoS: a volume's limits (JSON, the flat form of blkserve.qos) and
+    # group, and the groups
+    """
+    CREATE TABLE qos_groups (
+        name        TEXT PRIMARY KEY,
+        qos         TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    ALTER TABLE volumes ADD COLUMN qos TEXT;
+    ALTER TABLE volumes ADD COLUMN qos_group TEXT REFERENCES qos_groups(name);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -126,6 +144,8 @@ class VolumeRow:
     backing_ino: int | None = None
     backing_kind: str | None = None  # file | block
     backing_rdev: int | None = None
+    qos: str | None = None  # JSON of the flat limits (blkserve.qos.to_flat), or NULL
+    qos_group: str | None = None
 
     @property
     def identity(self) -> tuple[int, int] | None:
@@ -235,6 +255,32 @@ class State:
 
     def delete_volume(self, name: str) -> None:
         self._exec("DELETE FROM volumes WHERE name = ?", (name,))
+
+    def set_volume_qos(self, name: str, qos: str | None, group: str | None) -> None:
+        self._exec("UPDATE volumes SET qos = ?, qos_group = ? WHERE name = ?",
+                   (qos, group, name))
+
+    # -- QoS groups --------------------------------------------------------
+
+    def qos_groups(self) -> list[sqlite3.Row]:
+        return self._exec("SELECT * FROM qos_groups ORDER BY name").fetchall()
+
+    def qos_group(self, name: str) -> sqlite3.Row | None:
+        return self._exec("SELECT * FROM qos_groups WHERE name = ?", (name,)).fetchone()
+
+    def add_qos_group(self, name: str, qos: str) -> None:
+        self._exec("INSERT INTO qos_groups (name, qos, created_at) VALUES (?, ?, ?)",
+                   (name, qos, now()))
+
+    def set_qos_group(self, name: str, qos: str) -> None:
+        self._exec("UPDATE qos_groups SET qos = ? WHERE name = ?", (qos, name))
+
+    def delete_qos_group(self, name: str) -> None:
+        self._exec("DELETE FROM qos_groups WHERE name = ?", (name,))
+
+    def qos_group_members(self, name: str) -> list[str]:
+        return [r[0] for r in self._exec("SELECT name FROM volumes WHERE qos_group = ? "
+                                         "ORDER BY name", (name,)).fetchall()]
 
     # -- exports -----------------------------------------------------------
 

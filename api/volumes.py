@@ -267,6 +267,7 @@ class Volumes:
             raise ApiError(409, f"volume '{name}' is exported; stop the export first "
                                 f"(DELETE /v1/volumes/{name}/export)")
         self.state.delete_volume(name)
+        self.drop_volume_qos(name)
         if v.managed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(v.backing)

@@ -142,6 +142,7 @@ class WorkerSpec:
     backing_identity: tuple[int, int] | None = None
     # serve only the processes listed there (blkserve.peers); None: any peer
     allow_peers_file: str | None = None
+    qos_file: str | None = None  # the volume's QoS block (blkserve.qos), live limits
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "blkserve", "export", self.backing,
@@ -157,6 +158,8 @@ class WorkerSpec:
             argv += ["--stats-file", self.stats_file]
         if self.allow_peers_file:
             argv += ["--allow-peers-file", self.allow_peers_file]
+        if self.qos_file:
+            argv += ["--qos-file", self.qos_file]
         if self.xen_domain is not None:
             argv += ["--xen-domain", self.xen_domain, "--vdev", self.xen_vdev or "xvdb"]
         return argv

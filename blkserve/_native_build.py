@@ -14,8 +14,8 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
-SOURCES = ["mem.c", "virtq.c", "blk.c", "core.c", "qos.c", "engine.c", "ring_split.c", "ring_packed.c",
-           "vq_log.c",
+SOURCES = ["mem.c", "virtq.c", "blk.c", "core.c", "qos.c", "engine.c", "ring_split.c",
+           "ring_packed.c", "vq_log.c",
            "blkif.c", "blkif_req.c", "bench.c", "bench_vu.c", "bench_setup.c",
            "bench_report.c"]
 SANITIZE = os.environ.get("BLKSERVE_SANITIZE", "")

@@ -52,6 +52,7 @@ def _export(args: argparse.Namespace) -> int:
             xen_domain=args.xen_domain, xen_devid=args.xen_devid, vdev=args.vdev,
             backing_identity=identity,
             allow_peer_pids=args.allow_peer_pid, allow_peers_file=args.allow_peers_file,
+            qos=args.qos, qos_file=args.qos_file, qos_group_file=args.qos_group_file,
         ))
     except ExportError as e:
         print(f"blkserve export: error: {e}", file=sys.stderr)
@@ -157,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the engine's counters and latency histograms in PATH, a "
                          "shared stats block other processes can read while I/O runs "
                          "(`blkserve serve` reads it for /metrics); removed on exit")
+    ex.add_argument("--qos", metavar="KEY=VALUE[,...]",
+                    help="IOPS and bandwidth limits for the whole disk (all its queues): "
+                         "iops_total, iops_read, iops_write (requests/s), bps_total, "
+                         "bps_read, bps_write (bytes/s; K, M, G are powers of 1024), each "
+                         "with an optional burst KEY_max (a higher rate) for KEY_max_length "
+                         "seconds (default 1), e.g. iops_total=5000,bps_write=20M. A queue "
+                         "out of budget stops taking requests until it is due. DISCARD and "
+                         "WRITE_ZEROES count as writes for iops_* only; FLUSH is never held")
+    ex.add_argument("--qos-file", metavar="PATH",
+                    help="keep the limits in PATH, a shared block (created if missing; "
+                         "--qos writes into it) that another process may rewrite while the "
+                         "export runs: new limits apply within 20 ms. The block may name "
+                         "a group whose block is groups/NAME.qos beside PATH; SIGHUP "
+                         "re-reads that name (`blkserve serve` gives each volume one)")
+    ex.add_argument("--qos-group-file", metavar="PATH",
+                    help="also serve under the limits in PATH, a shared block several "
+                         "exports map: its limits hold for all of them together")
     ex.add_argument("--allow-peer-pid", type=int, action="append", metavar="PID",
                     help="serve only a frontend whose process (SO_PEERCRED of its "
                          "connection) is PID; repeatable. Others are refused with a log line")

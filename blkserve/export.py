@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from blkserve import backing as backing_io
+from blkserve import qos as qos_mod
 from blkserve.logs import log_event
 from blkserve.native import SERIAL_BYTES, Target, TargetConfig
 from blkserve.peers import PeerPolicy
@@ -63,6 +64,9 @@ class ExportOptions:
     backing_identity: tuple[int, int] | None = None
     allow_peer_pids: list[int] | None = None  # serve only these frontend processes
     allow_peers_file: str | None = None  # ... and those listed there (blkserve.peers)
+    qos: str | None = None  # --qos iops_total=5000,... (blkserve.qos)
+    qos_file: str | None = None  # the volume's shared QoS block (blkserve serve's)
+    qos_group_file: str | None = None  # a group's shared QoS block
 
 
 def default_serial(path: str) -> bytes:
@@ -207,6 +211,59 @@ def inherited_listener(fd: int) -> tuple[socket.socket, str]:
     return s, name or f"fd {fd}"
 
 
+class ExportQos:
+    """The QoS blocks an export serves under: its own (anonymous with --qos,
+    or --qos-file, whose group field names a group block beside it) and a
+    group's (--qos-group-file, or the one the volume block names)."""
+
+    def __init__(self, opts: ExportOptions):
+        self.opts = opts
+        self.vol: qos_mod.QosBlock | None = None
+        self.grp: qos_mod.QosBlock | None = None
+        self.group = ""
+        limits = None
+        try:
+            if opts.qos is not None:
+                limits = qos_mod.parse_spec(opts.qos)
+            if opts.qos_file:
+                self.vol = qos_mod.QosBlock(opts.qos_file)
+            elif limits is not None:
+                self.vol = qos_mod.QosBlock(None)
+            if limits is not None:
+                self.vol.apply(limits)
+            if opts.qos_group_file:
+                self.grp = qos_mod.QosBlock(opts.qos_group_file)
+        except qos_mod.QosError as e:
+            raise ExportError(f"--qos: {e}") from None
+        except OSError as e:
+            raise ExportError(f"cannot map a QoS file: {e}") from None
+
+    def attach(self, target: Target) -> str:
+        """Hand the blocks to the engine (again after SIGHUP: the volume
+        block's group may have changed).  Returns what is in force."""
+        if self.opts.qos_file and not self.opts.qos_group_file and self.vol is not None:
+            name = self.vol.group
+            if name != self.group:
+                self.grp = None
+                if name and qos_mod.GROUP_NAME_RE.match(name):
+                    try:
+                        self.grp = qos_mod.QosBlock(qos_mod.group_path(self.opts.qos_file, name),
+                                                    create=False)
+                    except OSError as e:
+                        log.warning("QoS group %s: %s: serving without it", name, e)
+                self.group = name if self.grp is not None else ""
+        if self.vol is None and self.grp is None:
+            return "no QoS limits"
+        target.set_qos(self.vol, self.grp)
+        parts = []
+        if self.vol is not None:
+            parts.append(f"limits {qos_mod.to_flat(self.vol.limits()) or 'none (yet)'}")
+        if self.grp is not None:
+            parts.append(f"group {self.group or self.opts.qos_group_file} "
+                         f"{qos_mod.to_flat(self.grp.limits())}")
+        return "QoS: " + ", ".join(parts)
+
+
 def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
     """Validate the backing options, open the backing and configure the
     engine's target (shared by the vhost-user and Xen transports)."""
@@ -228,6 +285,7 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
             raise ExportError(f"--serial is longer than {SERIAL_BYTES} bytes")
     else:
         serial = default_serial(opts.backing)
+    qos = ExportQos(opts)
     backing = open_backing(opts.backing, opts.read_only, opts.cache, opts.backing_identity)
     try:
         block_size = opts.block_size or (4096 if backing.logical_block == 4096 else SECTOR)
@@ -249,6 +307,10 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
             block_size=block_size, is_block_device=backing.is_block, poll_us=opts.poll_us,
             sync_io=sync_io, drain_timeout_ms=max(1, round(opts.drain_timeout * 1000)),
         ))
+        target.qos = qos
+        msg = qos.attach(target)
+        if qos.vol is not None or qos.grp is not None:
+            log.info("%s", msg)
     except BaseException:
         backing.close()
         raise
@@ -305,7 +367,12 @@ async def _run(server: VhostUserServer) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: %s", server.grow()))
+    def hup() -> None:
+        log.info("SIGHUP: %s", server.grow())
+        if server.target.qos.opts.qos_file:
+            log.info("SIGHUP: %s", server.target.qos.attach(server.target))
+
+    loop.add_signal_handler(signal.SIGHUP, hup)
     m = server.model
     log_event(log, "export.listening", socket=server.path, queues=m.num_queues,
               capacity=m.capacity, read_only=m.read_only, pid=os.getpid(),

@@ -128,6 +128,14 @@ class Target:
     def set_capacity(self, capacity: int) -> None:
         _check(lib.bs_target_set_capacity(self._h, capacity), "changing the capacity")
 
+    def set_qos(self, vol, grp) -> None:
+        """Serve under VOL's and GRP's limits (blkserve.qos.QosBlock or None).
+        The blocks stay referenced as long as the target: a queue may still
+        be reading the one replaced."""
+        self._qos_keep = [*getattr(self, "_qos_keep", []), vol, grp]
+        lib.bs_target_set_qos(self._h, vol.ptr if vol is not None else ffi.NULL,
+                              grp.ptr if grp is not None else ffi.NULL)
+
     def close(self) -> None:
         if self._h is not None:
             lib.bs_target_free(self._h)

@@ -32,6 +32,9 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIIIQQQ")
 HEADER_SIZE = 64
 QSIZE = ffi.sizeof("struct bs_queue_stats")
+# the layout before the QoS counters were appended: a block an older worker
+# (adopted across an upgrade) writes is read with those counters at zero
+QSIZE_BEFORE_QOS = ffi.offsetof("struct bs_queue_stats", "throttled")
 STRIDE = (QSIZE + 63) // 64 * 64
 
 OPS = ("read", "write", "flush", "discard", "write_zeroes", "get_id", "other")
@@ -81,6 +84,9 @@ class QueueStats:
     kicks: int
     notifies: int
     broken: bool
+    throttled: int = 0            # requests held for QoS budget
+    throttle_wait_ns: int = 0
+    throttle_wait_hist: list[int] | None = None  # log2 ns, like op_lat_hist
 
 
 @dataclass
@@ -101,19 +107,23 @@ def read(path: str) -> Snapshot:
     if len(data) < HEADER_SIZE:
         raise StatsError(f"{path}: truncated")
     magic, version, nq, qsize, stride, pid, capacity, started = HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION or qsize != QSIZE or stride < qsize:
+    if (magic != MAGIC or version != VERSION or qsize not in (QSIZE, QSIZE_BEFORE_QOS)
+            or stride < qsize):
         raise StatsError(f"{path}: not a stats block of this blkserve version")
     if len(data) < HEADER_SIZE + stride * nq:
         raise StatsError(f"{path}: truncated")
-    buf = ffi.from_buffer(data)
     queues = []
     for i in range(nq):
-        s = ffi.cast("struct bs_queue_stats *", buf + HEADER_SIZE + stride * i)
+        off = HEADER_SIZE + stride * i
+        s = ffi.cast("struct bs_queue_stats *",
+                     ffi.from_buffer(data[off:off + qsize].ljust(QSIZE, b"\0")))
         queues.append(QueueStats(
             op_status=[list(s.op_status[o]) for o in range(len(OPS))],
             op_bytes=list(s.op_bytes), op_lat_sum_ns=list(s.op_lat_sum_ns),
             op_lat_hist=[list(s.op_lat_hist[o]) for o in range(len(OPS))],
             inflight=int(s.inflight), bad_chains=int(s.bad_chains),
             io_errors=int(s.io_errors), kicks=int(s.kicks), notifies=int(s.notifies),
-            broken=bool(s.broken)))
+            broken=bool(s.broken), throttled=int(s.throttled),
+            throttle_wait_ns=int(s.throttle_wait_ns),
+            throttle_wait_hist=list(s.throttle_wait_hist)))
     return Snapshot(pid, capacity, started, queues)

@@ -163,7 +163,7 @@ void bs_target_free(bs_target *t);
  * Each limit is a GCRA token bucket on CLOCK_MONOTONIC: a request of n
  * units (1 for iops_*, its data bytes for bps_*) may start when the bucket's
  * theoretical arrival time is at most `tolerance` ahead of now, and pushes
- * it n / rate seconds further.  tolerance is 10 ms of the rate, or with a
+ * it n / rate seconds further.  tolerance is 100 ms of the rate, or with a
  * burst (burst_rate > rate, burst_ms > 0) the credit of running at
  * burst_rate for burst_ms: (burst_rate - rate) * burst_ms / rate; a second
  * bucket then holds the burst itself to burst_rate.  A request larger than

@@ -9,7 +9,10 @@
 #include "internal.h"
 
 #define QOS_MAGIC 0x534f5142u
-#define SLICE_NS 10000000ULL            /* the tolerance without a burst */
+/* The tolerance without a burst: how far a volume may run ahead of its
+ * rate after an idle spell, and how late a queue's wake-up may be without
+ * costing it budget (as QEMU's default bucket, a tenth of a second). */
+#define SLICE_NS 100000000ULL
 #define NS_PER_S 1000000000ULL
 #define FAR_NS (1ULL << 60)             /* a wait that saturated */
 

@@ -18,14 +18,22 @@ router = APIRouter()
                         **err(409, "A volume of that name exists, or one on that backing (also "
                                    "through a hard link, another device node, or a "
                                    "partition and its disk)."),
-                        **err(422, "Invalid name, size or backing."),
+                        **err(422, "Invalid name, size, backing or QoS limits, or no such "
+                                   "QoS group."),
                         **err(507, "Not enough free space for the volume.")})
 async def create_volume(controller: ControllerDep, body: models.VolumeCreate):
     """Create a sparse volume file under STATE_DIR/volumes/ (or register an
-    allow-listed external file or block device)."""
+    allow-listed external file or block device), with optional QoS limits
+    and group."""
     async with controller.lock(body.name):
+        controller._check_group(body.qos_group)
         row = controller.create_volume(body.name, body.size_bytes, body.read_only,
                                        body.queues, body.backing)
+        if body.qos is not None or body.qos_group is not None:
+            controller.set_volume_qos(body.name, {
+                "qos": body.qos.flat() if body.qos is not None else None,
+                "qos_group": body.qos_group})
+            row = controller.get_volume(body.name)
         return controller.volume_view(row)
 
 
@@ -43,18 +51,32 @@ async def get_volume(controller: ControllerDep, name: str):
 
 
 @router.patch("/volumes/{name}", response_model=models.Volume, tags=["volumes"],
-              summary="Resize a volume",
+              summary="Resize a volume, or change its QoS limits or group",
               responses={**UNREADABLE, **NOT_FOUND, **INVALID,
                          **err(409, "Shrinking an exported/attached volume, a block "
                                     "device backing, or a backing replaced since the "
                                     "volume was created."),
                          **err(507, "Not enough free space to grow.")})
-async def resize_volume(controller: ControllerDep, name: str, body: models.VolumeResize):
-    """Grow (or, when not exported, shrink) the volume's file. A running
-    export serves the new capacity at once and a connected QEMU is told
-    (vhost-user CONFIG_CHANGE_MSG), so the guest sees the resize online."""
+async def patch_volume(controller: ControllerDep, name: str, body: models.VolumePatch):
+    """`size_bytes`: grow (or, when not exported, shrink) the volume's file.
+    A running export serves the new capacity at once and a connected QEMU is
+    told (vhost-user CONFIG_CHANGE_MSG), so the guest sees the resize online.
+    `qos` / `qos_group`: new limits or group, applied to a running export
+    within a second without restarting it or disturbing the guest."""
     async with controller.lock(name):
-        return controller.volume_view(controller.resize_volume(name, body.size_bytes))
+        controller.get_volume(name)
+        if "qos_group" in body.model_fields_set:
+            controller._check_group(body.qos_group)
+        if body.size_bytes is not None:
+            controller.resize_volume(name, body.size_bytes)
+        fields = {}
+        if "qos" in body.model_fields_set:
+            fields["qos"] = body.qos.flat() if body.qos is not None else None
+        if "qos_group" in body.model_fields_set:
+            fields["qos_group"] = body.qos_group
+        if fields:
+            controller.set_volume_qos(name, fields)
+        return controller.volume_view(controller.get_volume(name))
 
 
 @router.delete("/volumes/{name}", status_code=204, response_class=Response,
