@@ -143,8 +143,9 @@ class VolumePatch(BaseModel):
         {"size_bytes": 21474836480}, {"qos": {"iops_total": 5000}}, {"qos": None},
         {"qos_group": "tenant-a"}]})
 
-    size_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE, json_schema_extra=SECTORS,
-                                   description=(
+    # absent, never null: the schema says integer
+    size_bytes: int = Field(default=None, gt=0, le=MAX_SIZE, json_schema_extra=SECTORS,
+                            description=(
         "New capacity in bytes, a multiple of 512. Growing extends the file (sparse) and "
         "a running export serves the new size at once and tells an attached guest, which "
         "sees the new capacity without a reboot; shrinking is refused while the volume is "

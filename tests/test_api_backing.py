@@ -451,14 +451,14 @@ def test_wrong_json_types_are_422_on_resize_and_attach(http):
 def test_sizes_are_integers_in_the_openapi(http):
     spec = ok(http.get("/openapi.json"))
     schemas = spec["components"]["schemas"]
-    resize = schemas["VolumeResize"]["properties"]["size_bytes"]
+    patch = schemas["VolumePatch"]["properties"]["size_bytes"]
     create_ = schemas["VolumeCreate"]["properties"]["size_bytes"]
-    integer = next(s for s in create_["anyOf"] if s.get("type") == "integer")
-    for s in (resize, integer):
+    ints = [patch, next(s for s in create_["anyOf"] if s.get("type") == "integer")]
+    for s in ints:
         assert type(s["maximum"]) is int and s["maximum"] == models.MAX_SIZE, s
         assert type(s["exclusiveMinimum"]) is int, s
-    assert type(resize["multipleOf"]) is int and type(create_["multipleOf"]) is int
-    assert json.dumps(resize["multipleOf"]) == "512"
+    assert type(patch["multipleOf"]) is int and type(create_["multipleOf"]) is int
+    assert json.dumps(patch["multipleOf"]) == "512"
 
 
 # -- the per-name locks ------------------------------------------------------------

@@ -136,6 +136,8 @@ def _reset(http: httpx.Client) -> None:
         if v["export"] is not None:
             assert http.delete(f"/v1/volumes/{v['name']}/export").status_code == 204
         assert http.delete(f"/v1/volumes/{v['name']}").status_code == 204
+    for g in http.get("/v1/qos-groups").json():
+        assert http.delete(f"/v1/qos-groups/{g['name']}").status_code == 204
 
 
 def test_stateful_sequences_conform(api):
