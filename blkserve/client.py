@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from blkserve import qos as qos_mod
 from blkserve.sizes import parse_size
 
 DEFAULT_URL = "http://127.0.0.1:8470"
@@ -148,6 +149,18 @@ def attachment_table(attachments: Sequence[dict]) -> str:
     return format_table(headers, rows)
 
 
+def qos_text(flat: dict | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in flat.items()) if flat else "none"
+
+
+def _qos_arg(text: str) -> dict:
+    """A --qos value (blkserve.qos.parse_spec) as the API's flat JSON."""
+    try:
+        return qos_mod.to_flat(qos_mod.parse_spec(text))
+    except qos_mod.QosError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def volume_details(v: dict) -> str:
     """`volume show`: key/value lines (exact size in bytes), then the attachments."""
     size = v.get("size_bytes")
@@ -159,6 +172,8 @@ def volume_details(v: dict) -> str:
         ("backing", v.get("backing")),
         ("managed", bool(v.get("managed"))),
         ("created", v.get("created_at")),
+        ("qos", qos_text(v.get("qos"))),
+        ("qos group", v.get("qos_group") or "none"),
     ]
     exp = v.get("export")
     pairs.append(("export", export_summary(exp)))
@@ -281,6 +296,10 @@ def _cmd_create(api: Api, args: argparse.Namespace) -> int:
         body["size_bytes"] = args.size
     if args.backing is not None:
         body["backing"] = os.path.abspath(args.backing)
+    if args.qos is not None:
+        body["qos"] = args.qos
+    if args.qos_group is not None:
+        body["qos_group"] = args.qos_group
     _, v = api.call("POST", "/v1/volumes", body)
     if args.json:
         _print_json(v)
@@ -321,6 +340,56 @@ def _cmd_resize(api: Api, args: argparse.Namespace) -> int:
     if exp and exp.get("state") not in (None, "stopped"):
         line += "; the running export serves the new size (attached guests see it online)"
     print(line)
+    return 0
+
+
+def _cmd_qos(api: Api, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.clear:
+        body["qos"] = None
+    elif args.limits is not None:
+        body["qos"] = args.limits
+    if args.no_group:
+        body["qos_group"] = None
+    elif args.group is not None:
+        body["qos_group"] = args.group
+    if not body:
+        args._parser.error("give limits, --clear, --group or --no-group")
+    _, v = api.call("PATCH", _volume_path(args.name), body)
+    if args.json:
+        _print_json(v)
+    else:
+        print(f"volume {v.get('name')}: qos {qos_text(v.get('qos'))}, group "
+              f"{v.get('qos_group') or 'none'} (in force on a running export within 20 ms)")
+    return 0
+
+
+def _group_line(g: dict) -> str:
+    return (f"{g.get('name')}: {qos_text(g.get('qos'))}; members: "
+            f"{', '.join(g.get('members') or []) or 'none'}")
+
+
+def _cmd_group(api: Api, args: argparse.Namespace) -> int:
+    path = "/v1/qos-groups"
+    if args.group_command == "list":
+        _, data = api.call("GET", path)
+        out = data if args.json else "\n".join(_group_line(g) for g in data) or "no groups"
+    elif args.group_command == "show":
+        _, data = api.call("GET", f"{path}/{_seg(args.name)}")
+        out = data if args.json else _group_line(data)
+    elif args.group_command == "create":
+        _, data = api.call("POST", path, {"name": args.name, "qos": args.limits})
+        out = data if args.json else "created QoS group " + _group_line(data)
+    elif args.group_command == "set":
+        _, data = api.call("PATCH", f"{path}/{_seg(args.name)}", {"qos": args.limits})
+        out = data if args.json else "QoS group " + _group_line(data)
+    else:
+        _, data = api.call("DELETE", f"{path}/{_seg(args.name)}")
+        out = data if args.json else f"deleted QoS group {args.name}"
+    if args.json:
+        _print_json(out)
+    else:
+        print(out)
     return 0
 
 
@@ -495,7 +564,26 @@ def add_parsers(sub) -> None:
     p.add_argument("--backing", metavar="PATH",
                    help="existing file or block device to serve (must be allowed by the "
                         "daemon's config)")
+    p.add_argument("--qos", type=_qos_arg, metavar="KEY=VALUE[,...]",
+                   help="QoS limits, as `blkserve export --qos` (e.g. "
+                        "iops_total=5000,bps_write=20M)")
+    p.add_argument("--qos-group", metavar="GROUP", help="join this QoS group")
     p.set_defaults(func=_run(_cmd_create), _parser=p)
+
+    p = vsub.add_parser(
+        "qos", parents=[common], help="set or clear a volume's QoS limits or group",
+        epilog=epilog,
+        description="Change a volume's QoS limits (all of them: keys left out have no "
+                    "limit) or its group; a running export uses them within 20 ms, "
+                    "without a restart.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("limits", nargs="?", type=_qos_arg, metavar="KEY=VALUE[,...]",
+                   help="iops_total, iops_read, iops_write, bps_total, bps_read, bps_write, "
+                        "each with _max and _max_length for a burst; K, M, G suffixes")
+    p.add_argument("--clear", action="store_true", help="remove the volume's own limits")
+    p.add_argument("--group", metavar="GROUP", help="join this QoS group")
+    p.add_argument("--no-group", action="store_true", help="leave its QoS group")
+    p.set_defaults(func=_run(_cmd_qos), _parser=p)
 
     p = vsub.add_parser("list", parents=[common], help="list volumes", epilog=epilog,
                         description="List volumes with their export state.")
@@ -521,6 +609,22 @@ def add_parsers(sub) -> None:
                     "the state dir goes with it, an external backing stays.")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=_run(_cmd_delete))
+
+    grp = sub.add_parser(
+        "qos-group", help="create, list, show, change and delete QoS groups (REST API client)",
+        description="A QoS group's limits hold for all its volumes together.")
+    gsub = grp.add_subparsers(dest="group_command", required=True, metavar="ACTION")
+    for action, text in (("list", "list groups"), ("show", "show a group and its members"),
+                         ("create", "create a group"), ("set", "change a group's limits"),
+                         ("delete", "delete a group (refused while it has volumes)")):
+        p = gsub.add_parser(action, parents=[common], help=text, description=text + ".",
+                            epilog=epilog)
+        if action != "list":
+            p.add_argument("name", metavar="GROUP")
+        if action in ("create", "set"):
+            p.add_argument("limits", type=_qos_arg, metavar="KEY=VALUE[,...]",
+                           help="the group's limits, as for `volume qos`")
+        p.set_defaults(func=_run(_cmd_group))
 
     p = sub.add_parser(
         "export-volume", parents=[common], epilog=epilog,

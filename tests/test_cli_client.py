@@ -479,3 +479,27 @@ def test_attach_missing_volume_is_404(cli, tmp_path):
     fails(cli("attach", "no-such", "--qmp", str(tmp_path / "qmp.sock")), "HTTP 404")
     fails(cli("attach", "no-such", "--qmp", "/tmp/qmp.sock", "--bus", "hp0", "--json"),
           "HTTP 404")
+
+
+def test_qos_commands(cli):
+    r = cli("qos-group", "create", "cli-t", "iops_total=20K,bps_total=100M")
+    assert r.returncode == 0, r.stderr
+    assert "cli-t: iops_total=20480,bps_total=104857600; members: none" in r.stdout
+    r = cli("volume", "create", "cliq", "--size", "1M", "--qos", "iops_read=500",
+            "--qos-group", "cli-t")
+    assert r.returncode == 0, r.stderr
+    show = cli("volume", "show", "cliq").stdout
+    assert "iops_read=500" in show and "cli-t" in show, show
+    r = cli("volume", "qos", "cliq", "bps_write=1M,bps_write_max=4M,bps_write_max_length=2")
+    assert r.returncode == 0, r.stderr
+    assert "bps_write=1048576,bps_write_max=4194304,bps_write_max_length=2.0" in r.stdout
+    assert "cliq" in cli("qos-group", "show", "cli-t").stdout
+    r = cli("qos-group", "delete", "cli-t")
+    assert r.returncode == 1 and "has volumes (cliq)" in r.stderr, r.stderr
+    r = cli("volume", "qos", "cliq", "--clear", "--no-group")
+    assert r.returncode == 0 and "qos none, group none" in r.stdout, r.stdout
+    assert cli("qos-group", "delete", "cli-t").returncode == 0
+    r = cli("volume", "qos", "cliq", "iops_total=0")
+    assert r.returncode == 2 and "must be above 0" in r.stderr, r.stderr
+    assert cli("qos-group", "list").stdout.strip() == "no groups"
+    assert cli("volume", "delete", "cliq").returncode == 0

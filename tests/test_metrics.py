@@ -166,7 +166,8 @@ def test_deploy_prometheus_config_and_rules_are_valid():
     exprs = " ".join(t["expr"] for panel in dash["panels"] for t in panel["targets"])
     for metric in ("blkserve_requests_total", "blkserve_bytes_total",
                    "blkserve_request_duration_seconds_bucket", "blkserve_inflight_requests",
-                   "blkserve_errors_total"):
+                   "blkserve_errors_total", "blkserve_throttle_wait_seconds_sum",
+                   "blkserve_throttled_requests_total", "blkserve_qos_limit"):
         assert metric in exprs
 
 
