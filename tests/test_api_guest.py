@@ -37,13 +37,16 @@ class Ctx:
         self.att: dict[str, str] = {}
         self.engine = None
 
-    def fio_verify(self, dev: str, size: str, bs: str = "4k", offset: str = "0") -> str:
+    def fio_engine(self) -> str:
         if self.engine is None:
             engines = self.vm.check("/usr/bin/fio --enghelp", timeout=60)
             self.engine = "libaio" if re.search(r"\blibaio\b", engines) else "psync"
+        return self.engine
+
+    def fio_verify(self, dev: str, size: str, bs: str = "4k", offset: str = "0") -> str:
         code, out = self.vm.run(
             f"/usr/bin/fio --name=v --filename=/dev/{dev} --direct=1 "
-            f"--ioengine={self.engine} --iodepth=8 --rw=randwrite --bs={bs} --size={size} "
+            f"--ioengine={self.fio_engine()} --iodepth=8 --rw=randwrite --bs={bs} --size={size} "
             f"--offset={offset} --verify=crc32c --do_verify=1 --verify_fatal=1 "
             f"--verify_state_save=0 --randrepeat=0", timeout=600)
         assert code == 0, f"fio failed (exit {code}):\n{out}\n{self.api.log()}"
@@ -196,6 +199,55 @@ def test_online_grow_seen_by_guest(ctx):
     assert r.status_code == 409, r.text
 
 
+def _fio_iops(ctx: Ctx, dev: str, seconds: int, background: bool = False) -> float | None:
+    cmd = (f"/usr/bin/fio --name=q --filename=/dev/{dev} --direct=1 "
+           f"--ioengine={ctx.fio_engine()} "
+           f"--iodepth=16 --rw=randread --bs=4k --size=64M --time_based --ramp_time=1 "
+           f"--runtime={seconds}")
+    if background:
+        ctx.vm.check(f"rm -f /tmp/q.out; setsid sh -c '{cmd} > /tmp/q.out 2>&1; "
+                     "echo fio-rc=$? >> /tmp/q.out' > /dev/null 2>&1 < /dev/null")
+        return None
+    code, out = ctx.vm.run(cmd, timeout=120)
+    assert code == 0, out
+    return _parse_iops(out)
+
+
+def _parse_iops(out: str) -> float:
+    m = re.search(r"IOPS=([\d.]+)(k?)", out)
+    assert m, out
+    return float(m.group(1)) * (1000 if m.group(2) else 1)
+
+
+def test_qos_limit_is_seen_by_the_guest_and_changes_live(ctx):
+    """PATCH puts a limit on the attached volume's running export: the
+    guest's fio sees it; a second PATCH while fio runs changes its rate
+    midway; `{"qos": null}` lifts it.  The worker is never restarted."""
+    dev = ctx.disk_by_serial("hot1")
+    pid = _ok(ctx.http.get("/v1/volumes/hot1"), 200)["export"]["pid"]
+    free = _fio_iops(ctx, dev, 3)
+    assert free > 3 * 600, f"the guest cannot outrun the limits tested here: {free} IOPS"
+    _ok(ctx.http.patch("/v1/volumes/hot1", json={"qos": {"iops_read": 200}}), 200)
+    got = _fio_iops(ctx, dev, 5)
+    assert abs(got - 200) / 200 <= 0.1, got
+    # 4 s at 200, then 4 s at 600: about 400 on average
+    _fio_iops(ctx, dev, 8, background=True)
+    time.sleep(1 + 4)   # fio's ramp, then half of its run
+    _ok(ctx.http.patch("/v1/volumes/hot1", json={"qos": {"iops_total": 600}}), 200)
+    out = ""
+    deadline = time.monotonic() + 60
+    while "fio-rc=" not in out and time.monotonic() < deadline:
+        time.sleep(0.5)
+        out = ctx.vm.check("cat /tmp/q.out 2>/dev/null; true")
+    assert "fio-rc=0" in out, out
+    mixed = _parse_iops(out)
+    assert 300 < mixed < 500, mixed
+    _ok(ctx.http.patch("/v1/volumes/hot1", json={"qos": None}), 200)
+    assert _fio_iops(ctx, dev, 3) > 3 * 600
+    assert _ok(ctx.http.get("/v1/volumes/hot1"), 200)["export"]["pid"] == pid
+    assert "I/O error" not in ctx.vm.check("/bin/dmesg")
+
+
 KILL_TRIES = 10
 
 
@@ -208,8 +260,6 @@ def test_worker_kill9_mid_fio_guest_sees_no_error(ctx):
     kill caught requests that the next worker resubmitted (a request
     completing between the look and the kill is not left in flight)."""
     dev = ctx.disk_by_serial("hot1")
-    if ctx.engine is None:
-        ctx.fio_verify(dev, "4M")
     stats_file = ctx.api.state_dir / "stats" / "hot1.stats"
     log_path = ctx.api.state_dir / "logs" / "hot1.log"
     resubmitted = 0
@@ -219,7 +269,7 @@ def test_worker_kill9_mid_fio_guest_sees_no_error(ctx):
         # take the shell down when it ends
         ctx.vm.check(
             f"setsid sh -c '/usr/bin/fio --name=k --filename=/dev/{dev} --direct=1 "
-            f"--ioengine={ctx.engine} --iodepth=16 --rw=randwrite --bs=4k --size=16M "
+            f"--ioengine={ctx.fio_engine()} --iodepth=16 --rw=randwrite --bs=4k --size=16M "
             f"--verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
             f"--randrepeat=0 > /tmp/k.out 2>&1; echo fio-rc=$? >> /tmp/k.out' "
             f"> /dev/null 2>&1 < /dev/null")
