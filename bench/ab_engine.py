@@ -11,7 +11,9 @@ backend CPU microseconds per request for both, and their ratio.  --trace also
 runs the working tree with `blkserve trace` attached (the cost of tracing);
 --dirty-log also runs it with the frontend's dirty log on (`blkserve bench
 --dirty-log`: every page the backend writes is marked, as during a live
-migration).
+migration).  --qos also runs it under a QoS limit far above what the run
+reaches (`--qos iops_total=100000000`): the cost of the budget check itself,
+every request asking the token bucket and never waiting.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ def cpu_ticks(pid: int) -> int:
 
 
 def run_once(tree: Path, img: str, sock: str, runtime: float, trace: bool,
-             dirty_log: bool = False) -> tuple[float, float]:
+             dirty_log: bool = False, qos: bool = False) -> tuple[float, float]:
     exp = subprocess.Popen(["taskset", "-c", "0", PY, "-m", "blkserve", "export", img,
-                            "--socket", sock], cwd=tree, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+                            "--socket", sock,
+                            *(["--qos", "iops_total=100000000"] if qos else [])],
+                           cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tracer = None
     try:
         for _ in range(200):
@@ -79,6 +82,7 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=3.0)
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--dirty-log", action="store_true")
+    ap.add_argument("--qos", action="store_true")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bs-ab-"))
     base = work / "base"
@@ -97,16 +101,18 @@ def main() -> int:
         img = "/dev/shm/bs-ab.img"
         with open(img, "wb") as f:
             f.truncate(256 << 20)
-        systems = {"base": (base, False, False), "head": (REPO, False, False)}
+        systems = {"base": (base, False, False, False), "head": (REPO, False, False, False)}
         if a.trace:
-            systems["head+trace"] = (REPO, True, False)
+            systems["head+trace"] = (REPO, True, False, False)
         if a.dirty_log:
-            systems["head+log"] = (REPO, False, True)
+            systems["head+log"] = (REPO, False, True, False)
+        if a.qos:
+            systems["head+qos"] = (REPO, False, False, True)
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in systems}
         for rnd in range(a.rounds):
-            for name, (tree, trace, dirty_log) in systems.items():
+            for name, (tree, trace, dirty_log, qos) in systems.items():
                 res[name].append(run_once(tree, img, str(work / f"{name}.sock"), a.runtime,
-                                          trace, dirty_log))
+                                          trace, dirty_log, qos))
                 print(f"round {rnd + 1} {name}: {res[name][-1][0]:.0f} IOPS, "
                       f"{res[name][-1][1]:.2f} us CPU/req", file=sys.stderr)
         med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))

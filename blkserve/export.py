@@ -430,6 +430,9 @@ def _serve_xen(opts: ExportOptions, xen, domid: int, name: str, devid: int) -> i
     rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: os.write(wfd, b"x"))
+    # the volume's QoS group may have changed (blkserve serve); nothing else
+    # is re-read here (a blkif disk is not resized online)
+    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP: %s", target.qos.attach(target)))
     be = None
     try:
         if opts.stats_file:
