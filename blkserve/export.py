@@ -309,7 +309,9 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
         ))
         target.qos = qos
         msg = qos.attach(target)
-        if qos.vol is not None or qos.grp is not None:
+        # said only when a limit is in force (blkserve serve gives every
+        # worker a block, most of them empty)
+        if (qos.vol is not None and qos.vol.limits()) or qos.grp is not None:
             log.info("%s", msg)
     except BaseException:
         backing.close()
