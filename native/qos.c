@@ -3,9 +3,6 @@
  * thread of every volume under a limit updates the same 64-bit bucket
  * states with compare-and-swap, so a limit holds across queues and across
  * the worker processes of a group without a lock. */
-#include <errno.h>
-#include <string.h>
-
 #include "internal.h"
 
 #define QOS_MAGIC 0x534f5142u
@@ -96,15 +93,15 @@ static int collect(struct bs_qos *q, int op, uint64_t bytes, uint64_t now, uint6
 uint64_t bs_qos_admit(bs_target *t, int op, uint64_t bytes, uint64_t now, int *by_group,
                       int force)
 {
+    if (op != BS_OP_READ && op != BS_OP_WRITE && op != BS_OP_DISCARD &&
+        op != BS_OP_WRITE_ZEROES)
+        return 0;
     struct bs_qos *vol = __atomic_load_n(&t->qos_vol, __ATOMIC_ACQUIRE);
     struct bs_qos *grp = __atomic_load_n(&t->qos_grp, __ATOMIC_ACQUIRE);
     struct charge ch[8];
     uint64_t wait = 0, wait_grp = 0;
     int n = 0;
 
-    if (op != BS_OP_READ && op != BS_OP_WRITE && op != BS_OP_DISCARD &&
-        op != BS_OP_WRITE_ZEROES)
-        return 0;
     if (vol)
         n = collect(vol, op, bytes, now, &wait, ch, n);
     if (grp)
