@@ -24,6 +24,7 @@ from blkserve.api.state import AttachmentRow, State, VolumeRow
 from blkserve.api.volumes import Volumes
 from blkserve.api.workers import Worker, WorkerSpec, WorkerStartError, own_socket
 from blkserve.logs import log_event
+from blkserve.qos import QosBlock
 
 log = logging.getLogger("blkserve.api")
 
@@ -78,6 +79,7 @@ class Controller(Volumes, QosControl):
         self.state = State(settings.db_path)
         self.workers: dict[str, Worker] = {}
         self.incoming: dict[str, Worker] = {}  # incoming attachment id -> its worker
+        self.qos_blocks: dict[str, QosBlock] = {}  # QoS blocks mapped (api/qos.py), by path
         self._named_locks = NamedLocks()
         self._locks = self._named_locks.entries  # what is held or waited on, by name
         self._stale_task: asyncio.Task | None = None

@@ -25,21 +25,17 @@ log = logging.getLogger("blkserve.api")
 
 
 class QosControl:
-    """Mixed into the Controller (settings, state, workers, incoming)."""
+    """Mixed into the Controller (settings, state, workers, incoming, and
+    qos_blocks: the blocks the daemon has mapped, by path)."""
 
     def qos_path(self, volume: str) -> str:
         return os.path.join(self.settings.qos_dir, f"{volume}.qos")
 
     def qos_group_path(self, group: str) -> str:
-        return qos_mod.group_path(self.qos_path("x"), group)
-
-    def _qos_blocks(self) -> dict[str, qos_mod.QosBlock]:
-        if not hasattr(self, "_qos_cache"):
-            self._qos_cache: dict[str, qos_mod.QosBlock] = {}
-        return self._qos_cache
+        return qos_mod.group_path(self.settings.qos_dir, group)
 
     def _block(self, path: str) -> qos_mod.QosBlock:
-        cache = self._qos_blocks()
+        cache = self.qos_blocks
         b = cache.get(path)
         if b is None:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -47,7 +43,7 @@ class QosControl:
         return b
 
     def _forget_block(self, path: str) -> None:
-        b = self._qos_blocks().pop(path, None)
+        b = self.qos_blocks.pop(path, None)
         if b is not None:
             b.close()
         with contextlib.suppress(FileNotFoundError):
@@ -70,7 +66,7 @@ class QosControl:
     def qos_view(self, v: VolumeRow) -> dict:
         return {"qos": json.loads(v.qos) if v.qos else None, "qos_group": v.qos_group}
 
-    def _check_group(self, group: str | None) -> None:
+    def check_qos_group(self, group: str | None) -> None:
         if group is not None and self.state.qos_group(group) is None:
             raise ApiError(422, f"qos_group: no QoS group {group!r} (create it under "
                                 "/v1/qos-groups first)")
@@ -84,7 +80,7 @@ class QosControl:
             qos = None if fields["qos"] is None else json.dumps(fields["qos"], sort_keys=True)
         if "qos_group" in fields:
             group = fields["qos_group"]
-            self._check_group(group)
+            self.check_qos_group(group)
         if (qos, group) == (v.qos, v.qos_group):
             return
         self.state.set_volume_qos(name, qos, group)

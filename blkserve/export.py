@@ -247,8 +247,8 @@ class ExportQos:
                 self.grp = None
                 if name and qos_mod.GROUP_NAME_RE.match(name):
                     try:
-                        self.grp = qos_mod.QosBlock(qos_mod.group_path(self.opts.qos_file, name),
-                                                    create=False)
+                        path = qos_mod.group_path(os.path.dirname(self.opts.qos_file), name)
+                        self.grp = qos_mod.QosBlock(path, create=False)
                     except OSError as e:
                         log.warning("QoS group %s: %s: serving without it", name, e)
                 self.group = name if self.grp is not None else ""

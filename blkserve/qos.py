@@ -62,10 +62,6 @@ class Limit:
     burst: int = 0              # X_max: 0 none
     burst_seconds: float = 0.0  # X_max_length
 
-    def as_dict(self) -> dict[str, int | float]:
-        return {"rate": self.rate, "max": self.burst or None,
-                "max_length": self.burst_seconds or None}
-
 
 Limits = dict[str, Limit]
 
@@ -183,8 +179,11 @@ class QosBlock:
             finally:
                 os.close(fd)
         self.ptr = ffi.cast("struct bs_qos *", ffi.from_buffer(self._map))
-        if self.ptr.magic != MAGIC:
-            lib.bs_qos_rebase(self.ptr, -1)
+        # bucket states are CLOCK_MONOTONIC times, which start again at 0 when
+        # the host boots: a file kept across a reboot would hold its volume
+        # for as long as the last boot lasted.  Each open starts them at now
+        # (forgiving at most one bucket's debt).
+        lib.bs_qos_rebase(self.ptr, -1)
 
     def apply(self, limits: Limits) -> None:
         """Write LIMITS (kinds not in it: no limit) for the engine to use
@@ -231,6 +230,7 @@ class QosBlock:
         self._map.close()
 
 
-def group_path(volume_block_path: str, group: str) -> str:
-    """Where a group's block lives: beside the volume blocks, in groups/."""
-    return os.path.join(os.path.dirname(volume_block_path), "groups", f"{group}.qos")
+def group_path(qos_dir: str, group: str) -> str:
+    """Where a group's block lives: in groups/ of the directory holding the
+    volume blocks (blkserve serve's STATE_DIR/qos)."""
+    return os.path.join(qos_dir, "groups", f"{group}.qos")

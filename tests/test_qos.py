@@ -253,6 +253,21 @@ def test_a_limit_written_to_the_qos_file_applies_to_the_running_export(work):
     assert 1500 < mixed < 4500, mixed
 
 
+def test_a_qos_file_from_a_previous_boot_does_not_hold_the_volume(work):
+    """Bucket states are CLOCK_MONOTONIC times, which start again near 0 at
+    boot: a block written late in a long previous boot holds times far in
+    this boot's future.  An export that opens it starts the buckets at now."""
+    vol_file = work / "reboot.qos"
+    blk = qos.QosBlock(str(vol_file))
+    blk.apply(qos.parse_spec("iops_total=2000,bps_total=100M"))
+    ten_days = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 10 * 86400 * 10**9
+    for i in range(len(qos.KINDS)):
+        blk.ptr.lim[i].tat = ten_days
+    with export(work, "reboot", "--qos-file", str(vol_file)):
+        got = bench(str(work / "reboot.sock"), "--timeout", "5", runtime=2)["iops"]
+    assert abs(got - 2000) / 2000 <= 0.1, got
+
+
 def test_limits_changed_thousands_of_times_a_second_lose_nothing(work):
     vol_file = work / "churn.qos"
     with export(work, "churn", "--qos-file", str(vol_file), "--qos", "iops_total=500"):

@@ -26,7 +26,7 @@ async def create_volume(controller: ControllerDep, body: models.VolumeCreate):
     allow-listed external file or block device), with optional QoS limits
     and group."""
     async with controller.lock(body.name):
-        controller._check_group(body.qos_group)
+        controller.check_qos_group(body.qos_group)
         row = controller.create_volume(body.name, body.size_bytes, body.read_only,
                                        body.queues, body.backing)
         if body.qos is not None or body.qos_group is not None:
@@ -66,7 +66,7 @@ async def patch_volume(controller: ControllerDep, name: str, body: models.Volume
     async with controller.lock(name):
         controller.get_volume(name)
         if "qos_group" in body.model_fields_set:
-            controller._check_group(body.qos_group)
+            controller.check_qos_group(body.qos_group)
         if body.size_bytes is not None:
             controller.resize_volume(name, body.size_bytes)
         fields = {}
