@@ -18,12 +18,14 @@ import time
 
 import pytest
 
+from blkserve import stats
+
 try:
     from . import guest as g
-    from .apiserver import ApiServer, wait_inflight, worker_pids
+    from .apiserver import ApiServer, wait_for, wait_inflight, worker_pids
 except ImportError:
     import guest as g
-    from apiserver import ApiServer, wait_inflight, worker_pids
+    from apiserver import ApiServer, wait_for, wait_inflight, worker_pids
 
 MiB = 1 << 20
 VOL1_SIZE = 256 * MiB
@@ -230,9 +232,17 @@ def test_qos_limit_is_seen_by_the_guest_and_changes_live(ctx):
     _ok(ctx.http.patch("/v1/volumes/hot1", json={"qos": {"iops_read": 200}}), 200)
     got = _fio_iops(ctx, dev, 5)
     assert abs(got - 200) / 200 <= 0.1, got
-    # 4 s at 200, then 4 s at 600: about 400 on average
+    # 4 s at 200, then 4 s at 600: about 400 on average.  The run has begun
+    # once the export holds requests again; then fio's 1 s ramp and half of
+    # its measured 8 s go by before the change
+    stats_file = str(ctx.api.state_dir / "stats" / "hot1.stats")
+
+    def throttled() -> int:
+        return sum(q.throttled for q in stats.read(stats_file).queues)
+    before = throttled()
     _fio_iops(ctx, dev, 8, background=True)
-    time.sleep(1 + 4)   # fio's ramp, then half of its run
+    wait_for(lambda: throttled() > before, 30, "the guest's fio to reach the limit")
+    time.sleep(1 + 4)
     _ok(ctx.http.patch("/v1/volumes/hot1", json={"qos": {"iops_total": 600}}), 200)
     out = ""
     deadline = time.monotonic() + 60

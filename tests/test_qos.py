@@ -33,6 +33,11 @@ import pytest
 
 from blkserve import qos
 
+try:
+    from .apiserver import wait_for
+except ImportError:
+    from apiserver import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 QSD = shutil.which("qemu-storage-daemon")
 IMG_SIZE = 256 << 20
@@ -242,10 +247,13 @@ def test_a_limit_written_to_the_qos_file_applies_to_the_running_export(work):
         assert qos.to_flat(blk.limits()) == {"iops_total": 2000}
         blk.apply(qos.parse_spec("iops_total=5000"))
         after = bench(sock, runtime=3)["iops"]
-        # and while a run goes on: 2 s at 5000, then 2 s at 1000
+        # and while a run goes on: 2 s at 5000, then 2 s at 1000; the run
+        # has started (and reached the limit) once requests are held again
+        held = blk.counters()[0]
         bg = Bg(sock, runtime=4)
         bg.start()
-        time.sleep(2.3)
+        wait_for(lambda: blk.counters()[0] > held, 30, "the run to reach its limit")
+        time.sleep(2)
         blk.apply(qos.parse_spec("iops_total=1000"))
         mixed = bg.get()["iops"]
     assert abs(before - 2000) / 2000 <= 0.05, before
