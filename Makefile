@@ -9,7 +9,7 @@ APT_PACKAGES := build-essential pkg-config liburing-dev python3-venv \
 	qemu-system-x86 qemu-utils qemu-system-common fio busybox-static cpio \
 	e2fsprogs util-linux clang libclang-rt-14-dev systemtap-sdt-dev prometheus binutils \
 	python3-bpfcc linux-headers-amd64 libvirt-daemon-system libvirt-dev libxen-dev \
-	fuse3 libfuse3-dev
+	fuse3 libfuse3-dev librbd-dev ceph-mon ceph-osd ceph-common qemu-block-extra
 NATIVE_SRC := $(wildcard native/*.c native/*.h)
 CFLAGS_NATIVE := -O2 -g -Wall -Wextra -Werror -std=gnu11 -Inative
 
@@ -69,15 +69,17 @@ soak: setup
 
 # The engine's own C tests, with the same warnings as the extension.
 ENGINE_C := native/mem.c native/virtq.c native/blk.c native/core.c native/qos.c native/engine.c \
-	native/ring_split.c native/ring_packed.c native/vq_log.c native/blkif.c native/blkif_req.c
+	native/ring_split.c native/ring_packed.c native/vq_log.c native/blkif.c native/blkif_req.c \
+	native/rbd.c
+ENGINE_LIBS := -luring -lrbd -lrados -lpthread
 build/test_engine: native/tests/test_engine.c native/tests/util.h $(NATIVE_SRC)
 	mkdir -p build
-	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_engine.c $(ENGINE_C) -luring -lpthread
+	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_engine.c $(ENGINE_C) $(ENGINE_LIBS)
 
 # The blkif transport against a fake Xen (grant table over a memfd).
 build/test_blkif: native/tests/test_blkif.c native/tests/util.h $(NATIVE_SRC)
 	mkdir -p build
-	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_blkif.c $(ENGINE_C) -luring -lpthread
+	$(CC) $(CFLAGS_NATIVE) -o $@ native/tests/test_blkif.c $(ENGINE_C) $(ENGINE_LIBS)
 
 test-native: apt build/test_engine build/test_blkif
 	./build/test_engine
@@ -93,10 +95,10 @@ asan: setup
 	mkdir -p build
 	$(CC) $(CFLAGS_NATIVE) -fsanitize=address,undefined -fno-sanitize-recover=all \
 		-fno-omit-frame-pointer -o build/test_engine_asan native/tests/test_engine.c \
-		$(ENGINE_C) -luring -lpthread
+		$(ENGINE_C) $(ENGINE_LIBS)
 	$(CC) $(CFLAGS_NATIVE) -fsanitize=address,undefined -fno-sanitize-recover=all \
 		-fno-omit-frame-pointer -o build/test_blkif_asan native/tests/test_blkif.c \
-		$(ENGINE_C) -luring -lpthread
+		$(ENGINE_C) $(ENGINE_LIBS)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		./build/test_engine_asan
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \

@@ -15,7 +15,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
 SOURCES = ["mem.c", "virtq.c", "blk.c", "core.c", "qos.c", "engine.c", "ring_split.c",
-           "ring_packed.c", "vq_log.c",
+           "ring_packed.c", "vq_log.c", "rbd.c",
            "blkif.c", "blkif_req.c", "bench.c", "bench_vu.c", "bench_setup.c",
            "bench_report.c"]
 SANITIZE = os.environ.get("BLKSERVE_SANITIZE", "")
@@ -36,7 +36,7 @@ def make_builder(absolute: bool = False) -> FFI:
         '#include <stdint.h>\n#include "blkserve_native.h"\n',
         sources=[path(NATIVE / s) for s in SOURCES],
         include_dirs=[path(NATIVE)],
-        libraries=["uring", "pthread"],
+        libraries=["uring", "rbd", "rados", "pthread"],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", *SAN_FLAGS],
         extra_link_args=SAN_FLAGS,
     )

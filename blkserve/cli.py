@@ -33,7 +33,10 @@ def _export(args: argparse.Namespace) -> int:
             raise ExportError("give exactly one of --socket PATH (alias --socket-path), "
                               "--fd FD and --xen-domain DOMAIN")
         identity = None
-        if args.backing_identity is not None:
+        if backing.startswith("rbd:"):
+            if args.backing_identity is not None:
+                raise ExportError("--backing-identity is for files and block devices")
+        elif args.backing_identity is not None:
             try:
                 identity = backing_io.parse_identity(args.backing_identity)
             except ValueError as e:
@@ -53,6 +56,8 @@ def _export(args: argparse.Namespace) -> int:
             backing_identity=identity,
             allow_peer_pids=args.allow_peer_pid, allow_peers_file=args.allow_peers_file,
             qos=args.qos, qos_file=args.qos_file, qos_group_file=args.qos_group_file,
+            ceph_conf=args.ceph_conf, ceph_id=args.ceph_id, ceph_keyring=args.ceph_keyring,
+            rbd_timeout=args.rbd_timeout,
         ))
     except ExportError as e:
         print(f"blkserve export: error: {e}", file=sys.stderr)
@@ -99,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ex.add_argument("backing", metavar="BACKING", nargs="?",
-                    help="regular file or block device; its size is the disk's capacity")
+                    help="regular file or block device, or a Ceph RBD image as "
+                         "rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE (served through "
+                         "librbd); its size is the disk's capacity")
     ex.add_argument("--blk-file", metavar="PATH",
                     help="the same as BACKING (QEMU's vhost-user backend conventions)")
     ex.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
@@ -132,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="open BACKING read-only, offer VIRTIO_BLK_F_RO and fail writes")
     ex.add_argument("--cache", choices=("none", "writeback"), default="none",
                     help="none (default): O_DIRECT, bypassing the host page cache; "
-                         "writeback: through the host page cache")
+                         "writeback: through the host page cache (rbd: librbd's cache "
+                         "on; with none a write is acknowledged once it is in the cluster)")
     ex.add_argument("--serial", metavar="STR",
                     help="disk serial returned by GET_ID, at most 20 bytes (default: "
                          "derived from the backing's real path)")
@@ -175,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--qos-group-file", metavar="PATH",
                     help="also serve under the limits in PATH, a shared block several "
                          "exports map: its limits hold for all of them together")
+    ex.add_argument("--ceph-conf", metavar="FILE",
+                    help="rbd: backings: the Ceph client configuration (monitors, keyring; "
+                         "default: librbd's search, /etc/ceph/ceph.conf)")
+    ex.add_argument("--ceph-id", metavar="NAME",
+                    help="rbd: backings: the cephx client id without 'client.' "
+                         "(default: admin, or the configuration's)")
+    ex.add_argument("--ceph-keyring", metavar="FILE",
+                    help="rbd: backings: the keyring (default: the configuration's)")
+    ex.add_argument("--rbd-timeout", type=int, default=60, metavar="SECONDS",
+                    help="rbd: backings: a request the cluster has not answered in this "
+                         "long fails with an I/O error (until then the guest waits, as "
+                         "on a stalled disk); 0 waits forever. Also bounds a queue stop, "
+                         "which waits for librbd's requests (they cannot be cancelled); "
+                         "the connection to the monitors is bounded by the same value, at "
+                         "most 30 s (default: 60)")
     ex.add_argument("--allow-peer-pid", type=int, action="append", metavar="PID",
                     help="serve only a frontend whose process (SO_PEERCRED of its "
                          "connection) is PID; repeatable. Others are refused with a log line")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from blkserve import backing as backing_io
 from blkserve import qos as qos_mod
 from blkserve.logs import log_event
-from blkserve.native import SERIAL_BYTES, Target, TargetConfig
+from blkserve.native import SERIAL_BYTES, RbdError, RbdImage, Target, TargetConfig
 from blkserve.peers import PeerPolicy
 from blkserve.stats import StatsWriter
 from blkserve.vhost.blk import SECTOR, BlkDeviceModel, Topology
@@ -67,11 +67,38 @@ class ExportOptions:
     qos: str | None = None  # --qos iops_total=5000,... (blkserve.qos)
     qos_file: str | None = None  # the volume's shared QoS block (blkserve serve's)
     qos_group_file: str | None = None  # a group's shared QoS block
+    # rbd:POOL/[NAMESPACE/]IMAGE backings: the client's configuration
+    ceph_conf: str | None = None
+    ceph_id: str | None = None
+    ceph_keyring: str | None = None
+    rbd_timeout: int = 60  # a request librbd has not answered in this long fails
+
+
+RBD_PREFIX = "rbd:"
+RBD_NAME_RE = r"[A-Za-z0-9_.+-][A-Za-z0-9_.+@-]*"
+
+
+def parse_rbd(spec: str) -> tuple[str, str, str]:
+    """rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE -> (pool, namespace, image)."""
+    import re
+
+    parts = spec[len(RBD_PREFIX):].split("/")
+    if len(parts) not in (2, 3) or not all(re.fullmatch(RBD_NAME_RE, p) for p in parts):
+        raise ExportError(f"{spec!r}: an RBD backing is rbd:POOL/IMAGE or "
+                          "rbd:POOL/NAMESPACE/IMAGE (letters, digits, . _ + - @)")
+    pool, image = parts[0], parts[-1]
+    return pool, parts[1] if len(parts) == 3 else "", image
+
+
+def is_rbd(backing: str) -> bool:
+    return backing.startswith(RBD_PREFIX)
 
 
 def default_serial(path: str) -> bytes:
-    """A stable serial derived from the backing's real path (fits in 20 bytes)."""
-    digest = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()
+    """A stable serial derived from the backing's real path, or its rbd:
+    name (fits in 20 bytes)."""
+    name = path if is_rbd(path) else os.path.realpath(path)
+    digest = hashlib.sha256(name.encode()).hexdigest()
     return ("bs-" + digest)[:SERIAL_BYTES].encode()
 
 
@@ -84,11 +111,19 @@ class Backing:
     is_block: bool
     logical_block: int = SECTOR
     topology: Topology = Topology()
+    rbd: RbdImage | None = None
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """False: an RBD image's cluster did not answer within TIMEOUT (the
+        process should exit without waiting for it)."""
+        if self.rbd is not None:
+            done = self.rbd.close(timeout)
+            self.rbd = None
+            return done
         if self.fd_buffered != self.fd:
             os.close(self.fd_buffered)
         os.close(self.fd)
+        return True
 
 
 def open_backing(path: str, read_only: bool, cache: str,
@@ -138,6 +173,36 @@ def open_backing(path: str, read_only: bool, cache: str,
         log.warning("%s does not support O_DIRECT; serving it through the page cache", path)
         return Backing(fd_buffered, fd_buffered, capacity, 0, is_block, sec, topo)
     return Backing(fd, fd_buffered, capacity, max(sec, SECTOR), is_block, sec, topo)
+
+
+def open_rbd_backing(opts: ExportOptions) -> Backing:
+    """Connect to the cluster and open the image (bounded waits)."""
+    pool, nspace, image = parse_rbd(opts.backing)
+    for what, path in (("--ceph-conf", opts.ceph_conf), ("--ceph-keyring", opts.ceph_keyring)):
+        if path is not None and not os.path.isfile(path):
+            raise ExportError(f"{what} {path}: no such file")
+    if not 0 <= opts.rbd_timeout <= 86400:
+        raise ExportError("--rbd-timeout must be between 0 and 86400 seconds")
+    try:
+        img = RbdImage(pool, image, nspace=nspace, conf=opts.ceph_conf, client_id=opts.ceph_id,
+                       keyring=opts.ceph_keyring, cache=opts.cache == "writeback",
+                       read_only=opts.read_only, op_timeout=opts.rbd_timeout,
+                       connect_timeout=min(opts.rbd_timeout or 30, 30))
+    except RbdError as e:
+        raise ExportError(str(e.strerror)) from None
+    try:
+        size = img.size()
+    except OSError as e:
+        img.close()
+        raise ExportError(str(e.strerror)) from None
+    capacity = size - size % SECTOR
+    if capacity == 0:
+        img.close()
+        raise ExportError(f"{opts.backing} is smaller than one 512-byte sector")
+    # RBD stores 4 MiB objects; a discard frees space only in whole objects
+    # (a hint elsewhere), so that is its granularity
+    topo = Topology(physical_block=4096, io_min=4096, discard_granularity=4 << 20)
+    return Backing(-1, -1, capacity, 0, False, SECTOR, topo, rbd=img)
 
 
 def supports_nowait(fd: int) -> bool:
@@ -286,7 +351,14 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
     else:
         serial = default_serial(opts.backing)
     qos = ExportQos(opts)
-    backing = open_backing(opts.backing, opts.read_only, opts.cache, opts.backing_identity)
+    if is_rbd(opts.backing):
+        if opts.io_engine == "sync":
+            raise ExportError("--io-engine sync is for files: an RBD backing is served "
+                              "through librbd's asynchronous API")
+        backing = open_rbd_backing(opts)
+    else:
+        backing = open_backing(opts.backing, opts.read_only, opts.cache,
+                               opts.backing_identity)
     try:
         block_size = opts.block_size or (4096 if backing.logical_block == 4096 else SECTOR)
         if block_size < backing.logical_block:
@@ -296,8 +368,8 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
         capacity = backing.capacity - backing.capacity % block_size
         if capacity == 0:
             raise ExportError(f"backing {opts.backing} is smaller than one block")
-        sync_io = opts.io_engine == "sync" or (
-            opts.io_engine == "auto" and not supports_nowait(backing.fd))
+        sync_io = backing.rbd is None and (opts.io_engine == "sync" or (
+            opts.io_engine == "auto" and not supports_nowait(backing.fd)))
         if sync_io and opts.io_engine == "auto":
             log.info("%s cannot do non-blocking I/O: serving it with plain syscalls in the "
                      "queue threads (--io-engine sync)", opts.backing)
@@ -306,6 +378,7 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
             dio_align=backing.dio_align, read_only=opts.read_only, serial=serial,
             block_size=block_size, is_block_device=backing.is_block, poll_us=opts.poll_us,
             sync_io=sync_io, drain_timeout_ms=max(1, round(opts.drain_timeout * 1000)),
+            rbd=backing.rbd,
         ))
         target.qos = qos
         msg = qos.attach(target)
@@ -338,7 +411,9 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
             server = VhostUserServer(os.path.abspath(opts.socket), model, target)
         if opts.allow_peer_pids or opts.allow_peers_file:
             server.peer_policy = PeerPolicy(opts.allow_peer_pids, opts.allow_peers_file)
-        if backing.is_block:
+        if backing.rbd is not None:
+            server.size_probe = backing.rbd.size
+        elif backing.is_block:
             server.size_probe = lambda: _ioctl_int(backing.fd_buffered, BLKGETSIZE64, "<Q")
         else:
             server.size_probe = lambda: os.fstat(backing.fd_buffered).st_size
@@ -493,15 +568,23 @@ def run_export(opts: ExportOptions) -> int:
         return run_xen_export(opts)
     server, backing = prepare(opts)
     target = server.target
+    closed = True
     try:
         asyncio.run(_run(server))
     finally:
         server.close()
         target.close()
-        backing.close()
+        # an RBD image's close talks to the cluster: bounded like a stop
+        closed = backing.close(timeout=opts.drain_timeout)
         if opts.stats_file:
             try:
                 os.unlink(opts.stats_file)
             except OSError:
                 pass
+    if not closed:
+        log.error("the Ceph cluster did not answer the image's close within %.1f s: "
+                  "exiting without it (the cluster frees the image's lock when this "
+                  "client's session times out)", opts.drain_timeout)
+        logging.shutdown()
+        os._exit(0)   # librbd's threads still wait on the cluster: no clean exit
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 from blkserve._native import ffi, lib
@@ -23,6 +24,95 @@ def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
     return ret
+
+
+class RbdError(OSError):
+    """Opening an RBD image failed; .stage names the step (connect, pool,
+    image, ...) and the message says what to check."""
+
+    def __init__(self, err: int, stage: str, msg: str) -> None:
+        super().__init__(err, msg)
+        self.stage = stage
+
+
+_RBD_HINTS = {
+    "connect": "cannot connect to the Ceph cluster (monitors unreachable, wrong key or "
+               "client id, or a bad ceph.conf)",
+    "pool": "no such pool (or no access to it)",
+    "image": "no such image in the pool (or no access to it)",
+    "conf": "cannot read the Ceph configuration",
+    "create": "cannot create a Ceph client",
+}
+
+
+class RbdImage:
+    """An open Ceph RBD image (librbd, in the engine): the target of an
+    rbd: backing.  Every wait is bounded: connect_timeout for the monitors
+    and the open, op_timeout (0: none) for each request."""
+
+    def __init__(self, pool: str, image: str, *, nspace: str = "", conf: str | None = None,
+                 client_id: str | None = None, keyring: str | None = None,
+                 cache: bool = False, read_only: bool = False, op_timeout: int = 0,
+                 connect_timeout: int = 30) -> None:
+        c = ffi.new("struct bs_rbd_cfg *")
+        keep = [ffi.new("char[]", (v or "").encode())
+                for v in (pool, nspace, image, conf, client_id, keyring)]
+        c.pool, c.nspace, c.image, c.conf, c.client_id, c.keyring = keep
+        c.cache = int(cache)
+        c.read_only = int(read_only)
+        c.op_timeout_s = op_timeout
+        c.connect_timeout_s = connect_timeout
+        out = ffi.new("bs_rbd **")
+        ret = lib.bs_rbd_open(c, out)
+        if ret < 0:
+            stage = ffi.string(c.stage).decode()
+            hint = _RBD_HINTS.get(stage, stage or "opening the image")
+            raise RbdError(-ret, stage, f"rbd:{pool}/{nspace + '/' if nspace else ''}{image}: "
+                                        f"{hint}: {os.strerror(-ret)}")
+        self._h = out[0]
+        self.spec = f"{pool}/{nspace + '/' if nspace else ''}{image}"
+        self.cache = cache
+
+    @property
+    def handle(self):
+        return self._h
+
+    def size(self) -> int:
+        out = ffi.new("uint64_t *")
+        _check(lib.bs_rbd_size(self._h, out), f"reading the size of rbd:{self.spec}")
+        return int(out[0])
+
+    def resize(self, size: int) -> None:
+        _check(lib.bs_rbd_resize(self._h, size), f"resizing rbd:{self.spec}")
+
+    def flush(self) -> None:
+        """Blocks until every acknowledged write is in the cluster."""
+        _check(lib.bs_rbd_flush(self._h), f"flushing rbd:{self.spec}")
+
+    def lock(self, acquire: bool) -> None:
+        _check(lib.bs_rbd_lock(self._h, int(acquire)),
+               f"{'taking' if acquire else 'releasing'} the exclusive lock of rbd:{self.spec}")
+
+    @property
+    def instance_id(self) -> int:
+        return int(lib.bs_rbd_instance_id(self._h))
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Close the image and the cluster connection (the lock, if held,
+        goes back).  With TIMEOUT, give up waiting after that long (a cluster
+        that does not answer): False, the handle is left to the process's
+        exit."""
+        if self._h is None:
+            return True
+        h, self._h = self._h, None
+        if timeout is None:
+            lib.bs_rbd_close(h)
+            return True
+        t = threading.Thread(target=lib.bs_rbd_close, args=(h,), name="bs-rbd-close",
+                             daemon=True)
+        t.start()
+        t.join(timeout)
+        return not t.is_alive()
 
 
 class GuestMemory:
@@ -73,6 +163,7 @@ class TargetConfig:
     poll_us: int = 0
     sync_io: bool = False
     drain_timeout_ms: int = 0   # a queue stop's bound on in-flight I/O; 0: 30 s
+    rbd: RbdImage | None = None  # an RBD image instead of fd (fd -1)
 
 
 @dataclass(frozen=True)
@@ -113,6 +204,7 @@ class Target:
         c.sync_io = int(cfg.sync_io)
         c.drain_timeout_ms = cfg.drain_timeout_ms
         c.serial = cfg.serial[:SERIAL_BYTES].ljust(SERIAL_BYTES, b"\0")
+        c.rbd = cfg.rbd.handle if cfg.rbd is not None else ffi.NULL
         out = ffi.new("bs_target **")
         _check(lib.bs_target_new(c, out), "configuring the backing target")
         self._h = out[0]

@@ -16,6 +16,9 @@ typedef struct bs_target bs_target;
 /* One virtqueue served by one engine thread with its own io_uring. */
 typedef struct bs_queue bs_queue;
 
+/* An open Ceph RBD image (rbd.c): a backing served through librbd. */
+typedef struct bs_rbd bs_rbd;
+
 struct bs_target_cfg {
     int fd;                 /* main fd (O_DIRECT when cache=none)            */
     int fd_buffered;        /* same file without O_DIRECT, for unaligned I/O */
@@ -34,6 +37,9 @@ struct bs_target_cfg {
     unsigned char serial[20]; /* VIRTIO_BLK_T_GET_ID answer, zero-padded    */
     uint32_t drain_timeout_ms; /* a stop waits this long for in-flight I/O,   */
                             /* then cancels it (0: 30 s); see bs_queue_stop  */
+    bs_rbd *rbd;            /* an RBD image instead of fd (fd -1): requests  */
+                            /* go to librbd; never abandoned by a stop (the  */
+                            /* image's op timeout bounds them)               */
 };
 
 /* Request limits the engine enforces; the config space advertises them. */
@@ -117,6 +123,40 @@ struct bs_queue_stats {
     uint64_t throttle_wait_ns;
     uint64_t throttle_wait_hist[40];
 };
+
+/* ---- Ceph RBD backings (rbd.c) ----
+ * bs_rbd_open connects to the cluster and opens POOL/IMAGE (in namespace
+ * nspace, "" for none).  conf, client_id, keyring: NULL or "" for librbd's
+ * defaults.  cache: rbd_cache (writeback: a write is acknowledged before it
+ * is in the cluster; FLUSH waits).  op_timeout_s: an OSD operation (hence a
+ * request) fails with -ETIMEDOUT after this long (0: waits forever);
+ * connect_timeout_s bounds the monitor connection and the open.  On failure
+ * stage names the step that failed ("connect", "pool", "image", ...). */
+struct bs_rbd_cfg {
+    const char *pool;
+    const char *nspace;
+    const char *image;
+    const char *conf;
+    const char *client_id;
+    const char *keyring;
+    int cache;
+    int read_only;
+    uint32_t op_timeout_s;
+    uint32_t connect_timeout_s;
+    char stage[32];
+};
+int bs_rbd_open(struct bs_rbd_cfg *cfg, bs_rbd **out);
+int bs_rbd_size(bs_rbd *r, uint64_t *size);
+int bs_rbd_resize(bs_rbd *r, uint64_t size);
+/* rbd_flush: every acknowledged write is in the cluster (rbd_cache). */
+int bs_rbd_flush(bs_rbd *r);
+/* Take (acquire 1) or let go of (0) the image's exclusive lock for good:
+ * while held, another client's writes fail (-EROFS) and its lock attempt
+ * fails; -EROFS/-EBUSY: another client holds it. */
+int bs_rbd_lock(bs_rbd *r, int acquire);
+/* The cluster's global id of this client (fencing: blocklist it). */
+uint64_t bs_rbd_instance_id(bs_rbd *r);
+void bs_rbd_close(bs_rbd *r);
 
 /* ---- guest memory ---- */
 int bs_mem_new(bs_mem **out);

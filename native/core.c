@@ -38,7 +38,7 @@ void bs_get_limits(struct bs_limits *out)
 int bs_target_new(const struct bs_target_cfg *cfg, bs_target **out)
 {
     uint32_t bs = cfg->block_size ? cfg->block_size : BS_SECTOR;
-    if (cfg->fd < 0 || (bs != 512 && bs != 4096) || cfg->capacity % bs)
+    if ((cfg->fd < 0 && !cfg->rbd) || (cfg->rbd && cfg->sync_io) || (bs != 512 && bs != 4096) || cfg->capacity % bs)
         return -EINVAL;
     bs_target *t = calloc(1, sizeof(*t));
     if (!t)
@@ -118,8 +118,16 @@ int bs_core_init(struct bs_core *c, unsigned nslots)
     }
     if (ret)
         return ret;
-    /* Registered files spare an fd lookup per request; optional. */
+    c->rbd_efd = -1;
     const struct bs_target_cfg *t = &c->target->cfg;
+    if (t->rbd) {
+        c->fixed_files = 0;
+        ret = bs_rbd_core_init(c);
+        if (ret)
+            io_uring_queue_exit(&c->ring);
+        return ret;
+    }
+    /* Registered files spare an fd lookup per request; optional. */
     int fds[2] = { t->fd, t->fd_buffered };
     c->fixed_files = io_uring_register_files(&c->ring, fds, 2) == 0;
     return 0;
@@ -127,6 +135,8 @@ int bs_core_init(struct bs_core *c, unsigned nslots)
 
 void bs_core_exit(struct bs_core *c)
 {
+    if (c->rbd_efd >= 0)
+        bs_rbd_core_exit(c);
     io_uring_queue_exit(&c->ring);
 }
 
@@ -246,6 +256,8 @@ static int sync_op(struct bs_core *c, struct bs_io *io)
 static int submit_io(struct bs_core *c, struct bs_io *io)
 {
     struct bs_blk_req *r = &io->req;
+    if (c->target->cfg.rbd)
+        return bs_rbd_submit(c, io);
     if (c->target->cfg.sync_io) {
         io->sync_res = sync_op(c, io);
         io->sync_next = NULL;
@@ -496,7 +508,13 @@ void bs_core_begin_stop(struct bs_core *c)
 int bs_core_stop_wait(struct bs_core *c)
 {
     uint64_t now = bs_now_ns();
-    if (now >= c->stop_deadline) {
+    if (now >= c->stop_deadline && c->target->cfg.rbd) {
+        /* librbd cannot cancel, and a request it still holds may write
+         * into guest memory: wait on; the image's op timeout (a request
+         * fails after it) bounds the wait */
+        __atomic_store_n(&c->st->last_error, -ETIMEDOUT, __ATOMIC_RELAXED);
+        c->stop_deadline = now + CANCEL_GRACE_NS;
+    } else if (now >= c->stop_deadline) {
         if (c->stop_expired) {
             c->stop_expired = 2;
             c->abandoned += c->inflight;
@@ -531,6 +549,8 @@ void bs_core_reap(struct bs_core *c, void (*other)(struct bs_core *c, uint64_t u
         n++;
         if (ud == BS_UD_QOS)
             c->qos_timer = 0;
+        else if (ud == BS_UD_RBD)
+            bs_rbd_reap(c, cqe->res);
         else if (ud < BS_UD_RESERVED)
             other(c, ud, cqe->res);
         else

@@ -354,6 +354,8 @@ struct bs_io {
     uint64_t t_pop;          /* CLOCK_MONOTONIC ns when the request was popped */
     int sync_res;            /* sync_io: the operation's result ... */
     struct bs_io *sync_next; /* ... queued for completion like a CQE */
+                             /* (rbd: the completed stack's link)           */
+    struct bs_core *core;    /* rbd: the queue whose thread completes it */
 };
 
 struct bs_core;
@@ -371,6 +373,7 @@ typedef void bs_core_partial_fn(struct bs_core *c, const struct bs_io *io, size_
 #define BS_UD_CALL 3ULL
 #define BS_UD_CANCEL 4ULL
 #define BS_UD_QOS 5ULL           /* the QoS timer: a held request's budget is due */
+#define BS_UD_RBD 6ULL           /* librbd completed requests (the rbd eventfd) */
 #define BS_UD_RESERVED 16ULL
 
 struct bs_core {
@@ -399,6 +402,13 @@ struct bs_core {
     int qos_timer;           /* the timeout SQE is armed */
     int qos_bypass;          /* start without asking (resubmissions, barriers) */
     struct __kernel_timespec qos_ts;
+    /* rbd targets: librbd's threads push completed requests on rbd_done
+     * (a lock-free stack) and signal rbd_efd, which a poll on this ring
+     * watches; the thread then completes them like CQEs */
+    int rbd_efd;
+    int rbd_armed;
+    int rbd_cbs;             /* librbd callbacks running (atomic) */
+    struct bs_io *rbd_done;
 };
 
 uint64_t bs_now_ns(void);
@@ -429,6 +439,14 @@ int bs_core_stop_wait(struct bs_core *c);
 /* Handle the CQEs ready now: the transport's own user_data values go to
  * other(); the rest to bs_core_cqe. */
 void bs_core_reap(struct bs_core *c, void (*other)(struct bs_core *c, uint64_t ud, int res));
+/* ---- rbd backings (rbd.c) ---- */
+int bs_rbd_core_init(struct bs_core *c);
+void bs_rbd_core_exit(struct bs_core *c);
+/* Submit io's operation at its current progress to librbd. */
+int bs_rbd_submit(struct bs_core *c, struct bs_io *io);
+/* The eventfd fired: complete what librbd finished (through bs_core_cqe). */
+void bs_rbd_reap(struct bs_core *c, int res);
+
 /* A stats block with its per-kind totals summed from the per-op counters. */
 void bs_stats_sum(const struct bs_queue_stats *in, struct bs_queue_stats *out);
 

@@ -38,6 +38,23 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
+def ceph(request):
+    """One real Ceph cluster (a monitor and a BlueStore OSD, cephx, on
+    127.0.0.1) for the whole session: tests/ceph.py."""
+    from ceph import session_cluster
+
+    plugins = request.config.pluginmanager
+    terminal = plugins.get_plugin("terminalreporter")
+    capture = plugins.get_plugin("capturemanager")
+
+    def report(line: str) -> None:  # on the terminal, also without -s
+        with capture.global_and_fixture_disabled():
+            terminal.write_line("\n" + line)
+
+    yield from session_cluster(report=report)
+
+
+@pytest.fixture(scope="session")
 def guest_image():
     """The Debian guest kernel + initramfs, built once (cached on disk)."""
     try:

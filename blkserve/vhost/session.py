@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -292,6 +293,9 @@ class Session:
         if self._backing_locked:
             return
         cfg = self.target.config
+        if cfg.rbd is not None:
+            self._lock_rbd(cfg)
+            return
         try:
             _ofd_lock(cfg.fd_buffered, fcntl.F_RDLCK if cfg.read_only else fcntl.F_WRLCK)
         except OSError as e:
@@ -301,6 +305,24 @@ class Session:
                 "the backing is in use: another export runs rings on it (a second VM "
                 "on this volume, or a migration source that has not stopped its "
                 "rings yet); this connection's rings are refused") from None
+        self._backing_locked = True
+
+    def _lock_rbd(self, cfg) -> None:
+        """An RBD image's exclusive lock, taken for good (not handed over on
+        request as librbd does by default): the same guard across hosts,
+        and a stale holder's writes fail (-EROFS) once another took it."""
+        if cfg.read_only:
+            self._backing_locked = True
+            return
+        try:
+            cfg.rbd.lock(True)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EBUSY, errno.EAGAIN):
+                raise ProtocolError(
+                    "the RBD image is in use: another client holds its exclusive lock "
+                    "(a second VM on this volume, or a migration source that has not "
+                    "stopped its rings yet); this connection's rings are refused") from None
+            raise ProtocolError(f"cannot lock the RBD image: {e.strerror}") from None
         self._backing_locked = True
 
     async def _release_backing(self) -> None:
@@ -314,12 +336,41 @@ class Session:
         if not self._backing_locked or any(v.started for v in self.vrings):
             return
         cfg = self.target.config
+        timeout = (cfg.drain_timeout_ms or 30000) / 1000
         if not cfg.read_only:
-            await self._sync_backing(cfg.fd_buffered, (cfg.drain_timeout_ms or 30000) / 1000)
+            sync = cfg.rbd.flush if cfg.rbd is not None else \
+                functools.partial(os.fdatasync, cfg.fd_buffered)
+            await self._sync_backing(sync, timeout)
+            if cfg.rbd is not None:
+                # the lock goes back to the cluster (one round trip, bounded
+                # like the sync: a cluster that does not answer keeps it
+                # until this client's session times out there)
+                err = await self._in_thread(functools.partial(cfg.rbd.lock, False), timeout)
+                if err is not None:
+                    log.error("releasing the RBD image's exclusive lock at the last ring's "
+                              "stop: %s", f"no answer within {timeout:.1f} s"
+                              if isinstance(err, TimeoutError) else err.strerror)
+                if not any(v.started for v in self.vrings):
+                    self._backing_locked = False
+                return
         self._unlock_backing()
 
+    @classmethod
+    async def _sync_backing(cls, sync, timeout: float) -> None:
+        t0 = time.monotonic()
+        err = await cls._in_thread(sync, timeout)
+        if isinstance(err, TimeoutError):
+            log.error("the backing did not sync within %.1f s of the last ring's stop: "
+                      "writes may not be durable yet", timeout)
+        elif err is not None:
+            log.error("syncing the backing at the last ring's stop failed: %s", err.strerror)
+        else:
+            log.debug("backing synced in %.1f ms", (time.monotonic() - t0) * 1000)
+
     @staticmethod
-    async def _sync_backing(fd: int, timeout: float) -> None:
+    async def _in_thread(fn, timeout: float) -> OSError | TimeoutError | None:
+        """Run FN (a blocking call into the backing) in a thread of its own,
+        waiting at most TIMEOUT; its OSError, a TimeoutError, or None."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
@@ -330,7 +381,7 @@ class Session:
         def run() -> None:
             err = None
             try:
-                os.fdatasync(fd)
+                fn()
             except OSError as e:
                 err = e
             try:
@@ -338,24 +389,24 @@ class Session:
             except RuntimeError:  # the loop is gone (shutdown)
                 pass
 
-        t0 = time.monotonic()
         # a thread of its own, not the default executor: a sync that never
         # returns (a dead NFS server) must not hold up the loop's shutdown
         threading.Thread(target=run, name="bs-sync", daemon=True).start()
         try:
-            err = await asyncio.wait_for(done, timeout)  # settle() sees it cancelled
-        except TimeoutError:
-            log.error("the backing did not sync within %.1f s of the last ring's stop: "
-                      "writes may not be durable yet", timeout)
-            return
-        if err is not None:
-            log.error("syncing the backing at the last ring's stop failed: %s", err.strerror)
-        else:
-            log.debug("backing synced in %.1f ms", (time.monotonic() - t0) * 1000)
+            return await asyncio.wait_for(done, timeout)  # settle() sees it cancelled
+        except TimeoutError as e:
+            return e
 
     def _unlock_backing(self) -> None:
         if self._backing_locked and not any(v.started for v in self.vrings):
-            _ofd_lock(self.target.config.fd_buffered, fcntl.F_UNLCK)
+            cfg = self.target.config
+            if cfg.rbd is None:
+                _ofd_lock(cfg.fd_buffered, fcntl.F_UNLCK)
+            elif not cfg.read_only:
+                try:   # a ring's start failed just after the lock was taken
+                    cfg.rbd.lock(False)
+                except OSError as e:
+                    log.warning("%s", e)
             self._backing_locked = False
 
     def _drop_inflight(self) -> None:

@@ -241,6 +241,7 @@ class FakeBacking:
         self.fd_buffered = FakeBacking.fd
         self.read_only = False
         self.drain_timeout_ms = 1000
+        self.rbd = None  # a file backing, not an RBD image
 
 
 class FakeTarget:
