@@ -58,6 +58,17 @@ class Settings:
     # open when the API listens on loopback only, token otherwise.
     metrics_auth: str | None = None
     docs_auth: str | None = None
+    # [storage]: where managed volumes live: "file" (STATE_DIR/volumes) or
+    # "rbd" (images in rbd_pool); the rbd_* client settings also serve
+    # external rbd:POOL/IMAGE backings
+    storage_backend: str = "file"
+    rbd_pool: str = "rbd"
+    rbd_namespace: str = ""
+    rbd_conf: str | None = None
+    rbd_client_id: str | None = None
+    rbd_keyring: str | None = None
+    rbd_timeout_s: int = 60          # a request the cluster does not answer fails
+    rbd_connect_timeout_s: int = 10  # a management call (create, resize, ...) gives up
 
     def __post_init__(self) -> None:
         self.state_dir = os.path.abspath(self.state_dir)
@@ -132,6 +143,12 @@ class Settings:
     def token_path(self) -> str:
         return os.path.join(self.state_dir, "api-token")
 
+    def rbd_allowed(self, spec: str) -> bool:
+        """Is the RBD backing SPEC (rbd:POOL/[NS/]IMAGE) on the allow-list
+        (rbd: patterns of allowed_backings, fnmatch)?"""
+        return any(p.startswith("rbd:") and fnmatch.fnmatchcase(spec, p)
+                   for p in self.allowed_backings)
+
     def backing_allowed(self, path: str) -> bool:
         """Is the file PATH resolves to on the allow-list?  Only its real path
         counts: a symlink in an allow-listed directory does not make what it
@@ -140,6 +157,8 @@ class Settings:
         as udev's /dev/disk/by-id/* are: such a link stands for its target."""
         real = os.path.realpath(path)
         for pattern in self.allowed_backings:
+            if pattern.startswith("rbd:"):
+                continue
             head, tail = os.path.split(pattern)
             if not glob.has_magic(head):
                 head = os.path.realpath(head)
@@ -174,8 +193,38 @@ _KEYS = {
     "worker_start_timeout_s": (int, float), "worker_stop_timeout_s": (int, float),
     "qmp_socket_dirs": list, "libvirt_sockets": list, "metrics_auth": str, "docs_auth": str,
 }
+_STORAGE_KEYS = {"backend": ("file", "rbd"), "pool": str, "namespace": str, "conf": str,
+                 "client_id": str, "keyring": str, "timeout_s": int, "connect_timeout_s": int}
 _EXPORT_KEYS = {"cache": ("none", "writeback"), "io_engine": ("auto", "io_uring", "sync"),
                 "poll_us": int}
+
+
+def _storage(path: str, table) -> dict:
+    """The [storage] table as Settings fields."""
+    import re
+
+    if not isinstance(table, dict):
+        raise ConfigError(f"config {path}: [storage] must be a table")
+    out = {}
+    for k, v in table.items():
+        allowed = _STORAGE_KEYS.get(k)
+        if allowed is None:
+            raise ConfigError(f"config {path}: unknown key storage.{k}")
+        if isinstance(allowed, tuple):
+            if v not in allowed:
+                raise ConfigError(f"config {path}: storage.{k} must be one of "
+                                  f"{', '.join(allowed)}")
+        elif not isinstance(v, allowed) or isinstance(v, bool):
+            raise ConfigError(f"config {path}: storage.{k} has the wrong type")
+        if k in ("timeout_s", "connect_timeout_s") and not 0 <= v <= 86400:
+            raise ConfigError(f"config {path}: storage.{k} must be from 0 to 86400")
+        if k in ("pool", "namespace") and v and not re.fullmatch(r"[A-Za-z0-9_.+-]+", v):
+            raise ConfigError(f"config {path}: storage.{k} {v!r} is not a valid name")
+        if k in ("conf", "keyring") and not v.startswith("/"):
+            raise ConfigError(f"config {path}: storage.{k} must be an absolute path")
+        name = "storage_backend" if k == "backend" else f"rbd_{k}"
+        out[name] = v
+    return out
 
 
 def load(path: str | None, **overrides) -> Settings:
@@ -191,6 +240,9 @@ def load(path: str | None, **overrides) -> Settings:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config {path}: {e}") from None
         for key, value in doc.items():
+            if key == "storage":
+                values.update(_storage(path, value))
+                continue
             if key == "export":
                 if not isinstance(value, dict):
                     raise ConfigError(f"config {path}: [export] must be a table")
@@ -211,9 +263,10 @@ def load(path: str | None, **overrides) -> Settings:
                 raise ConfigError(f"config {path}: unknown key {key}")
             if not isinstance(value, want) or isinstance(value, bool):
                 raise ConfigError(f"config {path}: {key} has the wrong type")
-            if key == "allowed_backings" and not all(isinstance(p, str) and p.startswith("/")
-                                                     for p in value):
-                raise ConfigError(f"config {path}: allowed_backings must be absolute paths")
+            if key == "allowed_backings" and not all(
+                    isinstance(p, str) and p.startswith(("/", "rbd:")) for p in value):
+                raise ConfigError(f"config {path}: allowed_backings must be absolute paths "
+                                  "or rbd:POOL/IMAGE patterns")
             if key in ("qmp_socket_dirs", "libvirt_sockets") and not all(
                     isinstance(p, str) and p.startswith("/") for p in value):
                 raise ConfigError(f"config {path}: {key} must be absolute paths")

@@ -20,6 +20,7 @@ from blkserve.api.config import SOCKET_PATH_MAX, Settings
 from blkserve.api.errors import ApiError
 from blkserve.api.hypervisors import ADAPTERS, DetachTimeout, Hypervisor, Target
 from blkserve.api.qos import QosControl
+from blkserve.api.rbd import RbdVolumes, is_rbd
 from blkserve.api.state import AttachmentRow, State, VolumeRow
 from blkserve.api.volumes import Volumes
 from blkserve.api.workers import Worker, WorkerSpec, WorkerStartError, own_socket
@@ -65,7 +66,7 @@ class NamedLocks:
                 del self.entries[key]
 
 
-class Controller(Volumes, QosControl):
+class Controller(Volumes, RbdVolumes, QosControl):
     def __init__(self, settings: Settings):
         self.settings = settings
         os.makedirs(settings.state_dir, exist_ok=True)
@@ -228,7 +229,9 @@ class Controller(Volumes, QosControl):
 
     def volume_view(self, v: VolumeRow) -> dict:
         return {"name": v.name, "size_bytes": v.size_bytes, "read_only": v.read_only,
-                "queues": v.queues, "backing": v.backing, "managed": v.managed,
+                "queues": v.queues, "backing": v.backing,
+                "backing_kind": "rbd" if is_rbd(v.backing) else v.backing_kind or "file",
+                "managed": v.managed,
                 "created_at": v.created_at, **self.qos_view(v),
                 "export": self.export_view(v.name),
                 "attachments": [vars(a) for a in self.state.attachments(v.name)]}
@@ -237,6 +240,11 @@ class Controller(Volumes, QosControl):
 
     def stats_path(self, name: str) -> str:
         return os.path.join(self.settings.stats_dir, f"{name}.stats")
+
+    def _rbd_worker_args(self) -> dict:
+        s = self.settings
+        return {"ceph_conf": s.rbd_conf, "ceph_id": s.rbd_client_id,
+                "ceph_keyring": s.rbd_keyring, "rbd_timeout": s.rbd_timeout_s}
 
     def _new_worker(self, v: VolumeRow, socket_path: str,
                     socket_owner: tuple[int, int] | None = None, *,
@@ -256,6 +264,7 @@ class Controller(Volumes, QosControl):
                           socket_owner=socket_owner,
                           backing_identity=v.identity,
                           qos_file=self.sync_qos_block(v),
+                          **(self._rbd_worker_args() if is_rbd(v.backing) else {}),
                           # an export from before allowed-peers files serves any peer
                           allow_peers_file=None if own or not os.path.exists(peers_file)
                           else peers_file,

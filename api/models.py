@@ -119,8 +119,8 @@ class VolumeCreate(BaseModel):
     size_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE, json_schema_extra=SECTORS,
                                    description=(
         "Capacity in bytes, a multiple of 512. Required unless `backing` names an "
-        "existing file or block device (then its size is used, and a given size must "
-        "match it). A new volume file is created sparse under STATE_DIR/volumes/."),
+        "existing file, block device or RBD image (then its size is used, and a given "
+        "size must match it)."),
         examples=[10737418240])
     read_only: bool = Field(default=False, description="Export the volume read-only "
                             "(VIRTIO_BLK_F_RO; the guest's writes fail).")
@@ -128,8 +128,11 @@ class VolumeCreate(BaseModel):
         "Virtqueues offered to the guest, each served by its own engine thread."))
     backing: str | None = Field(default=None, description=(
         "Absolute path of an existing block device or file (or a file to create) outside "
-        "the state dir. Allowed only if it matches the daemon config's `allowed_backings`. "
-        "Deleting the volume does not delete an external backing."),
+        "the state dir, or a Ceph RBD image rbd:POOL/[NAMESPACE/]IMAGE (existing, or "
+        "created with size_bytes). Allowed only if it matches the daemon config's "
+        "`allowed_backings`. Deleting the volume does not delete an external backing. "
+        "Without it the volume is created where the config's [storage] backend says: a "
+        "sparse file under STATE_DIR/volumes/, or an image in the RBD pool."),
         examples=["/dev/disk/by-id/nvme-example"])
     qos: QosLimits | None = Field(default=None, description=QOS_DESCRIPTION)
     qos_group: str | None = Field(default=None, pattern=NAME_PATTERN,
@@ -267,9 +270,13 @@ class Volume(BaseModel):
     size_bytes: int
     read_only: bool
     queues: int
-    backing: str = Field(description="Path of the file or block device holding the data.")
-    managed: bool = Field(description="The file was created by blkserve under the state "
-                          "dir (and is deleted with the volume).")
+    backing: str = Field(description="Path of the file or block device holding the data, "
+                         "or the Ceph RBD image as rbd:POOL/[NAMESPACE/]IMAGE.")
+    backing_kind: str = Field(description="file, block (a block device) or rbd (a Ceph "
+                              "RBD image, served through librbd).", examples=["file"])
+    managed: bool = Field(description="The backing was created by blkserve (a file under "
+                          "the state dir, or an image in the [storage] pool) and is deleted "
+                          "with the volume.")
     created_at: str
     qos: QosLimits | None = Field(description="The volume's own limits in force, or null.")
     qos_group: str | None = Field(description="Its QoS group, or null.")

@@ -189,7 +189,7 @@ class Volumes:
         """The path the backing is opened by: the stored real path; for a
         volume under the state dir its directories are resolved (rows from
         before paths were stored resolved), never the file itself."""
-        if not v.managed:
+        if not v.managed or v.backing.startswith("rbd:"):
             return v.backing
         head, tail = os.path.split(v.backing)
         return os.path.join(os.path.realpath(head), tail)
@@ -259,13 +259,16 @@ class Volumes:
                     os.kill(w.pid, signal.SIGHUP)
         return self.get_volume(name)
 
-    def delete_volume(self, name: str) -> None:
-        v = self.get_volume(name)
+    def check_deletable(self, name: str) -> None:
         if self.state.attachments(name):
             raise ApiError(409, f"volume '{name}' is attached to a VM; detach it first")
         if self.state.export(name):
             raise ApiError(409, f"volume '{name}' is exported; stop the export first "
                                 f"(DELETE /v1/volumes/{name}/export)")
+
+    def delete_volume(self, name: str) -> None:
+        v = self.get_volume(name)
+        self.check_deletable(name)
         self.state.delete_volume(name)
         self.drop_volume_qos(name)
         if v.managed:

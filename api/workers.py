@@ -143,6 +143,11 @@ class WorkerSpec:
     # serve only the processes listed there (blkserve.peers); None: any peer
     allow_peers_file: str | None = None
     qos_file: str | None = None  # the volume's QoS block (blkserve.qos), live limits
+    # an rbd: backing's client settings ([storage])
+    ceph_conf: str | None = None
+    ceph_id: str | None = None
+    ceph_keyring: str | None = None
+    rbd_timeout: int | None = None
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "blkserve", "export", self.backing,
@@ -160,6 +165,11 @@ class WorkerSpec:
             argv += ["--allow-peers-file", self.allow_peers_file]
         if self.qos_file:
             argv += ["--qos-file", self.qos_file]
+        for opt, value in (("--ceph-conf", self.ceph_conf), ("--ceph-id", self.ceph_id),
+                           ("--ceph-keyring", self.ceph_keyring),
+                           ("--rbd-timeout", self.rbd_timeout)):
+            if value is not None:
+                argv += [opt, str(value)]
         if self.xen_domain is not None:
             argv += ["--xen-domain", self.xen_domain, "--vdev", self.xen_vdev or "xvdb"]
         return argv

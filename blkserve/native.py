@@ -45,6 +45,56 @@ _RBD_HINTS = {
 }
 
 
+def _rbd_cfg(pool, nspace, image, conf, client_id, keyring, op_timeout, connect_timeout):
+    c = ffi.new("struct bs_rbd_cfg *")
+    keep = [ffi.new("char[]", (v or "").encode())
+            for v in (pool, nspace, image, conf, client_id, keyring)]
+    c.pool, c.nspace, c.image, c.conf, c.client_id, c.keyring = keep
+    c.op_timeout_s = op_timeout
+    c.connect_timeout_s = connect_timeout
+    return c, keep
+
+
+def _rbd_check(ret: int, c, pool: str, nspace: str, image: str) -> None:
+    if ret < 0:
+        stage = ffi.string(c.stage).decode()
+        hint = _RBD_HINTS.get(stage, stage or "opening the image")
+        raise RbdError(-ret, stage, f"rbd:{pool}/{nspace + '/' if nspace else ''}{image}: "
+                                    f"{hint}: {os.strerror(-ret)}")
+
+
+@dataclass(frozen=True)
+class RbdCluster:
+    """How to reach a Ceph cluster (the client side of a ceph.conf): image
+    management for the control plane, each call on a connection of its own,
+    every wait bounded by timeout."""
+
+    conf: str | None = None
+    client_id: str | None = None
+    keyring: str | None = None
+    timeout: int = 10
+
+    def _manage(self, op: int, pool: str, nspace: str, image: str, size: int = 0) -> int:
+        c, keep = _rbd_cfg(pool, nspace, image, self.conf, self.client_id, self.keyring,
+                           self.timeout, self.timeout)
+        out = ffi.new("uint64_t *", size)
+        _rbd_check(lib.bs_rbd_manage(c, op, out), c, pool, nspace, image)
+        del keep
+        return int(out[0])
+
+    def create(self, pool: str, nspace: str, image: str, size: int) -> None:
+        self._manage(lib.BS_RBD_CREATE, pool, nspace, image, size)
+
+    def remove(self, pool: str, nspace: str, image: str) -> None:
+        self._manage(lib.BS_RBD_REMOVE, pool, nspace, image)
+
+    def size(self, pool: str, nspace: str, image: str) -> int:
+        return self._manage(lib.BS_RBD_STAT, pool, nspace, image)
+
+    def resize(self, pool: str, nspace: str, image: str, size: int) -> None:
+        self._manage(lib.BS_RBD_RESIZE, pool, nspace, image, size)
+
+
 class RbdImage:
     """An open Ceph RBD image (librbd, in the engine): the target of an
     rbd: backing.  Every wait is bounded: connect_timeout for the monitors
@@ -54,21 +104,13 @@ class RbdImage:
                  client_id: str | None = None, keyring: str | None = None,
                  cache: bool = False, read_only: bool = False, op_timeout: int = 0,
                  connect_timeout: int = 30) -> None:
-        c = ffi.new("struct bs_rbd_cfg *")
-        keep = [ffi.new("char[]", (v or "").encode())
-                for v in (pool, nspace, image, conf, client_id, keyring)]
-        c.pool, c.nspace, c.image, c.conf, c.client_id, c.keyring = keep
+        c, keep = _rbd_cfg(pool, nspace, image, conf, client_id, keyring, op_timeout,
+                           connect_timeout)
         c.cache = int(cache)
         c.read_only = int(read_only)
-        c.op_timeout_s = op_timeout
-        c.connect_timeout_s = connect_timeout
         out = ffi.new("bs_rbd **")
-        ret = lib.bs_rbd_open(c, out)
-        if ret < 0:
-            stage = ffi.string(c.stage).decode()
-            hint = _RBD_HINTS.get(stage, stage or "opening the image")
-            raise RbdError(-ret, stage, f"rbd:{pool}/{nspace + '/' if nspace else ''}{image}: "
-                                        f"{hint}: {os.strerror(-ret)}")
+        _rbd_check(lib.bs_rbd_open(c, out), c, pool, nspace, image)
+        del keep
         self._h = out[0]
         self.spec = f"{pool}/{nspace + '/' if nspace else ''}{image}"
         self.cache = cache

@@ -154,6 +154,11 @@ int bs_rbd_flush(bs_rbd *r);
  * while held, another client's writes fail (-EROFS) and its lock attempt
  * fails; -EROFS/-EBUSY: another client holds it. */
 int bs_rbd_lock(bs_rbd *r, int acquire);
+/* Image management, each on a connection of its own (cfg->image names the
+ * image; read_only and cache are ignored): create (*size bytes), remove,
+ * stat (*size out), resize (to *size). */
+enum bs_rbd_op { BS_RBD_CREATE = 1, BS_RBD_REMOVE = 2, BS_RBD_STAT = 3, BS_RBD_RESIZE = 4 };
+int bs_rbd_manage(struct bs_rbd_cfg *cfg, int what, uint64_t *size);
 /* The cluster's global id of this client (fencing: blocklist it). */
 uint64_t bs_rbd_instance_id(bs_rbd *r);
 void bs_rbd_close(bs_rbd *r);

@@ -56,17 +56,12 @@ void bs_rbd_close(bs_rbd *r)
     free(r);
 }
 
-int bs_rbd_open(struct bs_rbd_cfg *cfg, bs_rbd **out)
+/* Connect to the cluster and open the pool's ioctx (r->cluster, r->ioctx). */
+static int connect_pool(struct bs_rbd *r, struct bs_rbd_cfg *cfg)
 {
-    struct bs_rbd *r = calloc(1, sizeof(*r));
     int ret;
-
-    if (!r)
-        return -ENOMEM;
-    if (!cfg->pool || !*cfg->pool || !cfg->image || !*cfg->image) {
-        free(r);
+    if (!cfg->pool || !*cfg->pool || !cfg->image || !*cfg->image)
         return -EINVAL;
-    }
     set_stage(cfg, "create");
     ret = rados_create(&r->cluster, cfg->client_id && *cfg->client_id ? cfg->client_id : NULL);
     if (ret < 0) {
@@ -103,6 +98,21 @@ int bs_rbd_open(struct bs_rbd_cfg *cfg, bs_rbd **out)
     }
     if (cfg->nspace && *cfg->nspace)
         rados_ioctx_set_namespace(r->ioctx, cfg->nspace);
+    return 0;
+fail:
+    return ret < 0 ? ret : -EIO;
+}
+
+int bs_rbd_open(struct bs_rbd_cfg *cfg, bs_rbd **out)
+{
+    struct bs_rbd *r = calloc(1, sizeof(*r));
+    int ret;
+
+    if (!r)
+        return -ENOMEM;
+    ret = connect_pool(r, cfg);
+    if (ret < 0)
+        goto fail;
     set_stage(cfg, "image");
     ret = cfg->read_only ? rbd_open_read_only(r->ioctx, cfg->image, &r->image, NULL)
                          : rbd_open(r->ioctx, cfg->image, &r->image, NULL);
@@ -116,6 +126,51 @@ int bs_rbd_open(struct bs_rbd_cfg *cfg, bs_rbd **out)
 fail:
     bs_rbd_close(r);
     return ret < 0 ? ret : -EIO;
+}
+
+int bs_rbd_manage(struct bs_rbd_cfg *cfg, int what, uint64_t *size)
+{
+    struct bs_rbd *r = calloc(1, sizeof(*r));
+    int ret;
+
+    if (!r)
+        return -ENOMEM;
+    ret = connect_pool(r, cfg);
+    if (ret < 0)
+        goto out;
+    set_stage(cfg, "image");
+    switch (what) {
+    case BS_RBD_CREATE: {
+        /* format 2 with the pool's default features (exclusive-lock
+         * among them: what the exports' lock relies on) */
+        int order = 0;
+        ret = rbd_create2(r->ioctx, cfg->image, *size,
+                          RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK |
+                          RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF |
+                          RBD_FEATURE_DEEP_FLATTEN, &order);
+        break;
+    }
+    case BS_RBD_REMOVE:
+        ret = rbd_remove(r->ioctx, cfg->image);
+        break;
+    case BS_RBD_STAT:
+    case BS_RBD_RESIZE:
+        ret = what == BS_RBD_STAT ? rbd_open_read_only(r->ioctx, cfg->image, &r->image, NULL)
+                                  : rbd_open(r->ioctx, cfg->image, &r->image, NULL);
+        if (ret < 0) {
+            r->image = NULL;
+            break;
+        }
+        ret = what == BS_RBD_STAT ? rbd_get_size(r->image, size) : rbd_resize(r->image, *size);
+        break;
+    default:
+        ret = -EINVAL;
+    }
+    if (ret == 0)
+        set_stage(cfg, "");
+out:
+    bs_rbd_close(r);
+    return ret;
 }
 
 int bs_rbd_size(bs_rbd *r, uint64_t *size)

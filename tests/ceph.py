@@ -497,6 +497,9 @@ bluestore fsck on mkfs = false
 # the aio thread waits this long for events: every close of the block file
 # (8 in mkfs and boot) waited up to 250 ms for it
 bdev aio poll ms = 20
+# a client that stops answering (a host cut off) loses its watches, and with
+# them an RBD image's exclusive lock, after this long (default 30 s)
+osd client watch timeout = 5
 
 [client]
 keyring = {d}/client.admin.keyring

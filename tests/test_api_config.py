@@ -18,7 +18,8 @@ def test_sample_config_loads_and_documents_every_setting():
     assert s.listen == config.DEFAULT_LISTEN and s.state_dir == "/var/lib/blkserve"
     text = (REPO / "deploy" / "blkserve.toml").read_text()
     for field in config.Settings.__dataclass_fields__:
-        key = field.removeprefix("export_")
+        # [export] and [storage] keys are written without their prefix
+        key = field.removeprefix("export_").removeprefix("storage_").removeprefix("rbd_")
         assert key in text, f"deploy/blkserve.toml does not document {key}"
 
 
@@ -37,6 +38,11 @@ def test_flags_override_file(tmp_path):
     ("[export]\ncache = 'sometimes'", "export.cache"),
     ("[export]\npoll_us = -1", "export.poll_us"),
     ("[export]\nnope = 1", "export.nope"),
+    ("[storage]\nbackend = 'nfs'", "storage.backend must be one of file, rbd"),
+    ("[storage]\npool = 'a/b'", "storage.pool"),
+    ("[storage]\nconf = 'ceph.conf'", "storage.conf must be an absolute path"),
+    ("[storage]\ntimeout_s = 'x'", "storage.timeout_s has the wrong type"),
+    ("[storage]\nnope = 1", "unknown key storage.nope"),
     ("detach_timeout_s = true", "wrong type"),
     ("this is not toml", "c.toml"),
 ])
@@ -45,6 +51,19 @@ def test_bad_config_is_refused_with_the_key(tmp_path, text, needle):
     f.write_text(text)
     with pytest.raises(config.ConfigError, match=needle):
         config.load(str(f))
+
+
+def test_storage_table_and_rbd_allow_list(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('allowed_backings = ["rbd:rbd/vm-*", "/srv/x.img"]\n[storage]\n'
+                 'backend = "rbd"\npool = "volumes"\nnamespace = "t1"\n'
+                 'conf = "/etc/ceph/ceph.conf"\nclient_id = "blkserve"\ntimeout_s = 5\n')
+    s = config.load(str(f))
+    assert (s.storage_backend, s.rbd_pool, s.rbd_namespace, s.rbd_conf, s.rbd_client_id,
+            s.rbd_timeout_s) == ("rbd", "volumes", "t1", "/etc/ceph/ceph.conf", "blkserve", 5)
+    assert s.rbd_allowed("rbd:rbd/vm-1") and not s.rbd_allowed("rbd:rbd/other")
+    assert not s.rbd_allowed("rbd:other/vm-1")
+    assert not s.backing_allowed("/dev/vm-1")   # an rbd: pattern allows no path
 
 
 def test_missing_config_file():

@@ -237,6 +237,36 @@ def test_second_export_waits_for_the_exclusive_lock(ceph, image, tmp_path):
         assert second.stop() == 0, second.logtext()
 
 
+def test_a_cut_off_holder_is_fenced(ceph, image, tmp_path):
+    """Two exports of one image, as on two hosts: the first runs rings and
+    is then cut off (SIGSTOP: it holds the lock but answers nobody).  The
+    second's ring start waits until the cluster has given up on the first
+    (its watch times out: 5 s in the test cluster, 30 s by default), then
+    breaks the lock and blocklists it; when the first wakes up, its write
+    fails with IOERR and never reaches the image (fenced)."""
+    a = start(ceph, image, tmp_path, "--queues", "1", name="a")
+    b = start(ceph, image, tmp_path, "--queues", "1", name="b")
+    try:
+        da = a.device(queues=1)
+        assert da.write(8, b"A" * 4096) == vc.BLK_S_OK
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        db = b.device(queues=1)
+        assert db.write(16, b"B" * 4096, timeout=60) == vc.BLK_S_OK
+        took = time.monotonic() - t0
+        assert 2 <= took < 40, took    # it did wait for the watch to time out
+        os.kill(a.proc.pid, signal.SIGCONT)
+        assert da.write(8, b"Z" * 4096, timeout=60) == vc.BLK_S_IOERR
+        assert db.read(8, 4096) == (vc.BLK_S_OK, b"A" * 4096)
+        db.close()
+        data = ceph.export_image(image)
+        assert data[8 * 512:9 * 512] == b"A" * 512 and data[16 * 512:17 * 512] == b"B" * 512
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+        a.stop()
+        assert b.stop() == 0, b.logtext()
+
+
 def _bench(sock: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "blkserve", "bench", "--socket", sock,
                              "--queues", "1", "--iodepth", "8", "--size", "8M", *args],

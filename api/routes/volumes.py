@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 
 from blkserve.api import models
 from blkserve.api.deps import ControllerDep
+from blkserve.api.rbd import is_rbd
 from blkserve.api.routes import INVALID, NOT_FOUND, UNREADABLE, err
 
 router = APIRouter()
@@ -20,15 +21,22 @@ router = APIRouter()
                                    "partition and its disk)."),
                         **err(422, "Invalid name, size, backing or QoS limits, or no such "
                                    "QoS group."),
+                        **err(502, "An RBD volume's Ceph cluster did not answer, or refused "
+                                   "the client (its [storage] settings)."),
                         **err(507, "Not enough free space for the volume.")})
 async def create_volume(controller: ControllerDep, body: models.VolumeCreate):
-    """Create a sparse volume file under STATE_DIR/volumes/ (or register an
-    allow-listed external file or block device), with optional QoS limits
-    and group."""
+    """Create a sparse volume file under STATE_DIR/volumes/, or an image in
+    the RBD pool when the config's [storage] backend is rbd (or register an
+    allow-listed external file, block device or rbd:POOL/IMAGE), with
+    optional QoS limits and group."""
     async with controller.lock(body.name):
         controller.check_qos_group(body.qos_group)
-        row = controller.create_volume(body.name, body.size_bytes, body.read_only,
-                                       body.queues, body.backing)
+        if controller.wants_rbd(body.backing):
+            row = await controller.create_rbd_volume(body.name, body.size_bytes,
+                                                     body.read_only, body.queues, body.backing)
+        else:
+            row = controller.create_volume(body.name, body.size_bytes, body.read_only,
+                                           body.queues, body.backing)
         if body.qos is not None or body.qos_group is not None:
             controller.set_volume_qos(body.name, {
                 "qos": body.qos.flat() if body.qos is not None else None,
@@ -56,6 +64,7 @@ async def get_volume(controller: ControllerDep, name: str):
                          **err(409, "Shrinking an exported/attached volume, a block "
                                     "device backing, or a backing replaced since the "
                                     "volume was created."),
+                         **err(502, "An RBD volume's Ceph cluster did not answer."),
                          **err(507, "Not enough free space to grow.")})
 async def patch_volume(controller: ControllerDep, name: str, body: models.VolumePatch):
     """`size_bytes`: grow (or, when not exported, shrink) the volume's file.
@@ -64,11 +73,14 @@ async def patch_volume(controller: ControllerDep, name: str, body: models.Volume
     `qos` / `qos_group`: new limits or group, applied to a running export
     within a second without restarting it or disturbing the guest."""
     async with controller.lock(name):
-        controller.get_volume(name)
+        v = controller.get_volume(name)
         if "qos_group" in body.model_fields_set:
             controller.check_qos_group(body.qos_group)
         if body.size_bytes is not None:
-            controller.resize_volume(name, body.size_bytes)
+            if is_rbd(v.backing):
+                await controller.resize_rbd(name, body.size_bytes)
+            else:
+                controller.resize_volume(name, body.size_bytes)
         fields = {}
         if "qos" in body.model_fields_set:
             fields["qos"] = body.qos.flat() if body.qos is not None else None
@@ -82,10 +94,14 @@ async def patch_volume(controller: ControllerDep, name: str, body: models.Volume
 @router.delete("/volumes/{name}", status_code=204, response_class=Response,
                tags=["volumes"], summary="Delete a volume",
                responses={**NOT_FOUND, **INVALID,
-                          **err(409, "The volume is exported or attached.")})
+                          **err(409, "The volume is exported or attached."),
+                          **err(502, "An RBD volume's Ceph cluster did not answer.")})
 async def delete_volume(controller: ControllerDep, name: str):
     """Delete the volume; a file under the state dir is deleted with it, an
     external backing is left alone."""
     async with controller.lock(name):
-        controller.delete_volume(name)
+        if is_rbd(controller.get_volume(name).backing):
+            await controller.delete_rbd_volume(name)
+        else:
+            controller.delete_volume(name)
     return Response(status_code=204)
