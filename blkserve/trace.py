@@ -187,6 +187,12 @@ class Tracer:
             if self.breakdown:
                 u.enable_probe(probe="request_start", fn_name="on_request_start")
                 u.enable_probe(probe="notify", fn_name="on_notify")
+                try:   # RBD requests (an engine from before RBD has no such probes)
+                    u.enable_probe(probe="rbd_submit", fn_name="on_rbd_submit")
+                    u.enable_probe(probe="rbd_complete", fn_name="on_rbd_complete")
+                    cflags.append("-DRBD")
+                except Exception:  # noqa: BLE001 - bcc raises bare Exceptions
+                    pass
             contexts.append(u)
         try:
             self._bpf = bcc.BPF(src_file=str(BPF_SOURCE), cflags=cflags,

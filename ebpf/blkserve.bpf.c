@@ -13,6 +13,9 @@
  *   3 complete->used   io_uring_complete to request_done (CQE reaped, status
  *                      and used entry written)
  *   4 used->notify     first request_done of a batch to the guest notify
+ * For RBD backings (-DRBD: the engine has the probes) stages 1 and 2 end and
+ * start at the probes rbd_submit (the request handed to librbd) and
+ * rbd_complete (librbd's completion callback) instead of io_uring's.
  * With -DBLOCK: block-layer time (block_rq_issue to block_rq_complete) of the
  * block devices listed in the block_devs map, per device.
  *
@@ -134,7 +137,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
     u64 ring = (u64)args->ctx;
     ring_of_tid.update(&tid, &ring);
     tgid_of_ring.update(&ring, &tgid);
-    if (args->user_data <= 3)    /* the engine's own polls and notifications */
+    if (args->user_data < 16)    /* the engine's own (BS_UD_RESERVED): polls, timers */
         return 0;
     u64 now = bpf_ktime_get_ns();
     struct ud_key k = {.tgid = tgid, .user_data = args->user_data};
@@ -159,7 +162,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
         kick_ts.insert(&ring, &now);
         return 0;
     }
-    if (args->user_data <= 3)
+    if (args->user_data < 16)
         return 0;
     struct ud_key k = {.tgid = *tgidp, .user_data = args->user_data};
     u64 *st = submit_ts.lookup(&k);
@@ -171,6 +174,43 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
     }
     return 0;
 }
+#ifdef RBD
+int on_rbd_submit(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (worker_index(tgid) < 0)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    struct ud_key k = {.tgid = tgid};
+    bpf_usdt_readarg(3, ctx, &k.user_data);
+    u64 *pt = pop_ts.lookup(&k);
+    if (pt) {
+        if (now > *pt)
+            stage(tgid, 1, now - *pt);
+        pop_ts.delete(&k);
+    }
+    submit_ts.update(&k, &now);
+    return 0;
+}
+
+int on_rbd_complete(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (worker_index(tgid) < 0)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    struct ud_key k = {.tgid = tgid};
+    bpf_usdt_readarg(3, ctx, &k.user_data);
+    u64 *st = submit_ts.lookup(&k);
+    if (st) {
+        if (now > *st)
+            stage(tgid, 2, now - *st);
+        submit_ts.delete(&k);
+        complete_ts.update(&k, &now);
+    }
+    return 0;
+}
+#endif /* RBD */
 #endif /* BREAKDOWN */
 
 int on_request_done(struct pt_regs *ctx)

@@ -256,6 +256,7 @@ static void aio_done(rbd_completion_t comp, void *arg)
     __atomic_add_fetch(&c->rbd_cbs, 1, __ATOMIC_ACQ_REL);
     ssize_t res = rbd_aio_get_return_value(comp);
     rbd_aio_release(comp);
+    BS_PROBE(rbd_complete, c->target->cfg.serial, U64(c->index), io, U64(res));
     io->sync_res = res < 0 ? (res < -4095 ? -EIO : (int)res) : (res > INT32_MAX ? INT32_MAX : (int)res);
     struct bs_io *old = __atomic_load_n(&c->rbd_done, __ATOMIC_RELAXED);
     do {
@@ -315,6 +316,8 @@ int bs_rbd_submit(struct bs_core *c, struct bs_io *io)
     }
     if (ret < 0)
         rbd_aio_release(comp);
+    else
+        BS_PROBE(rbd_submit, c->target->cfg.serial, U64(c->index), io);
     return ret;
 }
 

@@ -76,8 +76,20 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def ctx(guest_image, tmp_path_factory):
-    api = ApiServer().start()
+def ctx(guest_image, tmp_path_factory, request):
+    # RBD volumes (test_rbd_volume_in_the_guest) on the session's Ceph
+    # cluster, where there is one: its client settings and an allow-list
+    config = None
+    try:
+        ceph = request.getfixturevalue("ceph")
+    except pytest.skip.Exception:
+        ceph = None
+    if ceph is not None:
+        config = tmp_path_factory.mktemp("api-guest-cfg") / "blkserve.toml"
+        config.write_text(f'allowed_backings = ["rbd:{ceph.pool}/guest-*"]\n[storage]\n'
+                          f'conf = "{ceph.conf}"\nkeyring = "{ceph.keyring}"\n'
+                          f'pool = "{ceph.pool}"\n')
+    api = ApiServer(config=config).start()
     sockdir = g.short_socket_dir("bs-apiqmp-")
     qmp = str(sockdir / "api-qmp.sock")  # a second monitor, only for blkserve
     try:
@@ -269,9 +281,13 @@ def test_worker_kill9_mid_fio_guest_sees_no_error(ctx):
     flight, and fio finishes with no I/O or verify error.  Repeated until a
     kill caught requests that the next worker resubmitted (a request
     completing between the look and the kill is not left in flight)."""
-    dev = ctx.disk_by_serial("hot1")
-    stats_file = ctx.api.state_dir / "stats" / "hot1.stats"
-    log_path = ctx.api.state_dir / "logs" / "hot1.log"
+    _kill9_under_fio(ctx, "hot1")
+
+
+def _kill9_under_fio(ctx: Ctx, volume: str) -> None:
+    dev = ctx.disk_by_serial(volume)
+    stats_file = ctx.api.state_dir / "stats" / f"{volume}.stats"
+    log_path = ctx.api.state_dir / "logs" / f"{volume}.log"
     resubmitted = 0
     for attempt in range(KILL_TRIES):
         ctx.vm.check("/bin/dmesg -c > /dev/null; rm -f /tmp/k.out")
@@ -283,13 +299,13 @@ def test_worker_kill9_mid_fio_guest_sees_no_error(ctx):
             f"--verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
             f"--randrepeat=0 > /tmp/k.out 2>&1; echo fio-rc=$? >> /tmp/k.out' "
             f"> /dev/null 2>&1 < /dev/null")
-        old = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
+        old = _ok(ctx.http.get(f"/v1/volumes/{volume}/export"), 200)
         assert wait_inflight(stats_file, 60), f"attempt {attempt}: no request ever in flight"
         log_from = log_path.stat().st_size
         os.kill(old["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            e = _ok(ctx.http.get("/v1/volumes/hot1/export"), 200)
+            e = _ok(ctx.http.get(f"/v1/volumes/{volume}/export"), 200)
             if e["pid"] not in (None, old["pid"]) and e["state"] == "running":
                 break
             time.sleep(0.1)
@@ -353,6 +369,56 @@ def test_detach_guest_sees_disk_go(ctx):
     ctx.att["hot1"] = att["id"]
     dev = ctx.wait_disk("hot1", present=True)
     ctx.vm.check(f"/bin/dd if=/dev/{dev} of=/dev/null bs=1M count=4 iflag=direct")
+
+
+def test_rbd_volume_in_the_guest(ctx, request):
+    """A volume on the session's Ceph cluster (an allow-listed rbd: backing,
+    2 queues) hot-attached to the running guest: fio crc32c verify from 4k
+    to 128k, WRITE_ZEROES (blkdiscard -z) reads back zeroes and DISCARD is
+    accepted, mkfs.ext4 then e2fsck -fn, kill -9 of its worker under fio
+    verify (the next worker redoes what librbd had in flight), a daemon
+    kill -9 and restart that adopts the worker, online grow, detach."""
+    try:
+        ceph = request.getfixturevalue("ceph")
+    except pytest.skip.Exception as e:
+        pytest.skip(f"no Ceph cluster for an RBD volume: {e}")
+    spec = f"rbd:{ceph.pool}/guest-rbd1"
+    v = _ok(ctx.http.post("/v1/volumes", json={"name": "rbd1", "backing": spec,
+                                               "size_bytes": VOL1_SIZE, "queues": 2}), 201)
+    assert v["backing_kind"] == "rbd" and not v["managed"]
+    try:
+        att = _ok(ctx.http.post("/v1/volumes/rbd1/attachments",
+                                json={"hypervisor": "qemu", "qmp_socket": ctx.qmp}), 201)
+        dev = ctx.wait_disk("rbd1", present=True)
+        assert int(ctx.vm.check(f"cat /sys/block/{dev}/size")) * 512 == VOL1_SIZE
+        assert ctx.vm.check(f"ls /sys/block/{dev}/mq").split() == ["0", "1"]
+        ctx.fio_verify(dev, "16M", bs="4k")
+        ctx.fio_verify(dev, "32M", bs="128k", offset="32M")
+        ctx.fio_verify(dev, "16M", bs="4k --bsrange=4k-128k", offset="64M")
+        # WRITE_ZEROES reads back zeroes; DISCARD (a hint to librbd) is accepted
+        ctx.vm.check(f"/sbin/blkdiscard -z -o 33554432 -l 1048576 /dev/{dev}")
+        nonzero = ctx.vm.check(f"/bin/dd if=/dev/{dev} bs=1M skip=32 count=1 iflag=direct "
+                               "2>/dev/null | tr -d '\\000' | wc -c").strip()
+        assert nonzero == "0", nonzero
+        ctx.vm.check(f"/sbin/blkdiscard -o 41943040 -l 4194304 /dev/{dev}")
+        _kill9_under_fio(ctx, "rbd1")
+        pid = _ok(ctx.http.get("/v1/volumes/rbd1"), 200)["export"]["pid"]
+        ctx.api.stop(signal.SIGKILL)
+        ctx.fio_verify(dev, "8M", offset="96M")   # no daemon: the worker serves on
+        ctx.api.start()
+        after = _ok(ctx.http.get("/v1/volumes/rbd1"), 200)
+        assert after["export"]["pid"] == pid and after["export"]["state"] == "running"
+        _ok(ctx.http.patch("/v1/volumes/rbd1", json={"size_bytes": VOL1_SIZE + 64 * MiB}), 200)
+        wait_for(lambda: int(ctx.vm.check(f"cat /sys/block/{dev}/size")) * 512
+                 == VOL1_SIZE + 64 * MiB, 30, "the guest to see the grown RBD volume")
+        ctx.vm.check(f"/sbin/mkfs.ext4 -q -F /dev/{dev}", timeout=300)
+        ctx.vm.check(f"/sbin/e2fsck -fn /dev/{dev}", timeout=300)
+        assert "I/O error" not in ctx.vm.check("/bin/dmesg")
+        _ok(ctx.http.delete(f"/v1/volumes/rbd1/attachments/{att['id']}"), 204)
+        ctx.wait_disk("rbd1", present=False)
+    finally:
+        if ctx.http.delete("/v1/volumes/rbd1").status_code == 204:
+            ceph.run("rbd", "rm", "--no-progress", f"{ceph.pool}/guest-rbd1")
 
 
 def test_vm_gone_attachment_goes_stale_and_deletes(ctx):

@@ -83,6 +83,10 @@ QEMU_TRACE = ("vhost_user_write", "vhost_user_read", "vhost_dev_start", "vhost_d
 BACKENDS = [
     pytest.param("qsd", id="qsd"),
     pytest.param("blkserve", id="blkserve"),
+    # each disk an RBD image on the session's Ceph cluster, served on each
+    # side by its own export as on two hosts: the image's exclusive lock
+    # passes from the source's export to the destination's
+    pytest.param("rbd", id="blkserve-rbd"),
 ]
 
 
@@ -122,7 +126,14 @@ echo "done rc=$rc passes=$n" >> /tmp/bg-$dev.log
 """
 
 
-def _start_backend(kind: str, backing: Path, sock: Path, log: Path, serial: str, queues: int):
+def _start_backend(kind: str, backing, sock: Path, log: Path, serial: str, queues: int,
+                   ceph=None):
+    if kind == "rbd":
+        return g.BackendProcess(
+            [sys.executable, "-m", "blkserve", "export", backing, "--ceph-conf", ceph.conf,
+             "--socket", str(sock), "--serial", serial, "--queues", str(queues)],
+            sock, log_path=log, cwd=str(REPO), name=f"export {serial}",
+        ).start()
     if kind == "qsd":
         return g.StorageDaemon(
             backing, sock, num_queues=queues, locking="off", log_path=log
@@ -138,13 +149,18 @@ class Pair:
     """Backing files, backends for both ends, the source guest (booted) and
     the destination guest (started on demand, waiting for the stream)."""
 
-    def __init__(self, kind: str, image, work: Path):
-        self.kind, self.image, self.work = kind, image, work
+    def __init__(self, kind: str, image, work: Path, ceph=None):
+        self.kind, self.image, self.work, self.ceph = kind, image, work, ceph
         self.sockdir = g.short_socket_dir("bs-mig-")
         self.backends: list[g.BackendProcess] = []
         self.backing = []
         work.mkdir(parents=True, exist_ok=True)
         for dev, _ in LAYOUT:
+            if kind == "rbd":
+                name = f"mig-{work.parent.name[-12:]}-{dev}".replace("_", "-")
+                ceph.create_image(name, DISK_SIZE)
+                self.backing.append(f"rbd:{ceph.pool}/{name}")
+                continue
             path = work / f"{dev}.img"
             with open(path, "wb") as f:
                 f.truncate(DISK_SIZE)
@@ -166,7 +182,7 @@ class Pair:
             sock = self.sockdir / f"{side}-{dev}.sock"
             self.backends.append(_start_backend(
                 self.kind, backing, sock, self.work / f"{side}-{dev}.log", dev,
-                opts["num_queues"]))
+                opts["num_queues"], self.ceph))
             disks.append(g.Disk(sock, num_queues=opts["num_queues"],
                                 props=dict(opts.get("props", {})), reconnect=1))
         trace = [a for ev in QEMU_TRACE for a in ("-trace", ev)]
@@ -198,11 +214,12 @@ class Pair:
 
 
 @pytest.fixture
-def pair_factory(guest_image, tmp_path):
+def pair_factory(guest_image, tmp_path, request):
     pairs = []
 
     def make(kind: str) -> Pair:
-        p = Pair(kind, guest_image, tmp_path / kind)
+        ceph = request.getfixturevalue("ceph") if kind == "rbd" else None
+        p = Pair(kind, guest_image, tmp_path / kind, ceph)
         pairs.append(p)
         p.start_source()
         return p

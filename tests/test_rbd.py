@@ -9,6 +9,7 @@ bad cluster input is a one-line exit 2 within a bounded time."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -138,6 +139,25 @@ def test_io_reaches_the_cluster_and_back(ceph, image, export):
     # op 0 read, 1 write, 2 flush; [0]: completed OK
     total = [sum(q.op_status[op][0] for q in st.queues) for op in (0, 1, 2)]
     assert total[0] >= 3 and total[1] >= 2 and total[2] >= 1, total
+
+
+def test_read_only_export(ceph, image, tmp_path):
+    """--read-only opens the image read-only (no lock is taken): reads are
+    served, writes and write-zeroes fail with IOERR, BLK_RO is offered."""
+    ceph.write_image(image, 0, b"\x42" * 4096)
+    e = start(ceph, image, tmp_path, "--queues", "1", "--read-only")
+    d = e.device(queues=1)
+    try:
+        assert d.offered_features >> vc.BLK_F_RO & 1
+        assert d.read(0, 4096) == (vc.BLK_S_OK, b"\x42" * 4096)
+        assert d.write(0, b"x" * 4096) == vc.BLK_S_IOERR
+        # another client may still write: a read-only export holds no lock
+        ceph.write_image(image, 8192, b"\x43" * 4096)
+        assert d.read(16, 4096) == (vc.BLK_S_OK, b"\x43" * 4096)
+    finally:
+        d.close()
+        assert e.stop() == 0, e.logtext()
+    assert ceph.export_image(image)[:4096] == b"\x42" * 4096
 
 
 def test_write_zeroes_reads_back_zeroes_and_discard_is_accepted(ceph, image, export):
@@ -414,3 +434,31 @@ def test_help_names_the_rbd_options():
     for opt in ("--ceph-conf", "--ceph-id", "--ceph-keyring", "--rbd-timeout", "rbd:POOL/IMAGE"):
         assert opt in out, opt
 
+
+
+def test_trace_breakdown_covers_rbd_requests(ceph, image, tmp_path):
+    """`blkserve trace --breakdown` on an RBD export: submit->complete runs
+    from the hand-over to librbd to its completion (USDT rbd_submit,
+    rbd_complete), for nearly every request; pop->submit and complete->used
+    are seen too."""
+    if os.geteuid() != 0 or not os.path.isdir("/usr/lib/python3/dist-packages/bcc") or \
+            not os.path.exists(f"/lib/modules/{os.uname().release}/build/include"):
+        pytest.skip("tracing needs root, bcc (python3-bpfcc) and kernel headers")
+    e = start(ceph, image, tmp_path, "--queues", "1", name="rbdtrace")
+    try:
+        b = _bench(e.sock, "--rw", "randrw", "--runtime", "12", "--iodepth", "4")
+        wait_for(lambda: _completed(e) > 100, 30, "I/O running")
+        p = subprocess.run([sys.executable, "-m", "blkserve", "trace", "--volume", "rbdtrace",
+                            "--duration", "3", "--breakdown", "--json"],
+                           capture_output=True, text=True, timeout=120)
+        out, _ = b.communicate(timeout=120)
+        assert b.returncode == 0, out
+    finally:
+        assert e.stop() == 0, e.logtext()
+    assert p.returncode == 0, p.stderr[-3000:]
+    vol = json.loads(p.stdout)["volumes"]["rbdtrace"]
+    bd = vol["breakdown"]
+    for stage in ("pop->submit", "submit->complete", "complete->used"):
+        assert bd[stage]["count"] > 0, (stage, bd)
+    done = vol["latency"]["read"]["count"] + vol["latency"]["write"]["count"]
+    assert 0.8 * done < bd["submit->complete"]["count"] < 1.2 * done + 100, (done, bd)
