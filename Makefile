@@ -155,6 +155,9 @@ fuzz-protocol: setup
 # Performance suite (not part of `make test`): blkserve vs qemu-storage-daemon
 # vs host fio, ~15 minutes; writes bench/results/<date>.json and the table in
 # docs/PERFORMANCE.md.  Quick iteration: make bench BENCH_ARGS=--quick
-.PHONY: bench
+.PHONY: bench bench-rbd
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-rbd: setup
+	$(BIN)/python bench/rbd.py $(BENCH_ARGS)

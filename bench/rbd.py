@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from ceph import CephCluster, ceph_available  # noqa: E402
 from run import (  # noqa: E402
     busy_processes,
+    cpu_times,
     git_rev,
     log,
     native_stamp,
@@ -107,6 +108,7 @@ class Run:
     frontend_wait_share: float | None = None
     rescue_kicks: int = 0
     busy_before: float = 0.0
+    machine_busy: float | None = None   # share of all CPUs busy during the run
     command: str = ""
 
 
@@ -119,6 +121,10 @@ def threads(pid: int) -> int | None:
     except OSError:
         pass
     return None
+
+
+def busy_share(t0: tuple[int, int], t1: tuple[int, int]) -> float:
+    return round((t1[0] - t0[0]) / max(1, t1[1] - t0[1]), 3)
 
 
 def fio_conf(cluster: CephCluster) -> str:
@@ -174,8 +180,10 @@ class Suite:
         run.busy_before = self.wait_quiet()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         osd0 = self.osd_cpu()
+        m0 = cpu_times()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env,
                            timeout=self.a.runtime + self.a.ramp + 60)
+        run.machine_busy = busy_share(m0, cpu_times())
         osd1 = self.osd_cpu()
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if p.returncode != 0:
@@ -242,8 +250,10 @@ class Suite:
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu0 = proc_cpu_s(proc.pid)
             osd0 = self.osd_cpu()
+            m0 = cpu_times()
             p = subprocess.run(fcmd, capture_output=True, text=True, cwd=ROOT,
                                timeout=self.a.runtime + self.a.ramp + 90)
+            run.machine_busy = busy_share(m0, cpu_times())
             cpu1 = proc_cpu_s(proc.pid)
             osd1 = self.osd_cpu()
             ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -328,6 +338,7 @@ def summarize(runs: list[Run], workloads: list[Workload], systems: list[str]) ->
                 "osd_cpu_s_per_mreq": _median([r.osd_cpu_s_per_mreq for r in rs]),
                 "backend_threads": _median([r.backend_threads for r in rs]),
                 "frontend_wait_share": _median([r.frontend_wait_share for r in rs]),
+                "machine_busy": _median([r.machine_busy for r in rs]),
                 "rescue_kicks": sum(r.rescue_kicks for r in rs),
             }
         S = row["systems"]
@@ -436,8 +447,8 @@ def render(result: dict) -> str:
     L.append("")
     L.append("| workload | QD | queues | IOPS per round: blkserve · qsd · fio "
              "| OSD CPU s / 1M req: blkserve · qsd · fio | backend threads: blkserve · qsd "
-             "| frontend waiting: blkserve · qsd |")
-    L.append("|---|---:|---:|---|---|---|---|")
+             "| frontend waiting: blkserve · qsd | machine busy: blkserve · qsd · fio |")
+    L.append("|---|---:|---:|---|---|---|---|---|")
     for r in summ:
         S = r["systems"]
 
@@ -454,10 +465,13 @@ def render(result: dict) -> str:
             return "–" if v is None else f"{v:.0f}"
         osd = " · ".join(_f(_get(S, s, "osd_cpu_s_per_mreq"), 0)
                          for s in ("blkserve", "qsd", "fio"))
+        mach = " · ".join("–" if _get(S, s, "machine_busy") is None
+                          else f"{_get(S, s, 'machine_busy'):.0%}"
+                          for s in ("blkserve", "qsd", "fio"))
         L.append(f"| {r['rw']} | {r['qd']} | {r['queues']} "
                  f"| {rounds('blkserve')} · {rounds('qsd')} · {rounds('fio')} | {osd} "
                  f"| {thr('blkserve')} · {thr('qsd')} "
-                 f"| {wait('blkserve')} · {wait('qsd')} |")
+                 f"| {wait('blkserve')} · {wait('qsd')} | {mach} |")
     L.append("")
     L.append("#### Targets (issue 20)")
     L.append("")

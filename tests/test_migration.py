@@ -241,7 +241,7 @@ def _check_layout(vm: g.Guest, kind: str) -> None:
         # bit 34 of the negotiated features: VIRTIO_F_RING_PACKED (qsd's
         # libvhost-user does not offer it: its packed=on disk runs split)
         features = vm.check(f"cat /sys/block/{dev}/device/features")
-        packed = "packed" in opts.get("props", {}) and kind == "blkserve"
+        packed = "packed" in opts.get("props", {}) and kind != "qsd"
         assert features[34] == ("1" if packed else "0"), (dev, features)
 
 

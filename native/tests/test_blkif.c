@@ -114,6 +114,9 @@ struct front {
     struct bs_blkif_cfg bcfg;
 };
 
+/* --rbd CONF POOL IMAGE: the target is that Ceph RBD image (test_rbd_rw) */
+static bs_rbd *rbd_img;
+
 static void front_init(struct front *f, int read_only, int persistent)
 {
     char path[] = "/tmp/bs-blkif-XXXXXX";
@@ -125,8 +128,9 @@ static void front_init(struct front *f, int read_only, int persistent)
     unlink(path);
     if (ftruncate(f->backing, CAP))
         exit(2);
-    f->cfg.fd = f->backing;
-    f->cfg.fd_buffered = f->backing;
+    f->cfg.fd = rbd_img ? -1 : f->backing;
+    f->cfg.fd_buffered = rbd_img ? -1 : f->backing;
+    f->cfg.rbd = rbd_img;
     f->cfg.capacity = CAP;
     f->cfg.read_only = read_only;
     f->cfg.drain_timeout_ms = 2000;
@@ -617,7 +621,90 @@ static void test_qos(void)
     front_fini(&f);
 }
 
-int main(void)
+/* The blkif transport on an RBD image: the same requests as test_rw, the
+ * data read back through the ring (there is no file to look at). */
+static void test_rbd_rw(void)
+{
+    struct front f;
+    uint64_t id = 0;
+    front_init(&f, 0, 1);
+
+    for (uint32_t p = 10; p < 13; p++)
+        fill_page(p, (uint8_t)(p + 40));
+    rw(&f, BLKIF_OP_WRITE, 0x1234, 8, 3, 10, 0, 7);
+    kick(&f);
+    CHECK(wait_rsp(&f, &id) == BLKIF_RSP_OKAY && id == 0x1234);
+    memset(fx.pages + 20 * PG, 0, 3 * PG);
+    rw(&f, BLKIF_OP_READ, 77, 8, 3, 20, 0, 7);
+    kick(&f);
+    CHECK(wait_rsp(&f, &id) == BLKIF_RSP_OKAY && id == 77);
+    CHECK(memcmp(fx.pages + 20 * PG, fx.pages + 10 * PG, 3 * PG) == 0);
+
+    /* part of a page */
+    fill_page(30, 199);
+    rw(&f, BLKIF_OP_WRITE, 3, 100, 1, 30, 2, 3);
+    kick(&f);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+    memset(fx.pages + 31 * PG, 0, PG);
+    rw(&f, BLKIF_OP_READ, 4, 100, 1, 31, 0, 1);
+    kick(&f);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+    CHECK(memcmp(fx.pages + 31 * PG, fx.pages + 30 * PG + 1024, 1024) == 0);
+
+    next_req(&f)->rw.operation = BLKIF_OP_FLUSH_DISKCACHE;
+    next_req(&f)->rw.operation = BLKIF_OP_WRITE_BARRIER;
+    kick(&f);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+
+    /* a discard is a hint to librbd: answered OK, no zeroes promised */
+    struct blkif_request_discard *d = &next_req(&f)->d;
+    d->operation = BLKIF_OP_DISCARD;
+    d->sector_number = 4096;
+    d->nr_sectors = 8;
+    kick(&f);
+    CHECK(wait_rsp(&f, NULL) == BLKIF_RSP_OKAY);
+
+    /* indirect: 20 segments written, then read back into other pages */
+    struct blkif_request_segment *segs = (void *)(fx.pages + 100 * PG);
+    for (int i = 0; i < 20; i++) {
+        segs[i] = (struct blkif_request_segment){ .gref = 200 + (uint32_t)i,
+                                                  .first_sect = 0, .last_sect = 7 };
+        fill_page(200 + (uint32_t)i, (uint8_t)(i * 5 + 1));
+    }
+    struct blkif_request_indirect *ind = &next_req(&f)->ind;
+    ind->operation = BLKIF_OP_INDIRECT;
+    ind->indirect_op = BLKIF_OP_WRITE;
+    ind->nr_segments = 20;
+    ind->id = 555;
+    ind->sector_number = 1024;
+    ind->indirect_grefs[0] = 100;
+    kick(&f);
+    CHECK(wait_rsp(&f, &id) == BLKIF_RSP_OKAY && id == 555);
+    segs = (void *)(fx.pages + 101 * PG);
+    for (int i = 0; i < 20; i++)
+        segs[i] = (struct blkif_request_segment){ .gref = 300 + (uint32_t)i,
+                                                  .first_sect = 0, .last_sect = 7 };
+    memset(fx.pages + 300 * PG, 0, 20 * PG);
+    ind = &next_req(&f)->ind;
+    ind->operation = BLKIF_OP_INDIRECT;
+    ind->indirect_op = BLKIF_OP_READ;
+    ind->nr_segments = 20;
+    ind->id = 556;
+    ind->sector_number = 1024;
+    ind->indirect_grefs[0] = 101;
+    kick(&f);
+    CHECK(wait_rsp(&f, &id) == BLKIF_RSP_OKAY && id == 556);
+    CHECK(memcmp(fx.pages + 300 * PG, fx.pages + 200 * PG, 20 * PG) == 0);
+
+    struct bs_queue_stats st;
+    CHECK(bs_blkif_get_stats(f.b, &st) == 0);
+    CHECK(st.reqs_write == 3 && st.reqs_read == 3 && st.reqs_flush == 2);
+    CHECK(st.io_errors == 0 && st.bad_chains == 0);
+    front_fini(&f);
+}
+
+int main(int argc, char **argv)
 {
     fx.memfd = memfd_create("guest-pages", MFD_CLOEXEC);
     if (ftruncate(fx.memfd, (off_t)NPAGES * PG))
@@ -626,6 +713,23 @@ int main(void)
     fx.evt = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     fx.notified = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 
+    if (argc == 5 && strcmp(argv[1], "--rbd") == 0) {
+        struct bs_rbd_cfg rc = { .conf = argv[2], .pool = argv[3], .image = argv[4],
+                                 .nspace = "", .op_timeout_s = 30, .connect_timeout_s = 10 };
+        int ret = bs_rbd_open(&rc, &rbd_img);
+        if (ret) {
+            fprintf(stderr, "test_blkif: rbd open (%s): %s\n", rc.stage, strerror(-ret));
+            return 2;
+        }
+        test_rbd_rw();
+        bs_rbd_close(rbd_img);
+        if (failures) {
+            fprintf(stderr, "test_blkif --rbd: %d failure(s)\n", failures);
+            return 1;
+        }
+        printf("test_blkif --rbd: all checks passed\n");
+        return 0;
+    }
     test_rw(0);
     test_rw(1);
     test_faults();
