@@ -186,3 +186,51 @@ def test_a_cluster_that_does_not_answer_is_a_bounded_error(ceph, tmp_path, case)
             assert ok(http.get("/v1/volumes")) == []
     finally:
         s.cleanup()
+
+
+def test_two_daemons_one_volume(ceph, tmp_path):
+    """Two `blkserve serve` daemons with their own state dirs (as on two
+    hosts) on one pool: A owns the managed volume, B registers the same
+    image as an external backing; both export it (a migration's source and
+    destination).  B's rings are refused while A's run, and once A's stop
+    (the source's last GET_VRING_BASE) B serves A's data."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import vhost_client as vc
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = ApiServer(config=config(tmp_path / "a", ceph))
+    cfg = config(tmp_path / "b", ceph)    # B may use A's images as external backings
+    cfg.write_text(cfg.read_text().replace("/ext-*", "/two-*"))
+    b = ApiServer(config=cfg)
+    a.start()
+    b.start()
+    try:
+        with a.client() as ha, b.client() as hb:
+            ok(ha.post("/v1/volumes", json={"name": "two-1", "size_bytes": 16 * MiB}), 201)
+            spec = f"rbd:{ceph.pool}/two-1"
+            v = ok(hb.post("/v1/volumes", json={"name": "two-1", "backing": spec}), 201)
+            assert v["managed"] is False and v["size_bytes"] == 16 * MiB
+            sock_a = ok(ha.put("/v1/volumes/two-1/export"), 201)["socket"]
+            sock_b = ok(hb.put("/v1/volumes/two-1/export"), 201)["socket"]
+            da = vc.BlkDevice(sock_a, queues=1, connect_retry=2.0)
+            data = os.urandom(8192)
+            assert da.write(64, data) == vc.BLK_S_OK
+            with pytest.raises(vc.VhostError):
+                db = vc.BlkDevice(sock_b, queues=1, connect_retry=2.0)
+                db.read(64, 8192)
+            da.close()
+            db = vc.BlkDevice(sock_b, queues=1, connect_retry=2.0)
+            try:
+                assert db.read(64, 8192) == (vc.BLK_S_OK, data)
+            finally:
+                db.close()
+            ok(hb.delete("/v1/volumes/two-1/export"), 204)
+            ok(hb.delete("/v1/volumes/two-1"), 204)
+            assert "two-1" in ceph.list_images()   # B's was external: left
+            ok(ha.delete("/v1/volumes/two-1/export"), 204)
+            ok(ha.delete("/v1/volumes/two-1"), 204)
+            assert "two-1" not in ceph.list_images()
+    finally:
+        a.cleanup()
+        b.cleanup()
