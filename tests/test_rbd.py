@@ -428,6 +428,34 @@ def test_stop_waits_for_librbd_at_most_the_timeout(ceph, image, tmp_path):
         e.stop()
 
 
+def test_sigterm_while_a_ring_stop_waits(ceph, image, tmp_path):
+    """The frontend goes away while librbd holds a request (the OSD is
+    away), so the connection's cleanup stops the ring and waits for librbd;
+    SIGTERM comes meanwhile and cancels that cleanup: the stop already
+    running is let finish before the export stops and frees the queue
+    itself, and the export exits 0 within the bound (`make asan` runs this
+    file: a stop thread left running under a freed queue is reported)."""
+    e = start(ceph, image, tmp_path, "--queues", "1", "--rbd-timeout", "4",
+              "--drain-timeout", "1")
+    d = e.device(queues=1)
+    try:
+        assert d.write(8, b"x" * 4096) == vc.BLK_S_OK
+        ceph.stop_osd()
+        d.submit(vc.BLK_T_OUT, 16, out=b"y" * 4096)
+        wait_for(lambda: _inflight(e) == 1, 20, "a request held by librbd")
+        d.client.close()     # the frontend is gone: the cleanup stops the ring
+        time.sleep(1)        # ... and waits for librbd (up to 4 s)
+        assert _inflight(e) == 1
+        t0 = time.monotonic()
+        rc = e.stop(timeout=30)
+        assert rc == 0, e.logtext()
+        assert time.monotonic() - t0 < 15
+    finally:
+        if ceph.osd_pid is None:
+            ceph.start_osd()
+        e.stop()
+
+
 def test_help_names_the_rbd_options():
     out = subprocess.run([sys.executable, "-m", "blkserve", "export", "--help"],
                          capture_output=True, text=True, check=True).stdout

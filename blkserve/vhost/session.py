@@ -146,7 +146,17 @@ class Session:
     async def _stop(self, i: int) -> None:
         v = self.vrings[i]
         if v.started:
-            v.base = await asyncio.to_thread(self.queues[i].stop)
+            stop = asyncio.ensure_future(asyncio.to_thread(self.queues[i].stop))
+            try:
+                v.base = await asyncio.shield(stop)
+            except asyncio.CancelledError:
+                # a thread cannot be cancelled: the stop runs to its end
+                # before the cancel goes on (the connection's cleanup would
+                # otherwise stop the queue again, and the server free it,
+                # under this stop: a use-after-free make asan caught)
+                v.base = await stop
+                v.started = False
+                raise
             v.started = False
             await self._release_backing()
 
