@@ -153,11 +153,14 @@ fuzz-protocol: setup
 		build/fuzz/protocol-corpus tests/fuzz/corpus
 
 # Performance suite (not part of `make test`): blkserve vs qemu-storage-daemon
-# vs host fio, ~15 minutes; writes bench/results/<date>.json and the table in
+# vs host fio, ~15 minutes, then the same on a Ceph RBD image (bench/rbd.py,
+# ~5 minutes; alone: make bench-rbd); writes bench/results/ and the tables in
 # docs/PERFORMANCE.md.  Quick iteration: make bench BENCH_ARGS=--quick
+# BENCH_RBD_ARGS=--quick
 .PHONY: bench bench-rbd
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/rbd.py $(BENCH_RBD_ARGS)
 
 bench-rbd: setup
-	$(BIN)/python bench/rbd.py $(BENCH_ARGS)
+	$(BIN)/python bench/rbd.py $(BENCH_RBD_ARGS)
