@@ -124,9 +124,6 @@ class RbdImage:
         _check(lib.bs_rbd_size(self._h, out), f"reading the size of rbd:{self.spec}")
         return int(out[0])
 
-    def resize(self, size: int) -> None:
-        _check(lib.bs_rbd_resize(self._h, size), f"resizing rbd:{self.spec}")
-
     def flush(self) -> None:
         """Blocks until every acknowledged write is in the cluster."""
         _check(lib.bs_rbd_flush(self._h), f"flushing rbd:{self.spec}")
@@ -134,10 +131,6 @@ class RbdImage:
     def lock(self, acquire: bool) -> None:
         _check(lib.bs_rbd_lock(self._h, int(acquire)),
                f"{'taking' if acquire else 'releasing'} the exclusive lock of rbd:{self.spec}")
-
-    @property
-    def instance_id(self) -> int:
-        return int(lib.bs_rbd_instance_id(self._h))
 
     def close(self, timeout: float | None = None) -> bool:
         """Close the image and the cluster connection (the lock, if held,

@@ -128,6 +128,33 @@ int on_notify(struct pt_regs *ctx)
     return 0;
 }
 
+/* A request went to the backing (io_uring, or librbd): pop->submit ends,
+ * submit->complete starts. */
+static __always_inline void submitted(u32 tgid, u64 user_data, u64 now)
+{
+    struct ud_key k = {.tgid = tgid, .user_data = user_data};
+    u64 *pt = pop_ts.lookup(&k);
+    if (pt) {
+        if (now > *pt)
+            stage(tgid, 1, now - *pt);
+        pop_ts.delete(&k);     /* a resubmission (short I/O) is not a new pop */
+    }
+    submit_ts.update(&k, &now);
+}
+
+/* ... and came back: submit->complete ends, complete->used starts. */
+static __always_inline void completed(u32 tgid, u64 user_data, u64 now)
+{
+    struct ud_key k = {.tgid = tgid, .user_data = user_data};
+    u64 *st = submit_ts.lookup(&k);
+    if (st) {
+        if (now > *st)
+            stage(tgid, 2, now - *st);
+        submit_ts.delete(&k);
+        complete_ts.update(&k, &now);
+    }
+}
+
 TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -139,15 +166,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
     tgid_of_ring.update(&ring, &tgid);
     if (args->user_data < 16)    /* the engine's own (BS_UD_RESERVED): polls, timers */
         return 0;
-    u64 now = bpf_ktime_get_ns();
-    struct ud_key k = {.tgid = tgid, .user_data = args->user_data};
-    u64 *pt = pop_ts.lookup(&k);
-    if (pt) {
-        if (now > *pt)
-            stage(tgid, 1, now - *pt);
-        pop_ts.delete(&k);     /* a resubmission (short I/O) is not a new pop */
-    }
-    submit_ts.update(&k, &now);
+    submitted(tgid, args->user_data, bpf_ktime_get_ns());
     return 0;
 }
 
@@ -164,14 +183,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
     }
     if (args->user_data < 16)
         return 0;
-    struct ud_key k = {.tgid = *tgidp, .user_data = args->user_data};
-    u64 *st = submit_ts.lookup(&k);
-    if (st) {
-        if (now > *st)
-            stage(k.tgid, 2, now - *st);
-        submit_ts.delete(&k);
-        complete_ts.update(&k, &now);
-    }
+    completed(*tgidp, args->user_data, now);
     return 0;
 }
 #ifdef RBD
@@ -180,16 +192,9 @@ int on_rbd_submit(struct pt_regs *ctx)
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (worker_index(tgid) < 0)
         return 0;
-    u64 now = bpf_ktime_get_ns();
-    struct ud_key k = {.tgid = tgid};
-    bpf_usdt_readarg(3, ctx, &k.user_data);
-    u64 *pt = pop_ts.lookup(&k);
-    if (pt) {
-        if (now > *pt)
-            stage(tgid, 1, now - *pt);
-        pop_ts.delete(&k);
-    }
-    submit_ts.update(&k, &now);
+    u64 user_data = 0;
+    bpf_usdt_readarg(3, ctx, &user_data);
+    submitted(tgid, user_data, bpf_ktime_get_ns());
     return 0;
 }
 
@@ -198,16 +203,9 @@ int on_rbd_complete(struct pt_regs *ctx)
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (worker_index(tgid) < 0)
         return 0;
-    u64 now = bpf_ktime_get_ns();
-    struct ud_key k = {.tgid = tgid};
-    bpf_usdt_readarg(3, ctx, &k.user_data);
-    u64 *st = submit_ts.lookup(&k);
-    if (st) {
-        if (now > *st)
-            stage(tgid, 2, now - *st);
-        submit_ts.delete(&k);
-        complete_ts.update(&k, &now);
-    }
+    u64 user_data = 0;
+    bpf_usdt_readarg(3, ctx, &user_data);
+    completed(tgid, user_data, bpf_ktime_get_ns());
     return 0;
 }
 #endif /* RBD */

@@ -147,7 +147,6 @@ struct bs_rbd_cfg {
 };
 int bs_rbd_open(struct bs_rbd_cfg *cfg, bs_rbd **out);
 int bs_rbd_size(bs_rbd *r, uint64_t *size);
-int bs_rbd_resize(bs_rbd *r, uint64_t size);
 /* rbd_flush: every acknowledged write is in the cluster (rbd_cache). */
 int bs_rbd_flush(bs_rbd *r);
 /* Take (acquire 1) or let go of (0) the image's exclusive lock for good:
@@ -159,8 +158,6 @@ int bs_rbd_lock(bs_rbd *r, int acquire);
  * stat (*size out), resize (to *size). */
 enum bs_rbd_op { BS_RBD_CREATE = 1, BS_RBD_REMOVE = 2, BS_RBD_STAT = 3, BS_RBD_RESIZE = 4 };
 int bs_rbd_manage(struct bs_rbd_cfg *cfg, int what, uint64_t *size);
-/* The cluster's global id of this client (fencing: blocklist it). */
-uint64_t bs_rbd_instance_id(bs_rbd *r);
 void bs_rbd_close(bs_rbd *r);
 
 /* ---- guest memory ---- */

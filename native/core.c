@@ -550,7 +550,7 @@ void bs_core_reap(struct bs_core *c, void (*other)(struct bs_core *c, uint64_t u
         if (ud == BS_UD_QOS)
             c->qos_timer = 0;
         else if (ud == BS_UD_RBD)
-            bs_rbd_reap(c, cqe->res);
+            bs_rbd_reap(c);
         else if (ud < BS_UD_RESERVED)
             other(c, ud, cqe->res);
         else

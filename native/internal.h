@@ -445,7 +445,7 @@ void bs_rbd_core_exit(struct bs_core *c);
 /* Submit io's operation at its current progress to librbd. */
 int bs_rbd_submit(struct bs_core *c, struct bs_io *io);
 /* The eventfd fired: complete what librbd finished (through bs_core_cqe). */
-void bs_rbd_reap(struct bs_core *c, int res);
+void bs_rbd_reap(struct bs_core *c);
 
 /* A stats block with its per-kind totals summed from the per-op counters. */
 void bs_stats_sum(const struct bs_queue_stats *in, struct bs_queue_stats *out);

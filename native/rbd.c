@@ -103,6 +103,17 @@ fail:
     return ret < 0 ? ret : -EIO;
 }
 
+/* Open cfg->image in r's pool (read-only or not). */
+static int open_image(struct bs_rbd *r, struct bs_rbd_cfg *cfg, int read_only)
+{
+    set_stage(cfg, "image");
+    int ret = read_only ? rbd_open_read_only(r->ioctx, cfg->image, &r->image, NULL)
+                        : rbd_open(r->ioctx, cfg->image, &r->image, NULL);
+    if (ret < 0)
+        r->image = NULL;
+    return ret;
+}
+
 int bs_rbd_open(struct bs_rbd_cfg *cfg, bs_rbd **out)
 {
     struct bs_rbd *r = calloc(1, sizeof(*r));
@@ -111,21 +122,15 @@ int bs_rbd_open(struct bs_rbd_cfg *cfg, bs_rbd **out)
     if (!r)
         return -ENOMEM;
     ret = connect_pool(r, cfg);
-    if (ret < 0)
-        goto fail;
-    set_stage(cfg, "image");
-    ret = cfg->read_only ? rbd_open_read_only(r->ioctx, cfg->image, &r->image, NULL)
-                         : rbd_open(r->ioctx, cfg->image, &r->image, NULL);
+    if (ret == 0)
+        ret = open_image(r, cfg, cfg->read_only);
     if (ret < 0) {
-        r->image = NULL;
-        goto fail;
+        bs_rbd_close(r);
+        return ret;
     }
     set_stage(cfg, "");
     *out = r;
     return 0;
-fail:
-    bs_rbd_close(r);
-    return ret < 0 ? ret : -EIO;
 }
 
 int bs_rbd_manage(struct bs_rbd_cfg *cfg, int what, uint64_t *size)
@@ -141,8 +146,8 @@ int bs_rbd_manage(struct bs_rbd_cfg *cfg, int what, uint64_t *size)
     set_stage(cfg, "image");
     switch (what) {
     case BS_RBD_CREATE: {
-        /* format 2 with the pool's default features (exclusive-lock
-         * among them: what the exports' lock relies on) */
+        /* format 2 with librbd's default features (exclusive-lock among
+         * them: what the exports' lock relies on) */
         int order = 0;
         ret = rbd_create2(r->ioctx, cfg->image, *size,
                           RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK |
@@ -154,14 +159,14 @@ int bs_rbd_manage(struct bs_rbd_cfg *cfg, int what, uint64_t *size)
         ret = rbd_remove(r->ioctx, cfg->image);
         break;
     case BS_RBD_STAT:
+        ret = open_image(r, cfg, 1);
+        if (ret == 0)
+            ret = rbd_get_size(r->image, size);
+        break;
     case BS_RBD_RESIZE:
-        ret = what == BS_RBD_STAT ? rbd_open_read_only(r->ioctx, cfg->image, &r->image, NULL)
-                                  : rbd_open(r->ioctx, cfg->image, &r->image, NULL);
-        if (ret < 0) {
-            r->image = NULL;
-            break;
-        }
-        ret = what == BS_RBD_STAT ? rbd_get_size(r->image, size) : rbd_resize(r->image, *size);
+        ret = open_image(r, cfg, 0);
+        if (ret == 0)
+            ret = rbd_resize(r->image, *size);
         break;
     default:
         ret = -EINVAL;
@@ -176,11 +181,6 @@ out:
 int bs_rbd_size(bs_rbd *r, uint64_t *size)
 {
     return rbd_get_size(r->image, size);
-}
-
-int bs_rbd_resize(bs_rbd *r, uint64_t size)
-{
-    return rbd_resize(r->image, size);
 }
 
 int bs_rbd_flush(bs_rbd *r)
@@ -204,11 +204,6 @@ int bs_rbd_lock(bs_rbd *r, int acquire)
     ret = rbd_lock_release(r->image);
     r->locked = 0;
     return ret;
-}
-
-uint64_t bs_rbd_instance_id(bs_rbd *r)
-{
-    return rados_get_instance_id(r->cluster);
 }
 
 /* ---- the request path ---- */
@@ -361,9 +356,8 @@ static int finish(struct bs_core *c, struct bs_io *io, int *res)
     return 0;
 }
 
-void bs_rbd_reap(struct bs_core *c, int res)
+void bs_rbd_reap(struct bs_core *c)
 {
-    (void)res;
     eventfd_t v;
     c->rbd_armed = 0;
     (void)eventfd_read(c->rbd_efd, &v);
