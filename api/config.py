@@ -7,6 +7,7 @@ import fnmatch
 import glob
 import ipaddress
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -201,8 +202,6 @@ _EXPORT_KEYS = {"cache": ("none", "writeback"), "io_engine": ("auto", "io_uring"
 
 def _storage(path: str, table) -> dict:
     """The [storage] table as Settings fields."""
-    import re
-
     if not isinstance(table, dict):
         raise ConfigError(f"config {path}: [storage] must be a table")
     out = {}

@@ -16,6 +16,7 @@ import os
 
 from blkserve import peers
 from blkserve.api import sockets
+from blkserve.api.calls import BoundedCalls
 from blkserve.api.config import SOCKET_PATH_MAX, Settings
 from blkserve.api.errors import ApiError
 from blkserve.api.hypervisors import ADAPTERS, DetachTimeout, Hypervisor, Target
@@ -81,6 +82,7 @@ class Controller(Volumes, RbdVolumes, QosControl):
         self.workers: dict[str, Worker] = {}
         self.incoming: dict[str, Worker] = {}  # incoming attachment id -> its worker
         self.qos_blocks: dict[str, QosBlock] = {}  # QoS blocks mapped (api/qos.py), by path
+        self.rbd_calls = BoundedCalls(name="rbd-call")  # calls to a Ceph cluster (api/rbd.py)
         self._named_locks = NamedLocks()
         self._locks = self._named_locks.entries  # what is held or waited on, by name
         self._stale_task: asyncio.Task | None = None

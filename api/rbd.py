@@ -11,21 +11,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
-import signal
 
-from blkserve.api.calls import BoundedCalls, Busy
+from blkserve.api.calls import Busy
 from blkserve.api.errors import ApiError
 from blkserve.api.state import VolumeRow, now
-from blkserve.export import RBD_PREFIX, ExportError, parse_rbd
+from blkserve.api.volumes import existing_size
+from blkserve.export import RBD_PREFIX, ExportError, is_rbd, parse_rbd
 from blkserve.logs import log_event
 from blkserve.native import RbdCluster, RbdError
 
 log = logging.getLogger("blkserve.api")
-
-
-def is_rbd(backing: str | None) -> bool:
-    return backing is not None and backing.startswith(RBD_PREFIX)
 
 
 def rbd_spec(pool: str, nspace: str, image: str) -> str:
@@ -45,22 +40,22 @@ class RbdVolumes:
         """Does a new volume with this backing live on RBD?"""
         return is_rbd(backing) or (backing is None and self.settings.storage_backend == "rbd")
 
-    async def _rbd_call(self, fn, *args):
-        """FN(*ARGS) against the cluster, off the event loop and bounded."""
-        calls = getattr(self, "_rbd_calls", None)
-        if calls is None:
-            calls = self._rbd_calls = BoundedCalls(name="rbd-call")
+    async def _rbd_call(self, fn, *args, missing_ok: bool = False):
+        """FN(*ARGS) against the cluster, off the event loop and bounded;
+        with MISSING_OK, None when the image does not exist."""
         bound = max(1, self.settings.rbd_connect_timeout_s)
         try:
             # the library bounds itself (connect and op timeouts); the
             # thread's own bound is a backstop a little later
-            return await calls.run(fn, *args, timeout=3 * bound + 5)
+            return await self.rbd_calls.run(fn, *args, timeout=3 * bound + 5)
         except Busy as e:
             raise ApiError(503, f"Ceph cluster: {e}") from None
         except TimeoutError:
             raise ApiError(502, f"the Ceph cluster did not answer within {3 * bound + 5} s"
                            ) from None
         except RbdError as e:
+            if missing_ok and e.stage == "image" and e.errno == errno.ENOENT:
+                return None
             raise self._rbd_error(e) from None
 
     @staticmethod
@@ -101,23 +96,12 @@ class RbdVolumes:
         if other:
             raise ApiError(409, f"backing {backing} is already used by volume '{other.name}'")
         cluster = self.rbd_cluster
-        existing = None
-        try:
-            existing = await self._rbd_call(cluster.size, pool, nspace, image)
-        except ApiError as e:
-            if e.status != 422 or "no such image" not in e.detail:
-                raise
+        existing = await self._rbd_call(cluster.size, pool, nspace, image, missing_ok=True)
         if existing is not None:
             if managed:
                 raise ApiError(409, f"image {backing} already exists but belongs to no "
                                     "volume; remove it or choose another name")
-            existing -= existing % 512
-            if existing == 0:
-                raise ApiError(422, f"backing {backing} is smaller than one 512-byte sector")
-            if size is not None and size != existing:
-                raise ApiError(422, f"size_bytes {size} does not match the size of the "
-                                    f"existing backing {backing} ({existing} bytes)")
-            size = existing
+            size = existing_size(size, existing, backing)
             created = False
         else:
             if size is None:
@@ -137,54 +121,27 @@ class RbdVolumes:
         log_event(log, "volume.created", volume=name, size_bytes=size, backing=backing)
         return row
 
-    async def resize_rbd_volume(self, v: VolumeRow, size: int) -> None:
+    async def resize_rbd(self, name: str, size: int) -> VolumeRow:
         """rbd_resize by this client: while an export holds the image's lock,
         librbd hands the resize to that client (the lock owner performs
         maintenance operations), so it works on a served image; the export
         is then told (SIGHUP) and tells the guest."""
-        pool, nspace, image = parse_rbd(v.backing)
-        await self._rbd_call(self.rbd_cluster.resize, pool, nspace, image, size)
-
-    async def resize_rbd(self, name: str, size: int) -> VolumeRow:
         v = self.get_volume(name)
         if size == v.size_bytes:
             return v
-        busy = self.state.export(name) or self.state.attachments(name)
-        if size < v.size_bytes and busy:
-            raise ApiError(409, f"volume '{name}' is exported or attached; shrinking it "
-                                "would take data from under the guest")
-        await self.resize_rbd_volume(v, size)
-        self.state.set_volume_size(name, size)
-        log_event(log, "volume.resized", volume=name, size_bytes=size,
-                  old_size_bytes=v.size_bytes)
-        if size > v.size_bytes:
-            self.signal_grown(name)
-        return self.get_volume(name)
+        self.check_resizable(v, size)
+        pool, nspace, image = parse_rbd(v.backing)
+        await self._rbd_call(self.rbd_cluster.resize, pool, nspace, image, size)
+        return self.resized(v, size)
 
     async def delete_rbd_volume(self, name: str) -> None:
         """A managed volume's image is removed with it (first: if the
         cluster refuses, the volume stays); an external one is left."""
         v = self.get_volume(name)
         self.check_deletable(name)
-        if v.managed:
-            await self.delete_rbd_image(v)
+        if v.managed:   # an image gone already has nothing left to free
+            pool, nspace, image = parse_rbd(v.backing)
+            await self._rbd_call(self.rbd_cluster.remove, pool, nspace, image, missing_ok=True)
         self.state.delete_volume(name)
         self.drop_volume_qos(name)
         log_event(log, "volume.deleted", volume=name)
-
-    async def delete_rbd_image(self, v: VolumeRow) -> None:
-        pool, nspace, image = parse_rbd(v.backing)
-        try:
-            await self._rbd_call(self.rbd_cluster.remove, pool, nspace, image)
-        except ApiError as e:
-            if e.status == 422 and "no such image" in e.detail:
-                return   # gone already: nothing to free
-            raise
-
-    def signal_grown(self, name: str) -> None:
-        incoming = [self.incoming.get(a.id) for a in self.state.attachments(name)
-                    if a.state == "incoming"]
-        for w in [self.workers.get(name), *incoming]:
-            if w is not None and w.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.pid, signal.SIGHUP)

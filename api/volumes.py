@@ -18,6 +18,7 @@ from blkserve import backing as backing_io
 from blkserve.api.errors import ApiError
 from blkserve.api.state import VolumeRow, now
 from blkserve.backing import BackingError, Identity
+from blkserve.export import is_rbd
 from blkserve.logs import log_event
 
 log = logging.getLogger("blkserve.api")
@@ -25,6 +26,18 @@ log = logging.getLogger("blkserve.api")
 
 def _not_found(name: str) -> ApiError:
     return ApiError(404, f"volume '{name}' does not exist")
+
+
+def existing_size(size: int | None, actual: int, shown: str) -> int:
+    """The capacity of an existing backing of ACTUAL bytes (whole sectors),
+    which a given SIZE must match."""
+    actual -= actual % 512
+    if actual == 0:
+        raise ApiError(422, f"backing {shown} is smaller than one 512-byte sector")
+    if size is not None and size != actual:
+        raise ApiError(422, f"size_bytes {size} does not match the size of the "
+                            f"existing backing {shown} ({actual} bytes)")
+    return actual
 
 
 def _backing_size(path: str,
@@ -128,13 +141,7 @@ class Volumes:
             except OSError as e:
                 raise ApiError(422, f"cannot read the size of backing {shown}: "
                                     f"{e.strerror}") from None
-            actual -= actual % 512
-            if actual == 0:
-                raise ApiError(422, f"backing {shown} is smaller than one 512-byte sector")
-            if size is not None and size != actual:
-                raise ApiError(422, f"size_bytes {size} does not match the size of the "
-                                    f"existing backing {shown} ({actual} bytes)")
-            size = actual
+            size = existing_size(size, actual, shown)
         else:
             if size is None:
                 raise ApiError(422, f"backing {shown} does not exist; give size_bytes "
@@ -189,7 +196,7 @@ class Volumes:
         """The path the backing is opened by: the stored real path; for a
         volume under the state dir its directories are resolved (rows from
         before paths were stored resolved), never the file itself."""
-        if not v.managed or v.backing.startswith("rbd:"):
+        if not v.managed or is_rbd(v.backing):
             return v.backing
         head, tail = os.path.split(v.backing)
         return os.path.join(os.path.realpath(head), tail)
@@ -219,14 +226,33 @@ class Volumes:
         log.info("volume %s: recorded the identity of backing %s (device:inode %d:%d)",
                  v.name, v.backing, ident.dev, ident.ino)
 
+    def check_resizable(self, v: VolumeRow, size: int) -> None:
+        busy = self.state.export(v.name) or self.state.attachments(v.name)
+        if size < v.size_bytes and busy:
+            raise ApiError(409, f"volume '{v.name}' is exported or attached; shrinking it "
+                                "would take data from under the guest")
+
+    def resized(self, v: VolumeRow, size: int) -> VolumeRow:
+        """The backing of V has SIZE bytes now: record it, and when it grew
+        tell the export's worker (and a live migration's destination
+        export), which re-reads the size and tells the guest."""
+        self.state.set_volume_size(v.name, size)
+        log_event(log, "volume.resized", volume=v.name, size_bytes=size,
+                  old_size_bytes=v.size_bytes)
+        if size > v.size_bytes:
+            incoming = [self.incoming.get(a.id) for a in self.state.attachments(v.name)
+                        if a.state == "incoming"]
+            for w in [self.workers.get(v.name), *incoming]:
+                if w is not None and w.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.pid, signal.SIGHUP)
+        return self.get_volume(v.name)
+
     def resize_volume(self, name: str, size: int) -> VolumeRow:
         v = self.get_volume(name)
         if size == v.size_bytes:
             return v
-        busy = self.state.export(name) or self.state.attachments(name)
-        if size < v.size_bytes and busy:
-            raise ApiError(409, f"volume '{name}' is exported or attached; shrinking it "
-                                "would take data from under the guest")
+        self.check_resizable(v, size)
         path = self._backing_path(v)
         try:
             # O_PATH first: a block device is refused without being opened
@@ -247,17 +273,7 @@ class Volumes:
                            f"cannot resize {v.backing}: {e.strerror}") from None
         finally:
             os.close(fd)
-        self.state.set_volume_size(name, size)
-        log_event(log, "volume.resized", volume=name, size_bytes=size, old_size_bytes=v.size_bytes)
-        # the export's worker (and a live migration's destination export)
-        # re-reads the size and tells the guest (online resize)
-        incoming = [self.incoming.get(a.id) for a in self.state.attachments(name)
-                    if a.state == "incoming"]
-        for w in [self.workers.get(name), *incoming]:
-            if w is not None and w.pid is not None and size > v.size_bytes:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.pid, signal.SIGHUP)
-        return self.get_volume(name)
+        return self.resized(v, size)
 
     def check_deletable(self, name: str) -> None:
         if self.state.attachments(name):

@@ -15,7 +15,7 @@ from blkserve.api import serve
 
 
 def _export(args: argparse.Namespace) -> int:
-    from blkserve.export import ExportError, ExportOptions, run_export
+    from blkserve.export import ExportError, ExportOptions, is_rbd, run_export
 
     try:
         if args.backing and args.blk_file and args.backing != args.blk_file:
@@ -33,7 +33,7 @@ def _export(args: argparse.Namespace) -> int:
             raise ExportError("give exactly one of --socket PATH (alias --socket-path), "
                               "--fd FD and --xen-domain DOMAIN")
         identity = None
-        if backing.startswith("rbd:"):
+        if is_rbd(backing):
             if args.backing_identity is not None:
                 raise ExportError("--backing-identity is for files and block devices")
         elif args.backing_identity is not None:

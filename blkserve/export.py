@@ -11,6 +11,7 @@ import hashlib
 import logging
 import mmap
 import os
+import re
 import signal
 import socket
 import stat
@@ -80,8 +81,6 @@ RBD_NAME_RE = r"[A-Za-z0-9_.+-][A-Za-z0-9_.+@-]*"
 
 def parse_rbd(spec: str) -> tuple[str, str, str]:
     """rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE -> (pool, namespace, image)."""
-    import re
-
     parts = spec[len(RBD_PREFIX):].split("/")
     if len(parts) not in (2, 3) or not all(re.fullmatch(RBD_NAME_RE, p) for p in parts):
         raise ExportError(f"{spec!r}: an RBD backing is rbd:POOL/IMAGE or "
@@ -90,8 +89,9 @@ def parse_rbd(spec: str) -> tuple[str, str, str]:
     return pool, parts[1] if len(parts) == 3 else "", image
 
 
-def is_rbd(backing: str) -> bool:
-    return backing.startswith(RBD_PREFIX)
+def is_rbd(backing: str | None) -> bool:
+    """Does BACKING name a Ceph RBD image (rbd:...)?"""
+    return backing is not None and backing.startswith(RBD_PREFIX)
 
 
 def default_serial(path: str) -> bytes:
