@@ -51,6 +51,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 from ceph import CephCluster, ceph_available  # noqa: E402
 from run import (  # noqa: E402
+    _median,
+    _x,
     busy_processes,
     cpu_times,
     git_rev,
@@ -309,11 +311,6 @@ class Suite:
 
 # ---- summary ----
 
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def _ratio(S: dict, a: str, b: str, key: str) -> float | None:
     if a in S and b in S and S[a][key] and S[b][key]:
         return round(S[a][key] / S[b][key], 3)
@@ -374,10 +371,6 @@ def _k(v) -> str:
 
 def _us(v) -> str:
     return "–" if v is None else f"{v / 1000:.0f}"
-
-
-def _x(v) -> str:
-    return "–" if v is None else f"{v:.2f}x"
 
 
 def _f(v, nd=1) -> str:
