@@ -8,6 +8,7 @@ import contextlib
 import logging
 
 from fastapi import APIRouter, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from blkserve import __version__, logs
 from blkserve.api import deps, errors, metrics, openapi
@@ -16,6 +17,9 @@ from blkserve.api.middleware import RequestIdMiddleware
 from blkserve.api.routes import AUTH, attachments, exports, qos_groups, service, tracing, volumes
 
 log = logging.getLogger("blkserve.api")
+
+DOCS_URL, REDOC_URL = "/docs", "/redoc"
+STATIC_URL = "/docs-assets"  # the docs pages' scripts, styles and icon (public files)
 
 DESCRIPTION = """\
 Control plane of blkserve, a vhost-user-blk storage backend.
@@ -33,6 +37,20 @@ Errors are JSON `{"detail": "..."}`.
 """
 
 
+# The docs pages may load only from this daemon: ReDoc's footer, for one,
+# links an image on a CDN.  (Swagger UI starts from an inline script.)
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+            "style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; "
+            "worker-src 'self' blob:; connect-src 'self'")
+
+
+async def _docs_stay_on_this_host(request, call_next):
+    response = await call_next(request)
+    if request.url.path in (DOCS_URL, REDOC_URL):
+        response.headers["Content-Security-Policy"] = DOCS_CSP
+    return response
+
+
 def create_app(controller: Controller | None, token: str) -> FastAPI:
     """The app serving CONTROLLER (None: only for its OpenAPI document)."""
     @contextlib.asynccontextmanager
@@ -47,8 +65,12 @@ def create_app(controller: Controller | None, token: str) -> FastAPI:
                            msg=f"stopped; {running} export worker(s) keep serving and are "
                                "adopted by the next daemon")
 
-    app = FastAPI(title="blkserve", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+    # Swagger UI (/docs) and ReDoc (/redoc) with their scripts and styles from
+    # the fastapi-offline package (under STATIC_URL), never from a CDN: a
+    # hypervisor host usually has no internet access
+    app: FastAPI = FastAPIOffline(docs_url=DOCS_URL, redoc_url=REDOC_URL, static_url=STATIC_URL,
+                                  title="blkserve", version=__version__,
+                                  description=DESCRIPTION, lifespan=lifespan)
     app.state.controller = controller
     app.state.registry = metrics.registry_for(controller)
 
@@ -59,9 +81,9 @@ def create_app(controller: Controller | None, token: str) -> FastAPI:
     if settings is not None and settings.route_auth("metrics") == "token":
         guarded.add("/metrics")
     if settings is not None and settings.route_auth("docs") == "token":
-        guarded.update(p for p in (app.openapi_url, app.docs_url, app.redoc_url,
-                                   app.swagger_ui_oauth2_redirect_url) if p)
+        guarded.update((app.openapi_url, DOCS_URL, REDOC_URL, app.swagger_ui_oauth2_redirect_url))
     app.middleware("http")(deps.token_guard(token, guarded))
+    app.middleware("http")(_docs_stay_on_this_host)
     for exc, handler in errors.HANDLERS.items():
         app.add_exception_handler(exc, handler)
 
