@@ -174,7 +174,10 @@ class Tracer:
             self.not_traced = [w for w in self.workers if w.native_lib != lib]
             self.workers = [w for w in self.workers if w.native_lib == lib]
             libs = [lib]
-        cflags = ["-Wno-visibility"]
+        # the workers' pids are this process's view: the programs compare
+        # them in this pid namespace (a container's differs from the kernel's)
+        ns = os.stat("/proc/self/ns/pid")
+        cflags = ["-Wno-visibility", f"-DPIDNS_DEV={ns.st_dev}ULL", f"-DPIDNS_INO={ns.st_ino}ULL"]
         if self.breakdown:
             cflags.append("-DBREAKDOWN")
         devs = {w.block_dev for w in self.workers if w.block_dev is not None}

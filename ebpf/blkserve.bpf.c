@@ -19,8 +19,8 @@
  * With -DBLOCK: block-layer time (block_rq_issue to block_rq_complete) of the
  * block devices listed in the block_devs map, per device.
  *
- * Only processes listed in the `workers` map (tgid -> worker index, below
- * MAX_WORKERS) are traced.  Histograms are per-CPU arrays indexed by
+ * Only processes listed in the `workers` map (tgid in the tracer's pid
+ * namespace -> worker index, below MAX_WORKERS) are traced.  Histograms are per-CPU arrays indexed by
  * (worker, op or stage, log2 slot); Python sums the CPUs when it reads them. */
 #include <uapi/linux/ptrace.h>
 
@@ -37,6 +37,18 @@ static __always_inline u32 log2_slot(u64 v)
 {
     u32 s = v ? bpf_log2l(v) + 1 : 0;   /* slot s: [2^(s-1), 2^s) us */
     return s < NSLOTS ? s : NSLOTS - 1;
+}
+
+/* The calling thread's ids (tgid << 32 | pid) as seen in the tracer's pid
+ * namespace (PIDNS_DEV, PIDNS_INO: its /proc/self/ns/pid), where the pids of
+ * the workers map come from: in a container they are not the kernel's global
+ * ids.  0 for a thread outside that namespace. */
+static __always_inline u64 current_pid_tgid(void)
+{
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(PIDNS_DEV, PIDNS_INO, &ns, sizeof(ns)))
+        return 0;
+    return (u64)ns.tgid << 32 | ns.pid;
 }
 
 /* The worker's index, or -1 if the process is not traced. */
@@ -73,7 +85,7 @@ static __always_inline void stage(u32 tgid, u32 st, u64 delta_ns)
 
 int on_request_start(struct pt_regs *ctx)
 {
-    u64 id = bpf_get_current_pid_tgid();
+    u64 id = current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
     if (worker_index(tgid) < 0)
         return 0;
@@ -98,7 +110,7 @@ int on_request_start(struct pt_regs *ctx)
  * so the caller reads the arguments) */
 static __always_inline void breakdown_done(u32 tgid, u64 user_data)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u32 tid = (u32)current_pid_tgid();
     u64 now = bpf_ktime_get_ns();
     struct ud_key k = {.tgid = tgid, .user_data = user_data};
     u64 *ct = complete_ts.lookup(&k);
@@ -114,7 +126,7 @@ static __always_inline void breakdown_done(u32 tgid, u64 user_data)
 
 int on_notify(struct pt_regs *ctx)
 {
-    u64 id = bpf_get_current_pid_tgid();
+    u64 id = current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
     if (worker_index(tgid) < 0)
         return 0;
@@ -157,7 +169,7 @@ static __always_inline void completed(u32 tgid, u64 user_data, u64 now)
 
 TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
 {
-    u64 id = bpf_get_current_pid_tgid();
+    u64 id = current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
     if (worker_index(tgid) < 0)
         return 0;
@@ -189,7 +201,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
 #ifdef RBD
 int on_rbd_submit(struct pt_regs *ctx)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid = current_pid_tgid() >> 32;
     if (worker_index(tgid) < 0)
         return 0;
     u64 user_data = 0;
@@ -200,7 +212,7 @@ int on_rbd_submit(struct pt_regs *ctx)
 
 int on_rbd_complete(struct pt_regs *ctx)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid = current_pid_tgid() >> 32;
     if (worker_index(tgid) < 0)
         return 0;
     u64 user_data = 0;
@@ -213,7 +225,7 @@ int on_rbd_complete(struct pt_regs *ctx)
 
 int on_request_done(struct pt_regs *ctx)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid = current_pid_tgid() >> 32;
     if (worker_index(tgid) < 0)
         return 0;
     u64 op = 0, lat = 0;
