@@ -9,11 +9,12 @@ APT_PACKAGES := build-essential pkg-config liburing-dev python3-venv \
 	qemu-system-x86 qemu-utils qemu-system-common fio busybox-static cpio \
 	e2fsprogs util-linux clang libclang-rt-14-dev systemtap-sdt-dev prometheus binutils \
 	python3-bpfcc linux-headers-amd64 libvirt-daemon-system libvirt-dev libxen-dev \
-	fuse3 libfuse3-dev librbd-dev ceph-mon ceph-osd ceph-common qemu-block-extra
+	fuse3 libfuse3-dev librbd-dev ceph-mon ceph-osd ceph-common qemu-block-extra \
+	python3-dev dpkg-dev chromium chromium-driver mmdebstrap systemd-container
 NATIVE_SRC := $(wildcard native/*.c native/*.h)
 CFLAGS_NATIVE := -O2 -g -Wall -Wextra -Werror -std=gnu11 -Inative
 
-.PHONY: setup apt bpf-env venv run test test-native asan lint clean soak
+.PHONY: setup apt bpf-env venv run test test-native asan lint clean soak deb
 
 setup: apt bpf-env $(VENV)/.installed
 
@@ -52,6 +53,14 @@ $(VENV)/.installed: pyproject.toml setup.py blkserve/_native_build.py $(NATIVE_S
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -c 'import blkserve._native'
 	touch $@
+
+# The Debian package: build/deb/blkserve_<version>_amd64.deb (a private
+# virtualenv in /opt/blkserve/.venv, the units, the sample config; see
+# deploy/debian/build-deb.sh).  DEB_VERSION overrides pyproject's version.
+DEB_DIR ?= build/deb
+DEB_VERSION ?=
+deb: apt
+	deploy/debian/build-deb.sh $(DEB_DIR) $(DEB_VERSION)
 
 # The control plane on its embedded defaults: loopback :8470, state in ./var.
 run: setup
