@@ -254,7 +254,8 @@ def _serving_across(c: Container, volume: str, action) -> tuple[int, int]:
     bench = _bench(c, f"{STATE}/sockets/{volume}.sock", 12)
     wait_for(lambda: _connections(c, pid) > before, 30, "the frontend to connect")
     action()
-    assert bench.poll() is None, "the I/O ended before the action did: nothing was proven"
+    assert bench.poll() is None, ("the frontend's I/O did not outlast the action",
+                                  bench.communicate())
     _bench_ok(bench)
     return pid, _worker_pid(c, volume)
 
