@@ -150,6 +150,13 @@ class Settings:
         return any(p.startswith("rbd:") and fnmatch.fnmatchcase(spec, p)
                    for p in self.allowed_backings)
 
+    def null_allowed(self, spec: str) -> bool:
+        """Is the null backing SPEC (null:SIZE) allowed (a null: pattern in
+        allowed_backings, e.g. "null:*")?  None is by default: a volume that
+        stores nothing is for benchmarks, not for a guest's data."""
+        return any(p.startswith("null:") and fnmatch.fnmatchcase(spec, p)
+                   for p in self.allowed_backings)
+
     def backing_allowed(self, path: str) -> bool:
         """Is the file PATH resolves to on the allow-list?  Only its real path
         counts: a symlink in an allow-listed directory does not make what it
@@ -158,7 +165,7 @@ class Settings:
         as udev's /dev/disk/by-id/* are: such a link stands for its target."""
         real = os.path.realpath(path)
         for pattern in self.allowed_backings:
-            if pattern.startswith("rbd:"):
+            if pattern.startswith(("rbd:", "null:")):
                 continue
             head, tail = os.path.split(pattern)
             if not glob.has_magic(head):
@@ -263,9 +270,9 @@ def load(path: str | None, **overrides) -> Settings:
             if not isinstance(value, want) or isinstance(value, bool):
                 raise ConfigError(f"config {path}: {key} has the wrong type")
             if key == "allowed_backings" and not all(
-                    isinstance(p, str) and p.startswith(("/", "rbd:")) for p in value):
-                raise ConfigError(f"config {path}: allowed_backings must be absolute paths "
-                                  "or rbd:POOL/IMAGE patterns")
+                    isinstance(p, str) and p.startswith(("/", "rbd:", "null:")) for p in value):
+                raise ConfigError(f"config {path}: allowed_backings must be absolute paths, "
+                                  "rbd:POOL/IMAGE or null:SIZE patterns")
             if key in ("qmp_socket_dirs", "libvirt_sockets") and not all(
                     isinstance(p, str) and p.startswith("/") for p in value):
                 raise ConfigError(f"config {path}: {key} must be absolute paths")

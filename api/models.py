@@ -129,8 +129,10 @@ class VolumeCreate(BaseModel):
     backing: str | None = Field(default=None, description=(
         "Absolute path of an existing block device or file (or a file to create) outside "
         "the state dir, or a Ceph RBD image rbd:POOL/[NAMESPACE/]IMAGE (existing, or "
-        "created with size_bytes). Allowed only if it matches the daemon config's "
-        "`allowed_backings`. Deleting the volume does not delete an external backing. "
+        "created with size_bytes), or null:SIZE (no storage: reads return zeroes, writes "
+        "are dropped; for benchmarks). Allowed only if it matches the daemon config's "
+        "`allowed_backings` (null: only with a null: pattern there, e.g. \"null:*\"). "
+        "Deleting the volume does not delete an external backing. "
         "Without it the volume is created where the config's [storage] backend says: a "
         "sparse file under STATE_DIR/volumes/, or an image in the RBD pool."),
         examples=["/dev/disk/by-id/nvme-example"])
@@ -272,8 +274,9 @@ class Volume(BaseModel):
     queues: int
     backing: str = Field(description="Path of the file or block device holding the data, "
                          "or the Ceph RBD image as rbd:POOL/[NAMESPACE/]IMAGE.")
-    backing_kind: str = Field(description="file, block (a block device) or rbd (a Ceph "
-                              "RBD image, served through librbd).", examples=["file"])
+    backing_kind: str = Field(description="file, block (a block device), rbd (a Ceph "
+                              "RBD image, served through librbd) or null (no storage: "
+                              "null:SIZE, for benchmarks).", examples=["file"])
     managed: bool = Field(description="The backing was created by blkserve (a file under "
                           "the state dir, or an image in the [storage] pool) and is deleted "
                           "with the volume.")

@@ -18,7 +18,7 @@ from blkserve import backing as backing_io
 from blkserve.api.errors import ApiError
 from blkserve.api.state import VolumeRow, now
 from blkserve.backing import BackingError, Identity
-from blkserve.export import is_rbd
+from blkserve.export import ExportError, is_null, is_path, parse_null
 from blkserve.logs import log_event
 
 log = logging.getLogger("blkserve.api")
@@ -76,7 +76,30 @@ class Volumes:
             if size is None:
                 raise ApiError(422, "size_bytes is required unless backing is given")
             return self._create_managed(name, size, read_only, queues)
+        if is_null(backing):
+            return self._create_null(name, size, read_only, queues, backing)
         return self._create_external(name, size, read_only, queues, backing)
+
+    def _create_null(self, name: str, size: int | None, read_only: bool, queues: int,
+                     spec: str) -> VolumeRow:
+        """A volume with no storage at all (null:SIZE: reads return zeroes,
+        writes are dropped): the protocol's own cost, for benchmarks; only
+        if a null: pattern in allowed_backings says so."""
+        try:
+            actual = parse_null(spec)
+        except ExportError as e:
+            raise ApiError(422, str(e)) from None
+        if not self.settings.null_allowed(spec):
+            raise ApiError(403, f"backing {spec} stores nothing (reads return zeroes, writes "
+                                "are dropped): it is for benchmarks, and refused unless a "
+                                "null: pattern in the daemon's allowed_backings allows it "
+                                "(e.g. \"null:*\")")
+        size = existing_size(size, actual, spec)
+        row = VolumeRow(name, size, read_only, queues, spec, False, now(),
+                        backing_kind="null")
+        self.state.add_volume(row)
+        log_event(log, "volume.created", volume=name, size_bytes=size, backing=spec)
+        return row
 
     def _create_managed(self, name: str, size: int, read_only: bool,
                         queues: int) -> VolumeRow:
@@ -187,6 +210,8 @@ class Volumes:
         if v.identity is not None:
             return Identity(v.backing_dev, v.backing_ino, v.backing_kind or "file",
                             v.backing_rdev or 0)
+        if is_null(v.backing):
+            return None
         try:
             return backing_io.check(self._backing_path(v))
         except BackingError:
@@ -196,7 +221,7 @@ class Volumes:
         """The path the backing is opened by: the stored real path; for a
         volume under the state dir its directories are resolved (rows from
         before paths were stored resolved), never the file itself."""
-        if not v.managed or is_rbd(v.backing):
+        if not v.managed or not is_path(v.backing):
             return v.backing
         head, tail = os.path.split(v.backing)
         return os.path.join(os.path.realpath(head), tail)
@@ -207,6 +232,8 @@ class Volumes:
         is not a regular file or block device; the identity of a row that
         has none yet is recorded now.  Other errors (a missing file) are
         left to the worker to report."""
+        if is_null(v.backing):
+            return None
         try:
             ident = backing_io.check(self._backing_path(v), v.identity)
         except BackingError as e:
@@ -253,6 +280,9 @@ class Volumes:
         if size == v.size_bytes:
             return v
         self.check_resizable(v, size)
+        if is_null(v.backing):
+            raise ApiError(409, f"volume '{name}' is a null backing ({v.backing}); its size "
+                                "is part of its name: create another")
         path = self._backing_path(v)
         try:
             # O_PATH first: a block device is refused without being opened

@@ -49,7 +49,7 @@ BS = 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PY = sys.executable
 
-FULL = dict(rounds=3, runtime=2.0, ramp=0.3, files="shm,disk", rw="randread,randwrite",
+FULL = dict(rounds=3, runtime=2.0, ramp=0.3, files="shm,disk,null", rw="randread,randwrite",
             qd="1,32", queues="1,2")
 QUICK = dict(rounds=2, runtime=1.5, ramp=0.3, files="shm", rw="randread,randwrite",
              qd="1,32", queues="1")
@@ -61,7 +61,7 @@ def log(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Workload:
-    file: str      # "shm" or "disk"
+    file: str      # "shm", "disk" or "null" (no backing: the protocol's own cost)
     rw: str
     qd: int
     queues: int
@@ -221,7 +221,7 @@ class Suite:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.files = {"shm": Path(a.shm_path), "disk": Path(a.disk_path)}
-        self.sizes = {"shm": a.shm_size, "disk": a.disk_size}
+        self.sizes = {"shm": a.shm_size, "disk": a.disk_size, "null": a.shm_size}
         self.taskset = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
         self.commands: dict[str, str] = {}
         self.quiet_seen = True
@@ -296,17 +296,21 @@ class Suite:
         return run
 
     def backend_cmd(self, system: str, w: Workload, sock: str) -> list[str]:
-        path = self.files[w.file]
+        null = w.file == "null"
+        path = f"null:{self.sizes['null']}" if null else str(self.files[w.file])
         if system.startswith("blkserve-"):
             parts = system.split("-")        # blkserve-CACHE[-pollN]
             poll = ["--poll-us", parts[2][4:]] if len(parts) > 2 else []
             return self.pin(self.a.backend_cpu, [
-                PY, "-m", "blkserve", "export", str(path), "--socket", sock,
+                PY, "-m", "blkserve", "export", path, "--socket", sock,
                 "--queues", str(w.queues), "--cache", parts[1], *poll])
         direct = "on" if system == "qsd-direct" else "off"
+        # QEMU's null-co: no I/O, reads return zeroes (as blkserve's null:)
+        node = (f"driver=null-co,node-name=f0,size={self.sizes['null']},read-zeroes=on"
+                if null else
+                f"driver=file,node-name=f0,filename={path},cache.direct={direct},aio=io_uring")
         return self.pin(self.a.backend_cpu, [
-            "qemu-storage-daemon", "--blockdev",
-            f"driver=file,node-name=f0,filename={path},cache.direct={direct},aio=io_uring",
+            "qemu-storage-daemon", "--blockdev", node,
             "--export", "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
             f"addr.path={sock},writable=on,num-queues={w.queues}"])
 
@@ -378,7 +382,8 @@ class Suite:
             shutil.rmtree(sockdir, ignore_errors=True)
 
     def run_one(self, system: str, w: Workload, rnd: int) -> Run:
-        reset_cache(self.files[w.file])
+        if w.file != "null":
+            reset_cache(self.files[w.file])
         try:
             if system.startswith("host-"):
                 return self.run_fio(w, rnd, system[len("host-"):])
@@ -567,6 +572,29 @@ def render(result: dict) -> str:
                  f"| {_x(r['ratio_cpu_vs_qsd'])} | {_f(_get(S, r['fio'], 'cpu_s_per_mreq'))} "
                  f"| {wait(r['blkserve'])} / {wait(r['qsd'])} |")
     L.append("")
+    nulls = [r for r in summ if r["file"] == "null"]
+    if nulls:
+        L.append("### The protocol's own cost: a null backing (no copy, no device)")
+        L.append("")
+        L.append("blkserve `export null:SIZE` against qsd's `null-co` (`read-zeroes=on`): "
+                 "everything but the I/O itself. Requests per backend CPU-second = "
+                 "1 / backend CPU per request: the figure to set beside published per-core "
+                 "numbers (e.g. ublk's null target, about 2.5M per CPU).")
+        L.append("")
+        L.append("| workload | QD | queues | blkserve IOPS | blkserve requests per CPU-s "
+                 "| qsd IOPS | qsd requests per CPU-s |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+
+        def per_cpu_s(S, name):
+            v = _get(S, name, "cpu_s_per_mreq")
+            return "–" if not v else f"{1 / v:.2f}M"
+        for r in nulls:
+            S = r["systems"]
+            L.append(f"| {r['rw']} | {r['qd']} | {r['queues']} "
+                     f"| {_k(_get(S, r['blkserve'], 'iops'))} {_variant(r['blkserve'])} "
+                     f"| {per_cpu_s(S, r['blkserve'])} "
+                     f"| {_k(_get(S, r['qsd'], 'iops'))} | {per_cpu_s(S, r['qsd'])} |")
+        L.append("")
     L.append("### Every variant: median IOPS · p50 µs · backend CPU s per million requests")
     L.append("")
     variants = list(m["systems"])
@@ -691,7 +719,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   f"{FULL['runtime']})")
     ap.add_argument("--ramp", type=float, help=f"warm-up seconds per run (default "
                                                f"{FULL['ramp']})")
-    ap.add_argument("--files", help="comma list of shm,disk (default both)")
+    ap.add_argument("--files", help="comma list of shm,disk,null (default shm,disk; null is "
+                                    "no backing at all: blkserve's null:SIZE, qsd's null-co, "
+                                    "no host run)")
     ap.add_argument("--rw", help="comma list of randread,randwrite (default both)")
     ap.add_argument("--qd", help="comma list of queue depths (default 1,32)")
     ap.add_argument("--queues", help="comma list of queue counts (default 1,2)")
@@ -735,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
                  for f in a.files.split(",") for q in a.queues.split(",")
                  for rw in a.rw.split(",") for qd in a.qd.split(",")]
     for w in workloads:
-        if w.file not in ("shm", "disk") or w.rw not in ("randread", "randwrite"):
+        if w.file not in ("shm", "disk", "null") or w.rw not in ("randread", "randwrite"):
             ap.error(f"unsupported workload {w.key}")
     if a.fio_cpus is None:
         a.fio_cpus = a.backend_cpu  # the host's I/O on the backend's own core
@@ -757,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             print(w.key)
         return 0
 
-    for f in sorted({w.file for w in workloads}):
+    for f in sorted({w.file for w in workloads} - {"null"}):
         prepare_file(suite.files[f], suite.sizes[f])
     busy_procs = busy_processes()
     if busy_procs:
@@ -771,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, a.rounds + 1):
             for w in workloads:
                 for s in systems:
+                    if w.file == "null" and s.startswith("host-"):
+                        continue    # the host has no null device to compare with
                     r = suite.run_one(s, w, rnd)
                     runs.append(r)
                     if r.ok:

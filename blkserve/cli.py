@@ -15,7 +15,7 @@ from blkserve.api import serve
 
 
 def _export(args: argparse.Namespace) -> int:
-    from blkserve.export import ExportError, ExportOptions, is_rbd, run_export
+    from blkserve.export import ExportError, ExportOptions, is_path, run_export
 
     try:
         if args.backing and args.blk_file and args.backing != args.blk_file:
@@ -33,7 +33,7 @@ def _export(args: argparse.Namespace) -> int:
             raise ExportError("give exactly one of --socket PATH (alias --socket-path), "
                               "--fd FD and --xen-domain DOMAIN")
         identity = None
-        if is_rbd(backing):
+        if not is_path(backing):
             if args.backing_identity is not None:
                 raise ExportError("--backing-identity is for files and block devices")
         elif args.backing_identity is not None:
@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("backing", metavar="BACKING", nargs="?",
                     help="regular file or block device, or a Ceph RBD image as "
                          "rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE (served through "
-                         "librbd); its size is the disk's capacity")
+                         "librbd); its size is the disk's capacity. null:SIZE (e.g. "
+                         "null:1G) is no backing at all, for benchmarks: reads return "
+                         "zeroes and writes are dropped")
     ex.add_argument("--blk-file", metavar="PATH",
                     help="the same as BACKING (QEMU's vhost-user backend conventions)")
     ex.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",

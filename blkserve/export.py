@@ -23,6 +23,7 @@ from blkserve import qos as qos_mod
 from blkserve.logs import log_event
 from blkserve.native import SERIAL_BYTES, RbdError, RbdImage, Target, TargetConfig
 from blkserve.peers import PeerPolicy
+from blkserve.sizes import parse_size
 from blkserve.stats import StatsWriter
 from blkserve.vhost.blk import SECTOR, BlkDeviceModel, Topology
 from blkserve.vhost.server import VhostUserServer
@@ -94,10 +95,35 @@ def is_rbd(backing: str | None) -> bool:
     return backing is not None and backing.startswith(RBD_PREFIX)
 
 
+NULL_PREFIX = "null:"
+NULL_MAX = 1 << 60
+
+
+def is_null(backing: str | None) -> bool:
+    """Does BACKING name the null device (null:SIZE)?"""
+    return backing is not None and backing.startswith(NULL_PREFIX)
+
+
+def parse_null(spec: str) -> int:
+    """null:SIZE (bytes or K/M/G/T, a multiple of 512) -> its size."""
+    try:
+        size = parse_size(spec[len(NULL_PREFIX):])
+    except ValueError as e:
+        raise ExportError(f"{spec!r}: a null backing is null:SIZE, e.g. null:1G ({e})") from None
+    if size % SECTOR or size > NULL_MAX:
+        raise ExportError(f"{spec!r}: the size must be a multiple of 512 bytes, at most 1 EiB")
+    return size
+
+
+def is_path(backing: str | None) -> bool:
+    """A file or block device (not rbd:, not null:)."""
+    return not (is_rbd(backing) or is_null(backing))
+
+
 def default_serial(path: str) -> bytes:
     """A stable serial derived from the backing's real path, or its rbd:
     name (fits in 20 bytes)."""
-    name = path if is_rbd(path) else os.path.realpath(path)
+    name = path if not is_path(path) else os.path.realpath(path)
     digest = hashlib.sha256(name.encode()).hexdigest()
     return ("bs-" + digest)[:SERIAL_BYTES].encode()
 
@@ -112,10 +138,13 @@ class Backing:
     logical_block: int = SECTOR
     topology: Topology = Topology()
     rbd: RbdImage | None = None
+    null: bool = False
 
     def close(self, timeout: float | None = None) -> bool:
         """False: an RBD image's cluster did not answer within TIMEOUT (the
         process should exit without waiting for it)."""
+        if self.null:
+            return True
         if self.rbd is not None:
             done = self.rbd.close(timeout)
             self.rbd = None
@@ -356,6 +385,14 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
             raise ExportError("--io-engine sync is for files: an RBD backing is served "
                               "through librbd's asynchronous API")
         backing = open_rbd_backing(opts)
+    elif is_null(opts.backing):
+        if opts.io_engine == "io_uring":
+            raise ExportError("--io-engine io_uring is for files: a null backing does no I/O")
+        size = parse_null(opts.backing)
+        # nothing to open; 4 KiB as the device's preferred unit, like a disk
+        backing = Backing(-1, -1, size, 0, False, SECTOR,
+                          Topology(physical_block=4096, io_min=4096,
+                                   discard_granularity=4096), null=True)
     else:
         backing = open_backing(opts.backing, opts.read_only, opts.cache,
                                opts.backing_identity)
@@ -368,9 +405,9 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
         capacity = backing.capacity - backing.capacity % block_size
         if capacity == 0:
             raise ExportError(f"backing {opts.backing} is smaller than one block")
-        sync_io = backing.rbd is None and (opts.io_engine == "sync" or (
+        sync_io = backing.null or backing.rbd is None and (opts.io_engine == "sync" or (
             opts.io_engine == "auto" and not supports_nowait(backing.fd)))
-        if sync_io and opts.io_engine == "auto":
+        if sync_io and opts.io_engine == "auto" and not backing.null:
             log.info("%s cannot do non-blocking I/O: serving it with plain syscalls in the "
                      "queue threads (--io-engine sync)", opts.backing)
         target = Target(TargetConfig(
@@ -378,7 +415,7 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
             dio_align=backing.dio_align, read_only=opts.read_only, serial=serial,
             block_size=block_size, is_block_device=backing.is_block, poll_us=opts.poll_us,
             sync_io=sync_io, drain_timeout_ms=max(1, round(opts.drain_timeout * 1000)),
-            rbd=backing.rbd,
+            rbd=backing.rbd, null_io=backing.null,
         ))
         target.qos = qos
         msg = qos.attach(target)
@@ -411,7 +448,9 @@ def prepare(opts: ExportOptions) -> tuple[VhostUserServer, Backing]:
             server = VhostUserServer(os.path.abspath(opts.socket), model, target)
         if opts.allow_peer_pids or opts.allow_peers_file:
             server.peer_policy = PeerPolicy(opts.allow_peer_pids, opts.allow_peers_file)
-        if backing.rbd is not None:
+        if backing.null:
+            server.size_probe = lambda: capacity
+        elif backing.rbd is not None:
             server.size_probe = backing.rbd.size
         elif backing.is_block:
             server.size_probe = lambda: _ioctl_int(backing.fd_buffered, BLKGETSIZE64, "<Q")

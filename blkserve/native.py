@@ -199,6 +199,7 @@ class TargetConfig:
     sync_io: bool = False
     drain_timeout_ms: int = 0   # a queue stop's bound on in-flight I/O; 0: 30 s
     rbd: RbdImage | None = None  # an RBD image instead of fd (fd -1)
+    null_io: bool = False  # no backing (fd -1, sync_io): zeroes read, writes dropped
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ class Target:
         c.drain_timeout_ms = cfg.drain_timeout_ms
         c.serial = cfg.serial[:SERIAL_BYTES].ljust(SERIAL_BYTES, b"\0")
         c.rbd = cfg.rbd.handle if cfg.rbd is not None else ffi.NULL
+        c.null_io = int(cfg.null_io)
         out = ffi.new("bs_target **")
         _check(lib.bs_target_new(c, out), "configuring the backing target")
         self._h = out[0]

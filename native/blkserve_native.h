@@ -39,7 +39,9 @@ struct bs_target_cfg {
                             /* then cancels it (0: 30 s); see bs_queue_stop  */
     bs_rbd *rbd;            /* an RBD image instead of fd (fd -1): requests  */
                             /* go to librbd; never abandoned by a stop (the  */
-                            /* image's op timeout bounds them)               */
+                            /* image's op timeout bounds them)               */    int null_io;            /* no backing at all (fd -1, sync_io): reads     */
+                            /* return zeroes, writes are dropped, flushes    */
+                            /* and discards succeed: the protocol's own cost */
 };
 
 /* Request limits the engine enforces; the config space advertises them. */

@@ -38,7 +38,9 @@ void bs_get_limits(struct bs_limits *out)
 int bs_target_new(const struct bs_target_cfg *cfg, bs_target **out)
 {
     uint32_t bs = cfg->block_size ? cfg->block_size : BS_SECTOR;
-    if ((cfg->fd < 0 && !cfg->rbd) || (cfg->rbd && cfg->sync_io) || (bs != 512 && bs != 4096) || cfg->capacity % bs)
+    if ((cfg->fd < 0 && !cfg->rbd && !cfg->null_io) || (cfg->rbd && cfg->sync_io) ||
+        (cfg->null_io && (cfg->rbd || !cfg->sync_io || cfg->fd >= 0)) ||
+        (bs != 512 && bs != 4096) || cfg->capacity % bs)
         return -EINVAL;
     bs_target *t = calloc(1, sizeof(*t));
     if (!t)
@@ -129,7 +131,7 @@ int bs_core_init(struct bs_core *c, unsigned nslots)
     }
     /* Registered files spare an fd lookup per request; optional. */
     int fds[2] = { t->fd, t->fd_buffered };
-    c->fixed_files = io_uring_register_files(&c->ring, fds, 2) == 0;
+    c->fixed_files = !t->null_io && io_uring_register_files(&c->ring, fds, 2) == 0;
     return 0;
 }
 
@@ -215,6 +217,28 @@ static int writethrough(const struct bs_core *c, const struct bs_blk_req *r)
     return r->fua || __atomic_load_n(&c->target->cfg.writethrough, __ATOMIC_RELAXED);
 }
 
+/* A null backing: what the guest asked is done at once, nothing stored. */
+static int null_op(struct bs_io *io)
+{
+    struct bs_blk_req *r = &io->req;
+    struct iovec *iov = &io->chain.iov[r->iov_first];
+
+    switch (r->op) {
+    case BS_OP_READ:
+        for (int i = 0; i < r->iov_count; i++)
+            memset(iov[i].iov_base, 0, iov[i].iov_len);
+        return (int)r->len;
+    case BS_OP_WRITE:
+        return (int)r->len;
+    case BS_OP_FLUSH:
+    case BS_OP_DISCARD:
+    case BS_OP_WRITE_ZEROES:
+        return 0;
+    default:
+        return -EINVAL;
+    }
+}
+
 /* The sync engine: the same operation as an SQE below, as a plain syscall.
  * Returns what the CQE's res would be. */
 static int sync_op(struct bs_core *c, struct bs_io *io)
@@ -223,6 +247,9 @@ static int sync_op(struct bs_core *c, struct bs_io *io)
     struct iovec *iov = &io->chain.iov[r->iov_first];
     off_t off = (off_t)(r->offset + io->done);
     ssize_t res;
+
+    if (c->target->cfg.null_io)
+        return null_op(io);
 
     switch (r->op) {
     case BS_OP_READ:

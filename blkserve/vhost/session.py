@@ -300,9 +300,9 @@ class Session:
         frontends never run rings on one backing at once.  A second export
         of a volume may start (a migration's destination is prepared that
         way) but its rings wait until the source's have stopped."""
-        if self._backing_locked:
-            return
         cfg = self.target.config
+        if self._backing_locked or cfg.null_io:   # a null backing holds nothing
+            return
         if cfg.rbd is not None:
             self._lock_rbd(cfg)
             return

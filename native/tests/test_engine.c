@@ -816,6 +816,53 @@ static void test_block_size_4k_and_writethrough(void)
     drv_fini(&d);
 }
 
+/* A null target: no backing; reads fill the guest's buffers with zeroes,
+ * writes, flushes and discards succeed and touch nothing; it needs the
+ * sync engine and no fd (and refuses an fd, io_uring or RBD). */
+static void test_null_target(void)
+{
+    struct drv d;
+    drv_init(&d, 0);
+    bs_queue_free(d.q);
+    bs_target_free(d.tgt);
+    struct bs_target_cfg bad = d.cfg;
+    bs_target *t2;
+    bad.null_io = 1;
+    bad.sync_io = 1;
+    CHECK(bs_target_new(&bad, &t2) == -EINVAL);      /* an fd as well */
+    bad.fd = bad.fd_buffered = -1;
+    bad.sync_io = 0;
+    CHECK(bs_target_new(&bad, &t2) == -EINVAL);      /* io_uring */
+    d.cfg.fd = d.cfg.fd_buffered = -1;
+    d.cfg.null_io = 1;
+    d.cfg.sync_io = 1;
+    CHECK(bs_target_new(&d.cfg, &d.tgt) == 0);
+    CHECK(bs_queue_new(d.tgt, 0, &d.q) == 0);
+    CHECK(drv_start(&d, 1) == 0);
+    struct req w = submit(&d, BS_BLK_T_OUT, 8, 4096, 0);
+    memset(gp(&d, w.data), 0xab, 4096);
+    struct req r = submit(&d, BS_BLK_T_IN, 8, 8192, 1);
+    memset(gp(&d, r.data), 0xcd, 8192);
+    struct req f = submit(&d, BS_BLK_T_FLUSH, 0, 0, 0);
+    struct req o = submit(&d, BS_BLK_T_IN, CAP / 512, 512, 1);   /* past the end */
+    kick(&d);
+    CHECK(wait_used(&d, 4) == 0);
+    CHECK(status_of(&d, &w) == BS_BLK_S_OK);
+    CHECK(status_of(&d, &r) == BS_BLK_S_OK);
+    CHECK(status_of(&d, &f) == BS_BLK_S_OK);
+    CHECK(status_of(&d, &o) == BS_BLK_S_IOERR);
+    uint8_t zero[8192] = {0};
+    CHECK(memcmp(gp(&d, r.data), zero, 8192) == 0);
+    uint8_t buf[4096];
+    CHECK(pread(d.backing, buf, 4096, 8 * 512) == 4096 && buf[0] == 0);  /* untouched */
+    uint32_t last = 0;
+    CHECK(bs_queue_stop(d.q, &last) == 0);
+    struct bs_queue_stats st;
+    bs_queue_get_stats(d.q, &st);
+    CHECK(st.reqs_write == 1 && st.bytes_write == 4096 && st.bytes_read == 8192);
+    drv_fini(&d);
+}
+
 /* ---- packed ring: a minimal driver on a ring of a non-power-of-two size ---- */
 #define PQSZ 6
 
@@ -1460,6 +1507,7 @@ int main(void)
     test_guest_ram_truncated();
     test_dirty_log();
     test_qos();
+    test_null_target();
     /* the sync engine behind the same interface (the fallback and oracle) */
     sync_io = 1;
     test_rw_roundtrip();
