@@ -122,7 +122,8 @@ asan: setup
 	cd build/asan-pkg && $(ASAN_ENV) \
 		LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) \
 		$(CURDIR)/$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
-		$(CURDIR)/tests/test_export.py $(CURDIR)/tests/test_bench.py $(CURDIR)/tests/test_rbd.py
+		$(CURDIR)/tests/test_export.py $(CURDIR)/tests/test_bench.py $(CURDIR)/tests/test_rbd.py \
+		$(CURDIR)/tests/test_bench_blkif.py
 	@echo "asan: engine C tests, export/adversarial, bench and RBD tests ran clean under ASan+UBSan"
 
 lint: setup

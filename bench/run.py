@@ -249,6 +249,8 @@ class Suite:
                         for p in self.a.blkserve_poll_us.split(",")]
             elif s == "qsd":
                 out += [f"qsd-{c}" for c in self.a.qsd_cache.split(",")]
+            elif s == "blkif":
+                out.append("blkif")
             else:
                 raise SystemExit(f"bench: unknown system {s!r}")
         return out
@@ -381,10 +383,41 @@ class Suite:
             logf.close()
             shutil.rmtree(sockdir, ignore_errors=True)
 
+    # blkserve's engine serving the same file over the Xen blkif transport:
+    # an in-process blkfront (blkserve bench-blkif), engine thread on the
+    # backend's core, frontend on the frontend's.
+    def run_blkif(self, w: Workload, rnd: int) -> Run:
+        path = f"null:{self.sizes['null']}" if w.file == "null" else str(self.files[w.file])
+        cmd = [PY, "-m", "blkserve", "bench-blkif", path, "--json", f"--rw={w.rw}",
+               f"--bs={BS}", f"--iodepth={w.qd}", f"--runtime={self.a.runtime}",
+               f"--ramp={self.a.ramp}", f"--poll-us={self.a.poll_us}",
+               f"--frontend-cpu={self.a.frontend_cpu}", f"--backend-cpu={self.a.backend_cpu}"]
+        self.commands.setdefault("blkif", shlex.join(cmd))
+        run = Run(w.key, "blkif", rnd, ok=False, command=shlex.join(cmd))
+        run.busy_before = self.wait_quiet()
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                           timeout=self.a.runtime + self.a.ramp + 90)
+        if p.returncode != 0:
+            run.error = (p.stderr.strip() or p.stdout.strip())[-300:]
+            return run
+        r = json.loads(p.stdout)
+        run.ok = True
+        run.iops = r["iops"]
+        run.ios = r["ios"]
+        run.ios_all = r["ios_all"]
+        run.lat_mean_ns = r["lat_ns"]["mean"]
+        run.lat_p50_ns = r["lat_ns"]["p50"]
+        run.lat_p99_ns = r["lat_ns"]["p99"]
+        run.backend_cpu_s = r["backend_cpu_s"]
+        run.cpu_s_per_mreq = r["cpu_s_per_mreq"]
+        return run
+
     def run_one(self, system: str, w: Workload, rnd: int) -> Run:
         if w.file != "null":
             reset_cache(self.files[w.file])
         try:
+            if system == "blkif":
+                return self.run_blkif(w, rnd)
             if system.startswith("host-"):
                 return self.run_fio(w, rnd, system[len("host-"):])
             return self.run_vhost(system, w, rnd)
@@ -448,6 +481,15 @@ def summarize(runs: list[Run], workloads: list[Workload], systems: list[str]) ->
         bp, hp = _get(S, bs, "p50_ns"), _get(S, "host-psync", "p50_ns")
         row["p50_us_over_host_psync"] = (round((bp - hp) / 1000, 2)
                                          if bp is not None and hp is not None else None)
+        # the Xen transport against virtio on the same engine, file and core:
+        # blkif's backend CPU per request over the virtio variant's with no
+        # backend polling (blkif's engine thread does not poll either)
+        virtio = "blkserve-none" if "blkserve-none" in S else bs
+        bi = "blkif" if "blkif" in S else None
+        row["blkif"] = bi
+        row["ratio_cpu_blkif_vs_virtio"] = _ratio(S, bi, virtio, "cpu_s_per_mreq")
+        row["ratio_iops_blkif_vs_virtio"] = _ratio(S, bi, virtio, "iops")
+        row["virtio_for_blkif"] = virtio if bi else None
         out.append(row)
     return out
 
@@ -480,6 +522,10 @@ def targets(summary: list[dict]) -> list[dict]:
             for rw in ("randread", "randwrite"):
                 add("QD32 p99 latency <= qsd", f"{f}/{rw}/qd32/q{q}", "ratio_p99_vs_qsd", 1.0,
                     lambda v, w: v <= w)
+    for f in ("shm", "null"):
+        for rw in ("randread", "randwrite"):
+            add("blkif backend CPU per request within 15% of virtio's", f"{f}/{rw}/qd32/q1",
+                "ratio_cpu_blkif_vs_virtio", 1.15, lambda v, w: v <= w)
     return res
 
 
@@ -572,6 +618,29 @@ def render(result: dict) -> str:
                  f"| {_x(r['ratio_cpu_vs_qsd'])} | {_f(_get(S, r['fio'], 'cpu_s_per_mreq'))} "
                  f"| {wait(r['blkserve'])} / {wait(r['qsd'])} |")
     L.append("")
+    xen = [r for r in summ if r.get("blkif")]
+    if xen:
+        L.append("### The Xen blkif transport against virtio (same engine, file and core)")
+        L.append("")
+        L.append("`blkserve bench-blkif` (an in-process blkfront on a memfd of guest pages, "
+                 "stand-in grant and event-channel calls, persistent grants as Linux's "
+                 "blkfront uses them; one ring) against `blkserve bench` on `blkserve export` "
+                 "without backend polling (blkif's engine thread does not poll). Backend CPU "
+                 "per request is the engine thread's for blkif, the export process's for "
+                 "virtio.")
+        L.append("")
+        L.append("| file | workload | QD | blkif IOPS | virtio IOPS | blkif / virtio IOPS "
+                 "| blkif CPU s/Mreq | virtio CPU s/Mreq | blkif / virtio CPU |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in xen:
+            S = r["systems"]
+            v = r["virtio_for_blkif"]
+            L.append(f"| {r['file']} | {r['rw']} | {r['qd']} | {_k(_get(S, 'blkif', 'iops'))} "
+                     f"| {_k(_get(S, v, 'iops'))} | {_x(r['ratio_iops_blkif_vs_virtio'])} "
+                     f"| {_f(_get(S, 'blkif', 'cpu_s_per_mreq'))} "
+                     f"| {_f(_get(S, v, 'cpu_s_per_mreq'))} "
+                     f"| {_x(r['ratio_cpu_blkif_vs_virtio'])} |")
+        L.append("")
     nulls = [r for r in summ if r["file"] == "null"]
     if nulls:
         L.append("### The protocol's own cost: a null backing (no copy, no device)")
@@ -725,8 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rw", help="comma list of randread,randwrite (default both)")
     ap.add_argument("--qd", help="comma list of queue depths (default 1,32)")
     ap.add_argument("--queues", help="comma list of queue counts (default 1,2)")
-    ap.add_argument("--systems", default="fio,blkserve,qsd",
-                    help="comma list of fio,blkserve,qsd (default all)")
+    ap.add_argument("--systems", default="fio,blkserve,qsd,blkif",
+                    help="comma list of fio,blkserve,qsd,blkif (default all; blkif is "
+                         "blkserve's engine over the Xen transport without Xen, one ring)")
     ap.add_argument("--qsd-cache", default="direct,buffered",
                     help="qsd cache modes: direct (cache.direct=on), buffered (off)")
     ap.add_argument("--blkserve-cache", default="none",
@@ -803,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
                 for s in systems:
                     if w.file == "null" and s.startswith("host-"):
                         continue    # the host has no null device to compare with
+                    if s == "blkif" and w.queues != 1:
+                        continue    # one blkif ring
                     r = suite.run_one(s, w, rnd)
                     runs.append(r)
                     if r.ok:

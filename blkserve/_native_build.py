@@ -17,7 +17,7 @@ NATIVE = ROOT / "native"
 SOURCES = ["mem.c", "virtq.c", "blk.c", "core.c", "qos.c", "engine.c", "ring_split.c",
            "ring_packed.c", "vq_log.c", "rbd.c",
            "blkif.c", "blkif_req.c", "bench.c", "bench_vu.c", "bench_setup.c",
-           "bench_report.c"]
+           "bench_report.c", "bench_blkif.c"]
 SANITIZE = os.environ.get("BLKSERVE_SANITIZE", "")
 SAN_FLAGS = [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all",
              "-fno-omit-frame-pointer", "-g"] if SANITIZE else []

@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 
-from blkserve import __version__, bench, client, logs, trace
+from blkserve import __version__, bench, bench_blkif, client, logs, trace
 from blkserve import backing as backing_io
 from blkserve.api import serve
 
@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_format_option(ex)
     ex.set_defaults(func=_export)
     bench.add_parser(sub)
+    bench_blkif.add_parser(sub)
     client.add_parsers(sub)
     serve.add_parser(sub)
     trace.add_parser(sub)

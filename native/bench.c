@@ -65,40 +65,7 @@ static uint64_t pat_check(const uint8_t *buf, uint64_t offset, uint32_t len, uin
     return 0;
 }
 
-/* ---- histogram ---- */
-
-static inline unsigned hist_bucket(uint64_t v)
-{
-    if (v < HIST_SUB)
-        return (unsigned)v;
-    unsigned e = 63u - (unsigned)__builtin_clzll(v);
-    if (e >= HIST_MAX_EXP)
-        return HIST_N - 1;
-    unsigned m = (unsigned)(v >> (e - HIST_SUB_BITS));   /* HIST_SUB..2*HIST_SUB-1 */
-    return HIST_SUB + (e - HIST_SUB_BITS) * HIST_SUB + (m - HIST_SUB);
-}
-
-/* Midpoint of a bucket (exact for the first HIST_SUB). */
 /* ---- the queue thread ---- */
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-static inline uint64_t rng_next(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * 0x2545f4914f6cdd1dULL;
-}
 
 /* With --verify and writes, a block has at most one request in flight (any
  * queue), so a read never races a write of the same block: it must then see
@@ -163,10 +130,10 @@ static int pick_op(struct bq *q, enum phase ph, int *is_read, uint64_t *block)
             *is_read = 0;
             break;
         default:
-            *is_read = (rng_next(&q->rng) % 100) < b->cfg.rwmix_read;
+            *is_read = (bench_rng(&q->rng) % 100) < b->cfg.rwmix_read;
             break;
         }
-        *block = rng_next(&q->rng) % b->nblocks;
+        *block = bench_rng(&q->rng) % b->nblocks;
         return 0;
     }
 }
@@ -242,7 +209,7 @@ static void complete(struct bq *q, struct slot *s, enum phase ph, uint64_t t)
             q->st.lat_min_ns = lat;
         if (lat > q->st.lat_max_ns)
             q->st.lat_max_ns = lat;
-        q->hist[hist_bucket(lat)]++;
+        q->hist[bench_hist_bucket(lat)]++;
     }
     s->inflight = 0;
     q->free_list[q->nfree++] = (uint32_t)(s - q->slots);
@@ -310,7 +277,7 @@ static int wait_used(struct bq *q, uint64_t *last_progress)
         for (unsigned i = 1;; i++) {
             if (__atomic_load_n(used_idx, __ATOMIC_ACQUIRE) != q->last_used)
                 return 0;
-            cpu_relax();
+            bench_cpu_relax();
             if ((i & 63) == 0) {
                 if (bench_now_ns() >= until)
                     break;

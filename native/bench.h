@@ -23,7 +23,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifndef BS_INTERNAL_H          /* the engine's header has it already */
 #include "blkserve_native.h"
+#endif
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "blkserve bench assumes a little-endian host (virtio 1.x rings are LE)"
@@ -222,6 +224,41 @@ struct bs_bench {
     char err[256];
 };
 
+
+/* ---- helpers shared by the vhost-user and blkif load generators ---- */
+
+static inline unsigned bench_hist_bucket(uint64_t v)
+{
+    if (v < HIST_SUB)
+        return (unsigned)v;
+    unsigned e = 63u - (unsigned)__builtin_clzll(v);
+    if (e >= HIST_MAX_EXP)
+        return HIST_N - 1;
+    unsigned m = (unsigned)(v >> (e - HIST_SUB_BITS));   /* HIST_SUB..2*HIST_SUB-1 */
+    return HIST_SUB + (e - HIST_SUB_BITS) * HIST_SUB + (m - HIST_SUB);
+}
+
+static inline void bench_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint64_t bench_rng(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545f4914f6cdd1dULL;
+}
+
+/* bench_report.c: mean and percentiles of ST from a histogram */
+void bench_finish_stats(struct bs_bench_stats *st, const uint64_t *hist, uint64_t lat_sum);
 
 /* bench_vu.c */
 int bench_fail(struct bs_bench *b, int err, const char *fmt, ...)

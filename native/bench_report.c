@@ -29,7 +29,7 @@ static uint64_t hist_percentile(const uint64_t *h, uint64_t total, double p)
     return hist_value(HIST_N - 1);
 }
 
-static void finish_stats(struct bs_bench_stats *st, const uint64_t *hist, uint64_t lat_sum)
+void bench_finish_stats(struct bs_bench_stats *st, const uint64_t *hist, uint64_t lat_sum)
 {
     st->lat_mean_ns = st->ios ? lat_sum / st->ios : 0;
     st->lat_p50_ns = hist_percentile(hist, st->ios, 0.50);
@@ -46,7 +46,7 @@ int bs_bench_get_stats(bs_bench *b, int32_t queue, struct bs_bench_stats *out)
         struct bq *q = &b->q[queue];
         *out = q->st;
         out->elapsed_ns = q->t_count_to > q->t_count_from ? q->t_count_to - q->t_count_from : 0;
-        finish_stats(out, q->hist, q->lat_sum);
+        bench_finish_stats(out, q->hist, q->lat_sum);
         return 0;
     }
 
@@ -86,7 +86,7 @@ int bs_bench_get_stats(bs_bench *b, int32_t queue, struct bs_bench_stats *out)
         for (unsigned k = 0; k < HIST_N; k++)
             hist[k] += q->hist[k];
     }
-    finish_stats(out, hist, lat_sum);
+    bench_finish_stats(out, hist, lat_sum);
     free(hist);
     return 0;
 }

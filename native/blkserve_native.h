@@ -416,4 +416,34 @@ void bs_bench_stop(bs_bench *b);
 int bs_bench_get_stats(bs_bench *b, int32_t queue, struct bs_bench_stats *out);
 int bs_bench_error(bs_bench *b, char *buf, uint32_t len);
 void bs_bench_free(bs_bench *b);
+
+/* bs_bench_blkif (native/bench_blkif.c): the blkif transport under the same
+ * kind of load without Xen: a blkfront in the calling thread on a ring in a
+ * memfd of "guest pages", the grant and event-channel calls stand-ins over
+ * it (persistent grants, as Linux's blkfront uses them), the engine serving
+ * target T from its own thread.  One run at a time (-EBUSY). */
+struct bs_bench_blkif_cfg {
+    uint32_t rw;              /* BS_BENCH_RANDREAD, _RANDWRITE or _RANDRW  */
+    uint32_t rwmix_read;      /* randrw: percentage of reads               */
+    uint32_t bs;              /* bytes per request: 512..44 KiB, x512      */
+    uint32_t iodepth;         /* 1..32 (one ring page)                     */
+    uint64_t size;            /* bytes of the target to use; 0 = capacity  */
+    uint64_t runtime_ns;
+    uint64_t ramp_ns;
+    uint64_t poll_ns;         /* poll the response ring before sleeping    */
+    uint64_t timeout_ns;      /* no response for this long: -ETIMEDOUT     */
+    uint64_t seed;            /* 0: pick one                               */
+    int32_t frontend_cpu;     /* pin the frontend (calling thread), or -1  */
+    int32_t backend_cpu;      /* pin the engine thread, or -1              */
+};
+
+struct bs_bench_blkif_result {
+    struct bs_bench_stats stats;
+    uint64_t backend_cpu_ns;  /* the process's CPU but the frontend's, in  */
+                              /* the measured window: the engine thread    */
+    uint64_t backend_requests;
+};
+
+int bs_bench_blkif(bs_target *t, const struct bs_bench_blkif_cfg *cfg,
+                   struct bs_bench_blkif_result *out);
 /* ==== end bs_bench ==== */
