@@ -12,6 +12,8 @@ import stat
 import tomllib
 from dataclasses import dataclass, field
 
+from blkserve.export import parse_poll
+
 DEFAULT_LISTEN = "127.0.0.1:8470"
 DEFAULT_STATE_DIR = "./var"
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes including the NUL
@@ -48,7 +50,7 @@ class Settings:
     worker_stop_timeout_s: float = 10.0
     export_cache: str = "none"
     export_io_engine: str = "auto"
-    export_poll_us: int = 0
+    export_poll_us: int | str = "auto"   # blkserve export --poll-us: auto, auto:N or N
     # Directories under which a QMP socket may be named (checked on its real
     # path).  The peer must also be a QEMU binary (SO_PEERCRED), which is what
     # makes world-writable /tmp acceptable here.
@@ -204,7 +206,7 @@ _KEYS = {
 _STORAGE_KEYS = {"backend": ("file", "rbd"), "pool": str, "namespace": str, "conf": str,
                  "client_id": str, "keyring": str, "timeout_s": int, "connect_timeout_s": int}
 _EXPORT_KEYS = {"cache": ("none", "writeback"), "io_engine": ("auto", "io_uring", "sync"),
-                "poll_us": int}
+                "poll_us": "poll"}
 
 
 def _storage(path: str, table) -> dict:
@@ -259,9 +261,15 @@ def load(path: str | None, **overrides) -> Settings:
                     if isinstance(allowed, tuple) and v not in allowed:
                         raise ConfigError(f"config {path}: export.{k} must be one of "
                                           f"{', '.join(allowed)}")
-                    if allowed is int and (not isinstance(v, int) or not 0 <= v <= 1_000_000):
-                        raise ConfigError(f"config {path}: export.{k} must be an integer "
-                                          "from 0 to 1000000")
+                    if allowed == "poll":
+                        try:
+                            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                                raise ValueError
+                            parse_poll(str(v))
+                        except ValueError:
+                            raise ConfigError(f"config {path}: export.{k} must be \"auto\", "
+                                              "\"auto:N\" or an integer N from 0 to "
+                                              "1000000") from None
                     values[f"export_{k}"] = v
                 continue
             want = _KEYS.get(key)

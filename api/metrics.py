@@ -64,6 +64,12 @@ def engine_metrics(snapshots: dict[str, stats.Snapshot]):
                                    "held for QoS budget. Each queue holds one request at a "
                                    "time: the rate of _sum is the share of time the "
                                    "volume's queues were held.", labels=["volume"])
+    polls = CounterMetricFamily("blkserve_polls", "Polling windows the volume's queues "
+                                "spun on the rings before sleeping (--poll-us), by whether "
+                                "work came within them.", labels=["volume", "outcome"])
+    polling = CounterMetricFamily("blkserve_poll_seconds", "Time the volume's queues spent "
+                                  "polling (a CPU core busy): its rate is the cores used.",
+                                  labels=["volume"])
     for vol, snap in sorted(snapshots.items()):
         qs = snap.queues
         for o, op in enumerate(stats.OPS):
@@ -83,12 +89,16 @@ def engine_metrics(snapshots: dict[str, stats.Snapshot]):
         kicks.add_metric([vol], sum(q.kicks for q in qs))
         notifies.add_metric([vol], sum(q.notifies for q in qs))
         throttled.add_metric([vol], sum(q.throttled for q in qs))
+        hits = sum(q.poll_hits for q in qs)
+        polls.add_metric([vol, "hit"], hits)
+        polls.add_metric([vol, "miss"], sum(q.polls for q in qs) - hits)
+        polling.add_metric([vol], sum(q.poll_ns for q in qs) / 1e9)
         wh = [sum((q.throttle_wait_hist or [0] * stats.LAT_BUCKETS)[b] for q in qs)
               for b in range(stats.LAT_BUCKETS)]
         waited.add_metric([vol], _log2_hist(wh, WAIT_BITS),
                           sum(q.throttle_wait_ns for q in qs) / 1e9)
     return (reqs, nbytes, errors, hist, inflight, bad, broken, kicks, notifies, throttled,
-            waited)
+            waited, polls, polling)
 
 
 def qos_metrics(volumes: list, groups: list):

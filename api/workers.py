@@ -133,7 +133,7 @@ class WorkerSpec:
     read_only: bool
     cache: str = "none"
     io_engine: str = "auto"
-    poll_us: int = 0
+    poll_us: int | str = "auto"
     stats_file: str | None = None
     socket_owner: tuple[int, int] | None = None  # chowned to this after every start
     xen_domain: str | None = None  # serve this Xen domain (blkif); socket: readiness only

@@ -15,7 +15,7 @@ from blkserve.api import serve
 
 
 def _export(args: argparse.Namespace) -> int:
-    from blkserve.export import ExportError, ExportOptions, is_path, run_export
+    from blkserve.export import ExportError, ExportOptions, is_path, parse_poll, run_export
 
     try:
         if args.backing and args.blk_file and args.backing != args.blk_file:
@@ -47,10 +47,15 @@ def _export(args: argparse.Namespace) -> int:
             # the path the user named (e.g. /dev/disk/by-id/...), resolved
             # once; the backing is then opened without following symlinks
             backing = os.path.realpath(backing)
+        try:
+            poll_us, poll_adaptive = parse_poll(args.poll_us)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
         return run_export(ExportOptions(
             backing=backing, socket=args.socket, fd=args.fd, queues=args.queues,
             read_only=args.read_only, cache=args.cache, serial=args.serial,
-            block_size=args.block_size, poll_us=args.poll_us, io_engine=args.io_engine,
+            block_size=args.block_size, poll_us=poll_us, poll_adaptive=poll_adaptive,
+            io_engine=args.io_engine,
             drain_timeout=args.drain_timeout, stats_file=args.stats_file,
             xen_domain=args.xen_domain, xen_devid=args.xen_devid, vdev=args.vdev,
             backing_identity=identity,
@@ -149,10 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--block-size", type=int, choices=(512, 4096), metavar="512|4096",
                     help="logical block size offered to the guest (default: the backing "
                          "device's logical block size; 512 for files)")
-    ex.add_argument("--poll-us", type=int, default=0, metavar="N",
-                    help="after the last request, busy-poll each queue for N microseconds "
-                         "with guest kicks suppressed before sleeping: lower latency for "
-                         "a CPU core per busy queue (default: 0, sleep at once)")
+    ex.add_argument("--poll-us", default="auto", metavar="auto|auto:N|N",
+                    help="after the last request, busy-poll each queue with guest kicks "
+                         "suppressed before sleeping. auto (the default): a window that "
+                         "follows the queue's wake-ups, up to 50 us (auto:N: up to N): it "
+                         "grows while requests or completions come within it and drops "
+                         "to 0 while they do not, so an idle or slow guest costs no CPU. "
+                         "N: always N us (lowest latency for a CPU core per busy queue); "
+                         "0: never poll"),
     ex.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                     help="how long stopping a queue (GET_VRING_BASE, SIGTERM) waits for "
                          "in-flight I/O before cancelling it; what is still in flight then "

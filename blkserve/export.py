@@ -53,7 +53,8 @@ class ExportOptions:
     cache: str = "none"
     serial: str | None = None
     block_size: int | None = None
-    poll_us: int = 0
+    poll_us: int = 0     # the polling window, or the adaptive one's cap (poll_adaptive)
+    poll_adaptive: bool = False
     io_engine: str = "auto"
     stats_file: str | None = None
     drain_timeout: float = 30.0
@@ -113,6 +114,29 @@ def parse_null(spec: str) -> int:
     if size % SECTOR or size > NULL_MAX:
         raise ExportError(f"{spec!r}: the size must be a multiple of 512 bytes, at most 1 EiB")
     return size
+
+
+POLL_AUTO_CAP_US = 50
+
+
+def parse_poll(text: str) -> tuple[int, bool]:
+    """--poll-us: "auto" (adaptive, up to 50 us), "auto:N" (adaptive, up to N
+    us) or N (always N us; 0: never poll) -> (microseconds, adaptive)."""
+    t = str(text).strip()
+    adaptive = t == "auto" or t.startswith("auto:")
+    num = (t[5:] if t.startswith("auto:") else str(POLL_AUTO_CAP_US)) if adaptive else t
+    try:
+        us = int(num)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= 1_000_000:
+        raise ValueError(f"--poll-us must be auto, auto:N or N, with N from 0 to 1000000 "
+                         f"(got {text!r})")
+    return us, adaptive
+
+
+def format_poll(us: int, adaptive: bool) -> str:
+    return f"auto:{us}" if adaptive else str(us)
 
 
 def is_path(backing: str | None) -> bool:
@@ -414,6 +438,7 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
             fd=backing.fd, fd_buffered=backing.fd_buffered, capacity=capacity,
             dio_align=backing.dio_align, read_only=opts.read_only, serial=serial,
             block_size=block_size, is_block_device=backing.is_block, poll_us=opts.poll_us,
+            poll_adaptive=opts.poll_adaptive,
             sync_io=sync_io, drain_timeout_ms=max(1, round(opts.drain_timeout * 1000)),
             rbd=backing.rbd, null_io=backing.null,
         ))

@@ -196,6 +196,7 @@ class TargetConfig:
     is_block_device: bool = False
     writethrough: bool = False
     poll_us: int = 0
+    poll_adaptive: bool = False   # poll_us is the cap of an adaptive window
     sync_io: bool = False
     drain_timeout_ms: int = 0   # a queue stop's bound on in-flight I/O; 0: 30 s
     rbd: RbdImage | None = None  # an RBD image instead of fd (fd -1)
@@ -237,6 +238,7 @@ class Target:
         c.is_block_device = int(cfg.is_block_device)
         c.writethrough = int(cfg.writethrough)
         c.poll_us = cfg.poll_us
+        c.poll_adaptive = int(cfg.poll_adaptive)
         c.sync_io = int(cfg.sync_io)
         c.drain_timeout_ms = cfg.drain_timeout_ms
         c.serial = cfg.serial[:SERIAL_BYTES].ljust(SERIAL_BYTES, b"\0")

@@ -35,6 +35,8 @@ QSIZE = ffi.sizeof("struct bs_queue_stats")
 # the layout before the QoS counters were appended: a block an older worker
 # (adopted across an upgrade) writes is read with those counters at zero
 QSIZE_BEFORE_QOS = ffi.offsetof("struct bs_queue_stats", "throttled")
+# ... and before the polling counters
+QSIZE_BEFORE_POLL = ffi.offsetof("struct bs_queue_stats", "polls")
 STRIDE = (QSIZE + 63) // 64 * 64
 
 OPS = ("read", "write", "flush", "discard", "write_zeroes", "get_id", "other")
@@ -87,6 +89,9 @@ class QueueStats:
     throttled: int = 0            # requests held for QoS budget
     throttle_wait_ns: int = 0
     throttle_wait_hist: list[int] | None = None  # log2 ns, like op_lat_hist
+    polls: int = 0                # polling windows (--poll-us)
+    poll_hits: int = 0            # ... that found work
+    poll_ns: int = 0              # ... and the time spent in them
 
 
 @dataclass
@@ -107,8 +112,8 @@ def read(path: str) -> Snapshot:
     if len(data) < HEADER_SIZE:
         raise StatsError(f"{path}: truncated")
     magic, version, nq, qsize, stride, pid, capacity, started = HEADER.unpack_from(data)
-    if (magic != MAGIC or version != VERSION or qsize not in (QSIZE, QSIZE_BEFORE_QOS)
-            or stride < qsize):
+    layouts = (QSIZE, QSIZE_BEFORE_POLL, QSIZE_BEFORE_QOS)
+    if magic != MAGIC or version != VERSION or qsize not in layouts or stride < qsize:
         raise StatsError(f"{path}: not a stats block of this blkserve version")
     if len(data) < HEADER_SIZE + stride * nq:
         raise StatsError(f"{path}: truncated")
@@ -125,5 +130,6 @@ def read(path: str) -> Snapshot:
             io_errors=int(s.io_errors), kicks=int(s.kicks), notifies=int(s.notifies),
             broken=bool(s.broken), throttled=int(s.throttled),
             throttle_wait_ns=int(s.throttle_wait_ns),
-            throttle_wait_hist=list(s.throttle_wait_hist)))
+            throttle_wait_hist=list(s.throttle_wait_hist),
+            polls=int(s.polls), poll_hits=int(s.poll_hits), poll_ns=int(s.poll_ns)))
     return Snapshot(pid, capacity, started, queues)

@@ -29,6 +29,10 @@ struct bs_target_cfg {
     int is_block_device;    /* discard/zeroing semantics of fallocate differ */
     int writethrough;       /* initial cache mode: every write made durable  */
     uint32_t poll_us;       /* busy-poll the rings this long before sleeping */
+    int poll_adaptive;      /* ... or up to poll_us, a window that follows  */
+                            /* the wake-ups: it grows while sleeps end      */
+                            /* within poll_us, shrinks (to 0: idle costs    */
+                            /* nothing) while they last longer              */
     int sync_io;            /* serve I/O with plain syscalls in the queue    */
                             /* thread instead of io_uring (backings whose    */
                             /* driver cannot do non-blocking I/O, e.g. tmpfs,*/
@@ -124,6 +128,11 @@ struct bs_queue_stats {
     uint64_t throttled;
     uint64_t throttle_wait_ns;
     uint64_t throttle_wait_hist[40];
+    /* polling (--poll-us): windows spent spinning on the rings, those that
+     * found work before they ran out, and the time they took */
+    uint64_t polls;
+    uint64_t poll_hits;
+    uint64_t poll_ns;
 };
 
 /* ---- Ceph RBD backings (rbd.c) ----

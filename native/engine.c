@@ -166,6 +166,10 @@ static void publish_used(struct bs_queue *q)
         if (sqe) {
             io_uring_prep_write(sqe, q->call_fd, &q->one, sizeof(q->one), 0);
             io_uring_sqe_set_data64(sqe, UD_CALL);
+            /* no CQE unless it fails (then the plain write below): a
+             * completion would wake this thread for nothing, and make the
+             * adaptive poll window read that as work arriving */
+            sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
         } else {
             eventfd_write(q->call_fd, 1);
         }
@@ -207,11 +211,11 @@ static void set_kicks(struct bs_queue *q, int enable)
 }
 
 /* --poll-us: spin on the avail ring and the completion queue for up to
- * poll_ns with guest kicks suppressed, instead of sleeping at once.  Returns
- * 1 if the driver queued new buffers (drain them without a kick). */
-static int poll_for_work(struct bs_queue *q)
+ * WINDOW ns with guest kicks suppressed, instead of sleeping at once.
+ * Returns 1 if the driver queued new buffers (drain them without a kick). */
+static int poll_for_work(struct bs_queue *q, uint64_t window)
 {
-    uint64_t deadline = bs_now_ns() + q->poll_ns;
+    uint64_t deadline = bs_now_ns() + window;
     int spins = 0;
 
     set_kicks(q, 0);
@@ -233,6 +237,29 @@ static int poll_for_work(struct bs_queue *q)
     return avail_pending(q);
 }
 
+
+/* Adaptive polling (the default): after a sleep of SLEPT ns that a kick or
+ * a completion ended, the window for next time.  A wake-up that came
+ * within the cap would have been caught by polling that long: the window
+ * doubles (from POLL_START).  One that took longer means polling would
+ * have been wasted: it halves, and below POLL_START it is 0, so an idle
+ * queue, or a guest slower than the cap (TCG), costs no CPU. */
+#define POLL_START_NS 2000u
+
+static void adapt_poll(struct bs_queue *q, uint64_t slept)
+{
+    uint64_t w = q->poll_win;
+    if (slept <= q->poll_ns) {
+        w = w < POLL_START_NS ? POLL_START_NS : w * 2;
+        if (w > q->poll_ns)
+            w = q->poll_ns;
+    } else {
+        w /= 2;
+        if (w < POLL_START_NS)
+            w = 0;
+    }
+    q->poll_win = w;
+}
 
 /* The CQEs of our own polls and writes (the core handles the I/O ones). */
 static void queue_event(struct bs_core *c, uint64_t ud, int res)
@@ -325,11 +352,16 @@ static void *queue_thread(void *arg)
             break;
 
         int polled = 0;
-        if (q->poll_ns && !c->stopping && !broken && !c->held) {
+        uint64_t window = q->poll_adaptive ? q->poll_win : q->poll_ns;
+        if (window && !c->stopping && !broken && !c->held) {
             /* start what was queued (I/O, the guest notification) first */
             if (io_uring_sq_ready(&c->ring))
                 io_uring_submit(&c->ring);
-            polled = poll_for_work(q);
+            uint64_t t0 = bs_now_ns();
+            polled = poll_for_work(q, window);
+            BS_STAT_ADD(q->st->polls, 1);
+            BS_STAT_ADD(q->st->poll_hits, (uint64_t)polled);
+            BS_STAT_ADD(q->st->poll_ns, bs_now_ns() - t0);
         }
         if (polled) {
             q->kicked = 1;
@@ -347,7 +379,10 @@ static void *queue_thread(void *arg)
             ret = io_uring_submit_and_get_events(&c->ring);
             q->kicked = 1;
         } else {
+            uint64_t t0 = q->poll_adaptive ? bs_now_ns() : 0;
             ret = io_uring_submit_and_wait(&c->ring, 1);
+            if (q->poll_adaptive && !c->stopping)
+                adapt_poll(q, bs_now_ns() - t0);
         }
         if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
             /* The ring itself failed: nothing can complete any more. */
@@ -448,6 +483,8 @@ static int queue_start_locked(bs_queue *q, bs_mem *mem, const struct bs_vring_cf
     q->call_fd = cfg->call_fd;
     q->event_idx = !!cfg->event_idx;
     q->poll_ns = (uint64_t)q->target->cfg.poll_us * 1000;
+    q->poll_adaptive = q->target->cfg.poll_adaptive && q->poll_ns;
+    q->poll_win = 0;       /* adaptive: no polling until wake-ups show it pays */
     if (q->vr.packed) {
         /* SET_VRING_BASE of a packed ring (as QEMU sends it): the avail
          * position | wrap << 15, and the used one likewise << 16 */

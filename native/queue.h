@@ -45,7 +45,9 @@ struct bs_queue {
     int signalled_valid;
     int ctl_fd;
     struct bs_core core;     /* request execution: io_uring, stats, stop */
-    uint64_t poll_ns;        /* --poll-us */
+    uint64_t poll_ns;        /* --poll-us: the window, or the adaptive one's cap */
+    uint64_t poll_win;       /* adaptive: the current window (0: sleep at once) */
+    int poll_adaptive;
     uint64_t one;            /* the 8-byte value of a call eventfd write */
     struct slot *slots;
     int nslots;

@@ -104,9 +104,10 @@ def test_the_control_plane_refuses_null_unless_the_config_allows_it(tmp_path):
 
 
 def test_bench_measures_the_null_backing_against_qsd_null_co(tmp_path):
-    """`bench/run.py --files null`: blkserve's null: against qsd's null-co,
-    no host run (there is no host null device), and the report's section
-    on the protocol's own cost.  Wiring only: no figure is asserted."""
+    """`bench/run.py --files null`: blkserve's null: against qsd's null-co
+    and blkif, no host run (there is no host null device), and the report's
+    sections on the protocol's own cost and on blkif.  Wiring only: no
+    figure is asserted."""
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "bench/run.py", "--files", "null", "--rounds", "1",
                         "--runtime", "0.3", "--ramp", "0.1", "--qd", "1", "--queues", "1",
@@ -116,8 +117,11 @@ def test_bench_measures_the_null_backing_against_qsd_null_co(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     (row,) = res["summary"]
-    assert row["file"] == "null" and set(row["systems"]) == {"blkserve-none", "qsd-direct"}
+    assert row["file"] == "null"
+    assert set(row["systems"]) == {"blkserve-none-poll0", "qsd-direct", "blkif"}
     assert all(s["iops"] > 0 for s in row["systems"].values())
-    assert "null:" in res["meta"]["commands"]["blkserve-none"]
+    assert "null:" in res["meta"]["commands"]["blkserve-none-poll0"]
     assert "driver=null-co" in res["meta"]["commands"]["qsd-direct"]
-    assert "The protocol's own cost" in r.stdout
+    assert "bench-blkif null:" in res["meta"]["commands"]["blkif"]
+    assert row["ratio_cpu_blkif_vs_virtio"] is not None
+    assert "The protocol's own cost" in r.stdout and "The Xen blkif transport" in r.stdout
