@@ -119,7 +119,7 @@ class Controller(Volumes, RbdVolumes, QosControl):
         for att in self.state.attachments():
             if att.state == "attaching":
                 await self._settle_attaching(att)
-            elif att.state == "incoming":
+            elif att.state == "incoming" and att.migrate_from is not None:
                 await self._adopt_incoming(att)
         self._stale_task = asyncio.get_running_loop().create_task(self._watch_vms())
 
@@ -162,6 +162,11 @@ class Controller(Volumes, RbdVolumes, QosControl):
                 await self._settle_migrations()
             except Exception:
                 log.exception("checking live migrations failed")
+            for hv in self.hypervisors.values():
+                try:
+                    await self._retire_migrated(hv)
+                except Exception:
+                    log.exception("checking %s attachments migrated away failed", hv.label)
             for hv in self.hypervisors.values():
                 try:
                     await self._mark_stale(hv)
@@ -427,8 +432,19 @@ class Controller(Volumes, RbdVolumes, QosControl):
         of the adapters: its `hypervisor` picks it)."""
         v = self.get_volume(name)
         hv = self.hypervisor(request.hypervisor)
+        incoming = getattr(request, "incoming", False)
         if getattr(request, "migrate_from", None) is not None:
+            if incoming:
+                raise ApiError(422, "incoming is for a migration from another host; "
+                                    "migrate_from names a source attachment on this one: "
+                                    "give one of them")
             return await self._attach_incoming(v, hv, request)
+        if incoming:
+            return await self._attach_incoming_remote(v, hv, request)
+        if getattr(request, "device_id", None) is not None or \
+                getattr(request, "addr", None) is not None:
+            raise ApiError(422, "device_id and addr are for an incoming attachment "
+                                "(\"incoming\": true)")
         target = await hv.prepare(v, request)
         row = target.row
         if hv.own_worker:
@@ -613,6 +629,64 @@ class Controller(Volumes, RbdVolumes, QosControl):
                   **hv.log_fields(row))
         return row
 
+    async def _attach_incoming_remote(self, v: VolumeRow, hv: Hypervisor,
+                                      request) -> AttachmentRow:
+        """A live migration's destination when the source is on another host:
+        plug the volume into the destination VM (REQUEST.qmp_socket) where the
+        source VM has it (REQUEST.device_id, bus, addr), served by this
+        daemon's export of the volume; `incoming` until the watcher sees the
+        VM arrive, then `attached`.  The backing's lock (OFD on a shared file,
+        the RBD image's exclusive lock) keeps this export's rings waiting
+        until the source host's have stopped."""
+        name = v.name
+        if request.device_id is None:
+            raise ApiError(422, "an incoming attachment needs device_id: the source "
+                                "attachment's, as its host's daemon reports it")
+        busy = next((a for a in self.state.attachments(name) if a.state == "incoming"), None)
+        if busy is not None:
+            raise ApiError(409, f"volume '{name}' is already migrating to the VM at "
+                                f"{busy.qmp_socket} (attachment {busy.id})")
+        live = next((a for a in self.state.attachments(name)
+                     if a.state in ("attached", "attaching", "detaching")), None)
+        if live is not None:
+            raise ApiError(409, f"volume '{name}' is attached to a VM on this host "
+                                f"(attachment {live.id}): for a migration from it give "
+                                f"migrate_from {live.id}")
+        target = await hv.prepare(v, request)
+        target.placement = {"bus": request.bus, "addr": request.addr}
+        row = target.row
+        row.state, row.device_id = "incoming", request.device_id
+        row.chardev_id = f"{request.device_id}-chr"
+        await self._attach_through_export(hv, v, target)
+        self.state.set_attachment_state(row.id, "incoming", bus=row.bus)
+        log_event(log, "attachment.incoming", volume=name, attachment=row.id,
+                  migrate_from="another host", device_id=row.device_id, **hv.log_fields(row))
+        return row
+
+    async def _retire_migrated(self, hv: Hypervisor) -> None:
+        """Attachments whose VM was migrated to another host (its QEMU here
+        handed the VM over): forgotten, their export stopped unless another
+        attachment or an explicit export keeps it.  A migration to a QEMU on
+        this host is settled by its incoming attachment instead."""
+        local = {a.migrate_from for a in self.state.attachments() if a.state == "incoming"}
+        for att in [a for a in self.state.attachments()
+                    if a.hypervisor == hv.name and a.state == "attached" and a.id not in local]:
+            if not await hv.migrated_away(att):
+                continue
+            async with self.lock(att.volume):
+                current = self.state.attachment(att.volume, att.id)
+                if current is None or current.state != "attached":
+                    continue
+                self.state.delete_attachment(att.id)
+                log_event(log, "attachment.migrated_away", volume=att.volume,
+                          attachment=att.id, **hv.log_fields(att))
+                exp = self.state.export(att.volume)
+                if exp is not None and not exp.explicit and \
+                        not self.state.attachments(att.volume):
+                    await self.stop_export(att.volume)
+                elif exp is not None and os.path.exists(self._peers_path(att.volume)):
+                    self._set_peers(att.volume, bool(exp.explicit))
+
     async def _stop_incoming_worker(self, att_id: str, worker: Worker | None = None) -> None:
         w = self.incoming.pop(att_id, None) or worker
         if w is not None:
@@ -660,6 +734,12 @@ class Controller(Volumes, RbdVolumes, QosControl):
         """The VM runs at ATT's QEMU now: its export becomes the volume's, the
         source attachment and its export go."""
         name = att.volume
+        if att.migrate_from is None:
+            # from another host: this daemon's export served it all along
+            self.state.set_attachment_state(att.id, "attached")
+            log_event(log, "attachment.migrated", volume=name, attachment=att.id,
+                      replaced="another host", **self.hypervisor(att.hypervisor).log_fields(att))
+            return
         new = self.incoming.pop(att.id, None)
         if new is None:  # (cannot be: adopted or started at daemon start)
             log.error("incoming attachment %s of %s has no worker", att.id, name)

@@ -426,8 +426,9 @@ def _cmd_attach(api: Api, args: argparse.Namespace) -> int:
     if args.libvirt_domain is not None:
         if args.bus is not None:
             raise CliError("--bus is for --qmp; libvirt picks the slot itself")
-        if args.migrate_from is not None:
-            raise CliError("--migrate-from is for --qmp (a QEMU VM's live migration)")
+        if args.migrate_from is not None or args.incoming or args.device_id or args.addr:
+            raise CliError("--migrate-from, --incoming, --device-id and --addr are for --qmp "
+                           "(a QEMU VM's live migration)")
         body = {"hypervisor": "libvirt", "domain": args.libvirt_domain}
         if args.libvirt_uri is not None:
             body["uri"] = args.libvirt_uri
@@ -439,14 +440,21 @@ def _cmd_attach(api: Api, args: argparse.Namespace) -> int:
             body["bus"] = args.bus
         if args.migrate_from is not None:
             body["migrate_from"] = args.migrate_from
+        if args.incoming:
+            body["incoming"] = True
+        for key in ("device_id", "addr"):
+            if getattr(args, key) is not None:
+                body[key] = getattr(args, key)
     _, att = api.call("POST", _volume_path(args.name) + "/attachments", body)
     if args.json:
         _print_json(att)
         return 0
     where = (f"libvirt domain {_vm(att)}, target {_cell(att.get('target'))}"
              if att.get("hypervisor") == "libvirt" else f"QMP {att.get('qmp_socket')}")
+    src = att.get("migrate_from") or "another host"
     what = "attached" if att.get("state") != "incoming" else \
-        f"prepared the migration from attachment {att.get('migrate_from')}: attached"
+        f"prepared the migration from {'attachment ' if att.get('migrate_from') else ''}" \
+        f"{src}: attached"
     print(f"{what} volume {att.get('volume', args.name)} as attachment {att.get('id')} "
           f"(device {att.get('device_id')}, bus {_cell(att.get('bus'))}, {where})")
     return 0
@@ -659,6 +667,16 @@ def add_parsers(sub) -> None:
                         "--qmp is its destination QEMU (-incoming), which gets the disk "
                         "where the source has it, from a second export; the new attachment "
                         "replaces ID once the VM has arrived")
+    p.add_argument("--incoming", action="store_true",
+                   help="live migration from another host (--qmp): --qmp is the destination "
+                        "QEMU here (-incoming); the disk goes in as --device-id (the source "
+                        "attachment's) on --bus [at --addr], served by this host's export "
+                        "of the volume (on shared storage); attached once the VM has arrived")
+    p.add_argument("--device-id", metavar="ID",
+                   help="--incoming: the source attachment's device id")
+    p.add_argument("--addr", metavar="SLOT",
+                   help="--incoming: the PCI address the source VM has the disk at on --bus, "
+                        "when that bus has several slots")
     p.set_defaults(func=_run(_cmd_attach))
 
     p = sub.add_parser(

@@ -221,3 +221,108 @@ def test_a_cancelled_or_dead_destination_leaves_the_source_served(tmp):
         kill_qemu(src)
         for d in dsts:
             kill_qemu(d)
+
+
+def test_a_migration_between_two_hosts_daemons(tmp):
+    """Each host has its own daemon; the volume is on storage both reach (a
+    shared file here; an RBD image in production), registered with each.
+    The destination host's daemon gets an `incoming` attachment naming the
+    source attachment's device id and bus (as the source host's daemon
+    reports them): its own export serves the destination QEMU.  Once the VM
+    has moved, the destination's attachment is `attached` and the source
+    host's daemon, seeing its QEMU hand the VM over (postmigrate), retires
+    its attachment and export.  A destination that dies before (a cancelled
+    migration) leaves the source's attachment and export as they were."""
+    disk = tmp / "shared.img"
+    with open(disk, "wb") as f:
+        f.truncate(16 * MiB)
+    keys = dict(qmp_socket_dirs=[str(tmp)], allowed_backings=[str(disk)], qmp_timeout_s=10,
+                worker_start_timeout_s=20)
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    src = vm(tmp / "src.sock")
+    host_a = server(tmp / "a", **keys)
+    host_b = server(tmp / "b", **keys)
+    monitors: list = []
+    dsts = []
+    try:
+        with host_a.client(timeout=60) as ca, host_b.client(timeout=60) as cb:
+            for c in (ca, cb):
+                r = c.post("/v1/volumes", json={"name": "x1", "backing": str(disk)})
+                assert r.status_code == 201, r.text
+            r = ca.post("/v1/volumes/x1/attachments",
+                        json={"hypervisor": "qemu", "qmp_socket": str(tmp / "src.sock")})
+            assert r.status_code == 201, r.text
+            a_src = r.json()
+            export_a = ca.get("/v1/volumes/x1/export").json()
+            m_src = qmp(tmp / "src.sock", monitors)
+            m_src.cmd("cont")
+            addr = m_src.cmd("qom-get", path=f"/machine/peripheral/{a_src['device_id']}",
+                             property="addr")
+
+            # first a destination that dies before the migration
+            dsts.append(vm(tmp / "dead.sock", incoming=True))
+            body = {"hypervisor": "qemu", "qmp_socket": str(tmp / "dead.sock"),
+                    "incoming": True, "device_id": a_src["device_id"], "bus": a_src["bus"]}
+            r = cb.post("/v1/volumes/x1/attachments", json=body)
+            assert r.status_code == 201, r.text
+            kill_qemu(dsts[-1])
+            wait_for(lambda: [a["state"] for a in attachments(cb, "x1")] == ["stale"],
+                     SETTLE_S, "the dead destination to go stale")
+            ok_del = cb.delete(f"/v1/volumes/x1/attachments/{r.json()['id']}")
+            assert ok_del.status_code == 204, ok_del.text
+            a, = attachments(ca, "x1")
+            assert (a["id"], a["state"]) == (a_src["id"], "attached")
+            assert alive(export_a["pid"])
+
+            # refused: no device id; both kinds of migration at once
+            dst_sock = tmp / "dst.sock"
+            dsts.append(vm(dst_sock, incoming=True))
+            body["qmp_socket"] = str(dst_sock)
+            assert "device_id" in detail(cb.post("/v1/volumes/x1/attachments", json={
+                k: v for k, v in body.items() if k != "device_id"}), 422)
+            assert "migrate_from" in detail(cb.post("/v1/volumes/x1/attachments", json={
+                **body, "migrate_from": "0badc0de"}), 422)
+            # the command-line client's way
+            r = run_cli("attach", "x1", "--qmp", str(dst_sock), "--incoming", "--device-id",
+                        a_src["device_id"], "--bus", a_src["bus"], "--json",
+                        url=host_b.url, token=host_b.token)
+            assert r.returncode == 0, r.stderr
+            a_dst = json.loads(r.stdout)
+            assert a_dst["state"] == "incoming" and a_dst["migrate_from"] is None
+            assert (a_dst["device_id"], a_dst["bus"]) == (a_src["device_id"], a_src["bus"])
+            m_dst = qmp(dst_sock, monitors)
+            assert m_dst.cmd("qom-get", path=f"/machine/peripheral/{a_dst['device_id']}",
+                             property="addr") == addr
+            export_b = cb.get("/v1/volumes/x1/export").json()
+            assert export_b["state"] == "running"
+
+            mig = str(tmp / "mig.sock")
+            m_dst.cmd("migrate-incoming", uri=f"unix:{mig}")
+            wait_for(lambda: os.path.exists(mig), 10, "the migration socket")
+            m_src.cmd("migrate", uri=f"unix:{mig}")
+            wait_for(lambda: m_src.cmd("query-migrate").get("status")
+                     in ("completed", "failed"), 120, "the migration to end")
+            assert m_src.cmd("query-migrate")["status"] == "completed"
+
+            # host B: the attachment is the volume's; host A: retired
+            wait_for(lambda: [a["state"] for a in attachments(cb, "x1")] == ["attached"],
+                     SETTLE_S, "host B's attachment to take over")
+            wait_for(lambda: attachments(ca, "x1") == [], SETTLE_S,
+                     "host A to retire the source attachment")
+            wait_for(lambda: ca.get("/v1/volumes/x1/export").status_code == 404, 15,
+                     "host A's export to stop")
+            wait_for(lambda: not alive(export_a["pid"]), 15, "host A's worker to exit")
+            assert cb.get("/v1/volumes/x1/export").json()["pid"] == export_b["pid"]
+            assert "attachment.migrated_away" in host_a.log()
+            assert "attachment.migrated" in host_b.log()
+            m_dst.cmd("cont")
+            assert m_dst.cmd("query-status")["status"] == "running"
+    finally:
+        for m in monitors:
+            m.close()
+        host_a.cleanup()
+        host_b.cleanup()
+        kill_qemu(src)
+        for d in dsts:
+            kill_qemu(d)

@@ -127,3 +127,7 @@ class Hypervisor(abc.ABC):
         """Has the destination VM of the incoming ATT finished receiving the
         migration?  None when it cannot tell now (it is gone or busy)."""
         return None
+
+    async def migrated_away(self, att: AttachmentRow) -> bool:
+        """Has ATT's VM been migrated to another host (it runs there now)?"""
+        return False

@@ -298,6 +298,23 @@ class QemuAttachmentCreate(BaseModel):
         "The attachment is `incoming` until the destination has received the VM, then "
         "replaces the source's (forgotten, its export stopped). `bus` must be left out."),
         examples=["a1b2c3d4"])
+    incoming: bool = Field(default=False, description=(
+        "Live migration from another host (its blkserve daemon has the source "
+        "attachment; the volume is on storage both hosts reach: an RBD image or a shared "
+        "file): `qmp_socket` is the destination QEMU here (`-incoming`), the disk is "
+        "plugged with `device_id` (the source attachment's), on `bus` at `addr` as the "
+        "source VM has it, and served by this daemon's export of the volume; `incoming` "
+        "until the VM has arrived, then `attached`. The source host's daemon retires its "
+        "attachment (and its export, unless explicit) once its QEMU has handed the VM "
+        "over (run state postmigrate). Not with `migrate_from`."))
+    device_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                  description="With `incoming`: the source attachment's "
+                                  "device id (required).", examples=["blkserve-a1b2c3d4"])
+    addr: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{1,2}(\.[0-7])?$",
+                             description="With `incoming`: the PCI address (slot[.function]) "
+                             "the source VM has the disk at on `bus`, when that bus has more "
+                             "than one slot (pci.0 of a pc machine); a pcie-root-port has "
+                             "one.", examples=["4"])
 
 
 class Qemu(base.Hypervisor):
@@ -394,6 +411,16 @@ class Qemu(base.Hypervisor):
             raise ApiError(502, f"where is device {att.device_id} in the VM at "
                                 f"{att.qmp_socket}: {e}") from None
         return {"bus": att.bus, "addr": addr}
+
+    async def migrated_away(self, att: AttachmentRow) -> bool:
+        """Has ATT's VM handed itself over to a migration's destination
+        (QEMU's run state postmigrate: the VM runs elsewhere now)?"""
+        if not vm_alive(att.qmp_socket):
+            return False
+        try:
+            return await run_state(att.qmp_socket, self.settings.qmp_timeout_s) == "postmigrate"
+        except (VMGone, PeerRefused, QMPFailed):
+            return False
 
     async def incoming_done(self, att: AttachmentRow) -> bool | None:
         try:
