@@ -217,6 +217,18 @@ def reset_cache(path: Path) -> None:
 
 # ---- the systems ----
 
+def _take_frontend_result(run: Run, r: dict) -> None:
+    """RUN is ok with the figures of a load generator's JSON result R
+    (blkserve bench, blkserve bench-blkif)."""
+    run.ok = True
+    run.iops = r["iops"]
+    run.ios = r["ios"]
+    run.ios_all = r["ios_all"]
+    run.lat_mean_ns = r["lat_ns"]["mean"]
+    run.lat_p50_ns = r["lat_ns"]["p50"]
+    run.lat_p99_ns = r["lat_ns"]["p99"]
+
+
 class Suite:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
@@ -360,13 +372,7 @@ class Suite:
                 run.error += f" [backend {state}; log: {tail or 'empty'}]"
                 return run
             r = json.loads(p.stdout)
-            run.ok = True
-            run.iops = r["iops"]
-            run.ios = r["ios"]
-            run.ios_all = r["ios_all"]
-            run.lat_mean_ns = r["lat_ns"]["mean"]
-            run.lat_p50_ns = r["lat_ns"]["p50"]
-            run.lat_p99_ns = r["lat_ns"]["p99"]
+            _take_frontend_result(run, r)
             run.rescue_kicks = r["rescue_kicks"]
             run.backend_cpu_s = cpu1 - cpu0
             run.cpu_s_per_mreq = (cpu1 - cpu0) / (r["ios_all"] / 1e6) if r["ios_all"] else None
@@ -403,13 +409,7 @@ class Suite:
             run.error = (p.stderr.strip() or p.stdout.strip())[-300:]
             return run
         r = json.loads(p.stdout)
-        run.ok = True
-        run.iops = r["iops"]
-        run.ios = r["ios"]
-        run.ios_all = r["ios_all"]
-        run.lat_mean_ns = r["lat_ns"]["mean"]
-        run.lat_p50_ns = r["lat_ns"]["p50"]
-        run.lat_p99_ns = r["lat_ns"]["p99"]
+        _take_frontend_result(run, r)
         run.backend_cpu_s = r["backend_cpu_s"]
         run.cpu_s_per_mreq = r["cpu_s_per_mreq"]
         return run

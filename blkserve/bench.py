@@ -169,14 +169,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object instead of text")
 
-    def one_line_error(message: str):
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    # Bad arguments: one line on stderr and status 2, no usage dump.
-    p.error = one_line_error
+    errors_in_one_line(p, PROG)
     p.set_defaults(func=_cli)
     return p
+
+
+def errors_in_one_line(p: argparse.ArgumentParser, prog: str) -> None:
+    """Bad arguments: one line on stderr and status 2, no usage dump."""
+    def one_line_error(message: str):
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = one_line_error
 
 
 def _cli(args: argparse.Namespace) -> int:

@@ -19,7 +19,14 @@ import json
 import os
 import sys
 
-from blkserve.bench import _int_range, _nonneg_float, _positive_float, _size, _stats_dict
+from blkserve.bench import (
+    _int_range,
+    _nonneg_float,
+    _positive_float,
+    _size,
+    _stats_dict,
+    errors_in_one_line,
+)
 from blkserve.export import ExportError, ExportOptions, is_path, open_target
 
 PROG = "blkserve bench-blkif"
@@ -65,11 +72,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object instead of text")
 
-    def one_line_error(message: str):
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    p.error = one_line_error
+    errors_in_one_line(p, PROG)
     p.set_defaults(func=_cli)
     return p
 
