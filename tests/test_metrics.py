@@ -95,6 +95,10 @@ def test_io_moves_counters_and_histograms(api):
     assert value(m, "blkserve_errors_total", volume="m1", op="read", status="ioerr") == 0
     assert value(m, "blkserve_inflight_requests", volume="m1") == 0
     assert value(m, "blkserve_guest_kicks_total", volume="m1") > 0
+    # polling's counters are there (whether it paid depends on the machine)
+    polls = [value(m, "blkserve_polls_total", volume="m1", outcome=o) for o in ("hit", "miss")]
+    assert all(p >= 0 for p in polls)
+    assert value(m, "blkserve_poll_seconds_total", volume="m1") >= 0
     # the other volume saw nothing
     assert value(m, "blkserve_requests_total", volume="m2", op="read") == 0
     assert value(m, "blkserve_export_up", volume="m1") == 1
