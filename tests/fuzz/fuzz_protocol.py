@@ -242,6 +242,7 @@ class FakeBacking:
         self.read_only = False
         self.drain_timeout_ms = 1000
         self.rbd = None  # a file backing, not an RBD image
+        self.null_io = False  # ... nor the null one
 
 
 class FakeTarget:
