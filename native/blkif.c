@@ -195,7 +195,6 @@ static void *blkif_thread(void *arg)
 {
     struct bs_blkif *b = arg;
     struct bs_core *c = &b->core;
-    bs_thread_short_slice();
     int ret = bs_core_init(c, (unsigned)b->nslots);
     if (ret == 0) {
         ret = arm_poll(b, b->cfg.evtchn_fd, BS_UD_KICK);

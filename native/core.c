@@ -12,7 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -73,40 +72,6 @@ void bs_target_free(bs_target *t)
 }
 
 /* ---- the request core ---- */
-
-/* Engine threads that share a core (queues > cores, or several volumes on
- * one) take turns in the scheduler's slices: 3 ms by default, which is what
- * a request queued behind another busy thread waits at worst.  EEVDF lets a
- * task ask for a shorter slice (sched_attr.sched_runtime for SCHED_OTHER):
- * with 100 us a woken queue thread runs within about that long.  Threads
- * alone on their core are not affected. */
-#define BS_SLICE_NS 100000ULL
-
-struct bs_sched_attr {
-    uint32_t size;
-    uint32_t sched_policy;
-    uint64_t sched_flags;
-    int32_t sched_nice;
-    uint32_t sched_priority;
-    uint64_t sched_runtime;
-    uint64_t sched_deadline;
-    uint64_t sched_period;
-};
-
-void bs_thread_short_slice(void)
-{
-    struct bs_sched_attr a;
-    if (getenv("BLKSERVE_DEFAULT_SLICE"))   /* A/B in make bench; escape hatch */
-        return;
-    memset(&a, 0, sizeof(a));
-    a.size = sizeof(a);
-    if (syscall(SYS_sched_getattr, 0, &a, sizeof(a), 0) || a.sched_policy != 0 /* OTHER */)
-        return;
-    a.size = sizeof(a);
-    a.sched_flags = 0;
-    a.sched_runtime = BS_SLICE_NS;
-    (void)syscall(SYS_sched_setattr, 0, &a, 0);
-}
 
 uint64_t bs_now_ns(void)
 {

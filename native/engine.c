@@ -297,7 +297,6 @@ static void *queue_thread(void *arg)
     int ret;
 
     q->kicked = 1;           /* look at the ring once at start */
-    bs_thread_short_slice();
     ret = bs_core_init(c, (unsigned)q->nslots);
     if (ret == 0) {
         ret = arm_poll(q, q->kick_fd, UD_KICK);

@@ -412,9 +412,6 @@ struct bs_core {
 };
 
 uint64_t bs_now_ns(void);
-/* Ask the scheduler for a short time slice for the calling engine thread
- * (EEVDF's per-task slice, Linux 6.12+; a no-op where it is refused). */
-void bs_thread_short_slice(void);
 /* Per start: the io_uring (entries for nslots requests plus the transport's
  * own polls) and the per-run state. */
 int bs_core_init(struct bs_core *c, unsigned nslots);
