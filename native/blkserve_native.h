@@ -43,7 +43,8 @@ struct bs_target_cfg {
                             /* then cancels it (0: 30 s); see bs_queue_stop  */
     bs_rbd *rbd;            /* an RBD image instead of fd (fd -1): requests  */
                             /* go to librbd; never abandoned by a stop (the  */
-                            /* image's op timeout bounds them)               */    int null_io;            /* no backing at all (fd -1, sync_io): reads     */
+                            /* image's op timeout bounds them)               */
+    int null_io;            /* no backing at all (fd -1, sync_io): reads     */
                             /* return zeroes, writes are dropped, flushes    */
                             /* and discards succeed: the protocol's own cost */
 };
@@ -450,7 +451,6 @@ struct bs_bench_blkif_result {
     struct bs_bench_stats stats;
     uint64_t backend_cpu_ns;  /* the process's CPU but the frontend's, in  */
                               /* the measured window: the engine thread    */
-    uint64_t backend_requests;
 };
 
 int bs_bench_blkif(bs_target *t, const struct bs_bench_blkif_cfg *cfg,

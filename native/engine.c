@@ -351,7 +351,8 @@ static void *queue_thread(void *arg)
         bs_core_run_sync(c);
         check_faults(q);
         publish_used(q);
-        if (c->t_now - awake_since > BS_YIELD_NS) {
+        /* (t_now, the batch's clock, may predate a wake-up that reaped nothing) */
+        if (c->t_now > awake_since + BS_YIELD_NS) {
             /* Busy without a sleep for a while: let another thread on this
              * core run (queue threads of one volume, or of others, pinned
              * together).  The scheduler switches busy threads only at its
