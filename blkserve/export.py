@@ -135,10 +135,6 @@ def parse_poll(text: str) -> tuple[int, bool]:
     return us, adaptive
 
 
-def format_poll(us: int, adaptive: bool) -> str:
-    return f"auto:{us}" if adaptive else str(us)
-
-
 def is_path(backing: str | None) -> bool:
     """A file or block device (not rbd:, not null:)."""
     return not (is_rbd(backing) or is_null(backing))
@@ -429,8 +425,8 @@ def open_target(opts: ExportOptions) -> tuple[Target, Backing]:
         capacity = backing.capacity - backing.capacity % block_size
         if capacity == 0:
             raise ExportError(f"backing {opts.backing} is smaller than one block")
-        sync_io = backing.null or backing.rbd is None and (opts.io_engine == "sync" or (
-            opts.io_engine == "auto" and not supports_nowait(backing.fd)))
+        sync_io = backing.null or (backing.rbd is None and (opts.io_engine == "sync" or (
+            opts.io_engine == "auto" and not supports_nowait(backing.fd))))
         if sync_io and opts.io_engine == "auto" and not backing.null:
             log.info("%s cannot do non-blocking I/O: serving it with plain syscalls in the "
                      "queue threads (--io-engine sync)", opts.backing)

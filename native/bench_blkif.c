@@ -313,9 +313,6 @@ stop:
         int r2 = bs_blkif_stop(b);
         if (!ret)
             ret = r2;
-        struct bs_queue_stats qs;
-        if (bs_blkif_get_stats(b, &qs) == 0)
-            out->backend_requests = qs.reqs_read + qs.reqs_write;
         bs_blkif_free(b);
     }
 out:
