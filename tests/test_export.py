@@ -47,17 +47,19 @@ class Export:
 def start_export(tmp_path: Path, *args: str, size: int = IMG_SIZE,
                  backing: str | None = None, image: str | None = None,
                  name: str = "export") -> Export:
-    """*backing*: serve that file (e.g. a faultfs one) instead of
-    tmp_path/disk.img; *image*: where the test reads what was written (the
+    """*backing*: serve that file (e.g. a faultfs one) or null:SIZE instead
+    of tmp_path/disk.img; *image*: where the test reads what was written (the
     file under a faultfs one); the log is tmp_path/NAME.log."""
-    img = Path(backing) if backing else tmp_path / "disk.img"
-    if not img.exists():
+    null = bool(backing) and backing.startswith("null:")
+    img = Path(os.devnull) if null else Path(backing) if backing else tmp_path / "disk.img"
+    if not null and not img.exists():
         with open(img, "wb") as f:
             f.truncate(size)
     sock = os.path.join(tempfile.mkdtemp(prefix="bs-"), "blk.sock")
     log = tmp_path / f"{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "blkserve", "export", str(img), "--socket", sock, *args],
+        [sys.executable, "-m", "blkserve", "export", backing if null else str(img),
+         "--socket", sock, *args],
         stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
     )
     deadline = time.monotonic() + 10

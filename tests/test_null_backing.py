@@ -8,11 +8,8 @@ must not be created by accident for a guest's data."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -21,24 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vhost_client as vc  # noqa: E402
 from apiserver import REPO, serving  # noqa: E402
 from test_api import assert_error, ok  # noqa: E402
-from test_export import Export, stop_export  # noqa: E402
+from test_export import Export, start_export, stop_export  # noqa: E402
 
 MiB = 1 << 20
 
 
 def start_null(tmp_path: Path, spec: str, *args: str) -> Export:
-    sock = os.path.join(tempfile.mkdtemp(prefix="bs-null-"), "blk.sock")
-    log = tmp_path / "null.log"
-    proc = subprocess.Popen([sys.executable, "-m", "blkserve", "export", spec, "--socket", sock,
-                             *args], stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-                            cwd=tmp_path)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"export did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return Export(Path(os.devnull), sock, proc, log)
+    return start_export(tmp_path, *args, backing=spec, name="null")
 
 
 def test_null_export_reads_zeroes_and_drops_writes(tmp_path):
@@ -60,7 +46,8 @@ def test_null_export_reads_zeroes_and_drops_writes(tmp_path):
             assert st == vc.BLK_S_IOERR
     finally:
         assert stop_export(e) == 0, e.logtext()
-    assert not list(tmp_path.glob("null:*")), "a file was created for the null backing"
+    assert not list(tmp_path.glob("null:*")) and not list(Path.cwd().glob("null:*")), \
+        "a file was created for the null backing"
 
 
 @pytest.mark.parametrize("args, message", [
