@@ -94,6 +94,8 @@ class Settings:
 
     def qmp_socket_allowed(self, path: str) -> bool:
         """Is the real path of PATH under one of qmp_socket_dirs?"""
+        if "\x00" in path:
+            return False
         real = os.path.realpath(path)
         for d in self.qmp_socket_dirs:
             root = os.path.realpath(d)
@@ -102,6 +104,8 @@ class Settings:
         return False
 
     def libvirt_socket_allowed(self, path: str) -> bool:
+        if "\x00" in path:
+            return False
         real = os.path.realpath(path)
         return any(real == os.path.realpath(s) for s in self.libvirt_sockets)
 

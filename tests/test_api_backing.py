@@ -448,6 +448,20 @@ def test_wrong_json_types_are_422_on_resize_and_attach(http):
     ok(http.delete("/v1/volumes/lax2"), 204)
 
 
+def test_a_socket_path_with_a_nul_byte_is_422(http):
+    """A NUL in the QMP socket or in the libvirt URI's socket= path: the
+    path functions raise ValueError on it (schemathesis found a 500 with
+    `qemu:///system?socket=/\x00...`)."""
+    create(http, "nul1", MiB)
+    for body in ({"hypervisor": "qemu", "qmp_socket": "/run/vm\x00/qmp.sock"},
+                 {"hypervisor": "libvirt", "domain": "vm1",
+                  "uri": "qemu:///system?socket=/\x00M"}):
+        detail = assert_error(http.post("/v1/volumes/nul1/attachments", json=body), 422)
+        assert "\n" not in detail
+    assert ok(http.get("/v1/volumes/nul1"))["attachments"] == []
+    ok(http.delete("/v1/volumes/nul1"), 204)
+
+
 def test_sizes_are_integers_in_the_openapi(http):
     spec = ok(http.get("/openapi.json"))
     schemas = spec["components"]["schemas"]

@@ -38,14 +38,16 @@ def _slow_frontend(e, n: int = 60, gap: float = 0.005) -> None:
 
 def test_a_slow_frontend_is_not_polled_for(tmp_path):
     """Every sleep lasts the 5 ms gap, longer than the 50 us cap: the
-    adaptive window stays 0, not one polling window is spent.  (A fixed
+    adaptive window stays 0.  On a loaded machine a queue thread that ran
+    late may go to sleep just before the next kick, and that short sleep
+    opens one 2 us window: a few of the 60 requests, never most.  (A fixed
     --poll-us 50 spends one after every request: the second half.)"""
     st = tmp_path / "auto.stats"
     e = start_null(tmp_path, "null:64M", "--stats-file", str(st))
     try:
         _slow_frontend(e)
         polls, hits, _, kicks = _counters(st)
-        assert polls == 0 and hits == 0, (polls, hits)
+        assert polls <= 3 and hits <= polls, (polls, hits)   # (1, 0) seen in a busy CI run
         assert kicks >= 60
     finally:
         assert stop_export(e) == 0, e.logtext()

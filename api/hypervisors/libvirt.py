@@ -27,7 +27,7 @@ log = logging.getLogger("blkserve.api")
 
 # Local libvirt connections only: the export is a unix socket on this host, so
 # a remote hypervisor could not reach it anyway.
-LIBVIRT_URI_PATTERN = r"^qemu(\+unix)?:///(system|session)(\?socket=/[^?&#\s]+)?$"
+LIBVIRT_URI_PATTERN = r"^qemu(\+unix)?:///(system|session)(\?socket=/[^?&#\s\x00]+)?$"
 
 
 class LibvirtAttachmentCreate(BaseModel):

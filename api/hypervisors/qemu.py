@@ -282,7 +282,7 @@ class QemuAttachmentCreate(BaseModel):
                                   {"hypervisor": "qemu", "qmp_socket": "/run/vm1/qmp.sock"}]})
 
     hypervisor: Literal["qemu"] = Field(description="`qemu`: talk to QEMU over QMP.")
-    qmp_socket: str = Field(min_length=1, max_length=4096, description=(
+    qmp_socket: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$", description=(
         "Absolute path of the running VM's QMP unix socket (`-qmp unix:PATH,server=on,"
         "wait=off`). Its guest RAM must be shared (memory-backend-memfd with share=on)."),
         examples=["/run/vm1/qmp.sock"])
