@@ -545,7 +545,15 @@ def run_xen_export(opts: ExportOptions) -> int:
         raise ExportError(str(e)) from None
     if domid == 0:
         raise ExportError("--xen-domain: dom0 cannot be its own blkif frontend here")
-    # one backend per vbd: the lock tells a live one from one that died
+    lock = [_lock_vbd(domid, devid, name)]
+    try:
+        return _serve_xen(opts, xen, domid, name, devid, lock)
+    finally:
+        os.close(lock[0])
+
+
+def _lock_vbd(domid: int, devid: int, name: str) -> int:
+    """One backend per vbd: the lock tells a live one from one that died."""
     os.makedirs(XEN_LOCK_DIR, exist_ok=True)
     lock_fd = os.open(os.path.join(XEN_LOCK_DIR, f"vbd-{domid}-{devid}.lock"),
                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -555,13 +563,18 @@ def run_xen_export(opts: ExportOptions) -> int:
         os.close(lock_fd)
         raise ExportError(f"another blkserve export serves vbd {devid} of Xen domain "
                           f"{name} ({domid})") from None
-    try:
-        return _serve_xen(opts, xen, domid, name, devid)
-    finally:
-        os.close(lock_fd)
+    return lock_fd
 
 
-def _serve_xen(opts: ExportOptions, xen, domid: int, name: str, devid: int) -> int:
+def saved_marker(socket_path: str) -> str:
+    """The file beside a supervised Xen worker's socket that says its domain
+    was saved (or is migrating) and the worker waits for it to come back:
+    `blkserve serve` does not take the attachment for stale meanwhile."""
+    return socket_path + ".saved"
+
+
+def _serve_xen(opts: ExportOptions, xen, domid: int, name: str, devid: int,
+               lock: list[int]) -> int:
     target, backing = open_target(opts)
     stats = None
     rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -583,7 +596,9 @@ def _serve_xen(opts: ExportOptions, xen, domid: int, name: str, devid: int) -> i
                 target, domid, devid, read_only=opts.read_only,
                 physical_sector_size=backing.topology.physical_block or SECTOR,
                 discard_granularity=backing.topology.discard_granularity or 4096,
-                stats_areas=stats.area if stats else None)
+                stats_areas=stats.area if stats else None, name=name,
+                on_change=lambda event, old, new: _xen_domain_changed(
+                    opts, name, devid, lock, event, old, new))
             be.create(reclaim=True)
         except (xen.XenUnavailable, xen.XenError) as e:
             raise ExportError(str(e)) from None
@@ -607,6 +622,8 @@ def _serve_xen(opts: ExportOptions, xen, domid: int, name: str, devid: int) -> i
                 ready.close()
                 with contextlib.suppress(OSError):
                     os.unlink(opts.socket)
+                with contextlib.suppress(OSError):
+                    os.unlink(saved_marker(opts.socket))
         log_event(log, "export.drained", msg="stopped: in-flight I/O drained, vbd removed")
     finally:
         if be is not None:
@@ -621,6 +638,40 @@ def _serve_xen(opts: ExportOptions, xen, domid: int, name: str, devid: int) -> i
             except OSError:
                 pass
     return 0
+
+
+def _xen_domain_changed(opts: ExportOptions, name: str, devid: int, lock: list[int],
+                        event: str, old: int, new: int | None) -> bool:
+    """The served domain went away (saved or for good) or came back (False:
+    do not serve it, another export does)."""
+    marker = saved_marker(opts.socket) if opts.socket else None
+    if event == "saved":
+        log_event(log, "export.xen_saved", domain=name, domid=old, devid=devid,
+                  msg=f"Xen domain {name} ({old}) was saved or is migrating: its rings are "
+                      f"released; vbd {devid} is offered again when it comes back")
+        if marker:
+            with open(marker, "w") as f:
+                f.write(name + "\n")
+    elif event == "back":
+        try:
+            fd = _lock_vbd(new, devid, name)
+        except ExportError as e:
+            log.error("%s: this export stops serving the domain", e)
+            return False
+        os.close(lock[0])
+        lock[0] = fd
+        log_event(log, "export.xen_restored", domain=name, domid=new, old_domid=old,
+                  devid=devid, msg=f"Xen domain {name} is back as domain {new}: offering "
+                                   f"vbd {devid} again")
+        if marker:
+            with contextlib.suppress(OSError):
+                os.unlink(marker)
+    else:
+        log_event(log, "export.xen_domain_gone", level=logging.WARNING, domain=name,
+                  domid=old, devid=devid,
+                  msg=f"Xen domain {name} ({old}) is gone (destroyed, shut down or "
+                      "crashed): its rings are released; nothing is served until SIGTERM")
+    return True
 
 
 def run_export(opts: ExportOptions) -> int:

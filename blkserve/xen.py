@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,24 @@ int xenevtchn_unmask(xenevtchn_handle *xce, uint32_t port);
 void free(void *ptr);
 """
 
+# libxenctrl, for one question only: did a domain that vanished shut down to
+# be saved or migrated (SHUTDOWN_suspend) or for good?  Its ABI changes with
+# every Xen release, but the domain info starts the same way in all of them:
+# domid_t domain, uint16_t pad, uint32_t flags (xen/domctl.h).
+_XC_CDEF = """
+struct dominfo_head { uint16_t domain; uint16_t pad; uint32_t flags; };
+typedef struct xc_interface_core xc_interface;
+xc_interface *xc_interface_open(void *logger, void *dombuild_logger, unsigned open_flags);
+int xc_interface_close(xc_interface *xch);
+int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain, unsigned int max_domains,
+                          void *info);
+"""
+XEN_DOMINF_SHUTDOWN = 1 << 2
+XEN_DOMINF_SHUTDOWNSHIFT = 16
+SHUTDOWN_SUSPEND = 2
+_XC_SONAMES = ("libxenctrl.so.4.17", "libxenctrl.so.4.18", "libxenctrl.so.4.19",
+               "libxenctrl.so.4.16", "libxenctrl.so")
+
 
 class XenUnavailable(Exception):
     """The Xen libraries or devices are missing (not a Xen dom0)."""
@@ -102,6 +121,22 @@ class _Libs:
                 "libxengnttab1 and libxenevtchn1 (blkserve must run in dom0 or a driver "
                 "domain)") from None
         self.libc = self.ffi.dlopen(None)
+        self._xc_ffi = None
+        self._xc = None
+
+    def xc(self):
+        """(ffi, lib) of libxenctrl, or None where it is not installed."""
+        if self._xc_ffi is None:
+            ffi = cffi.FFI()
+            ffi.cdef(_XC_CDEF)
+            for name in _XC_SONAMES:
+                try:
+                    self._xc = ffi.dlopen(name)
+                    break
+                except OSError:
+                    continue
+            self._xc_ffi = ffi
+        return (self._xc_ffi, self._xc) if self._xc is not None else None
 
     def addr(self, cdata) -> int:
         return int(self.ffi.cast("uintptr_t", cdata))
@@ -189,15 +224,15 @@ class XenStore:
     def fileno(self) -> int:
         return self.L.xs.xs_fileno(self.h)
 
-    def drain_watches(self) -> int:
-        """Consume the watch events that arrived; returns how many."""
-        n = 0
+    def drain_watches(self) -> list[str]:
+        """Consume the watch events that arrived; returns their paths."""
+        paths = []
         while True:
             p = self.L.xs.xs_check_watch(self.h)
             if p == self.L.ffi.NULL:
-                return n
+                return paths
+            paths.append(self.L.ffi.string(p[0]).decode(errors="replace"))
             self.L.libc.free(p)
-            n += 1
 
     def close(self) -> None:
         if self.h is not None:
@@ -226,6 +261,33 @@ def domain_exists(domain: str) -> None:
         resolve_domain(xs, domain)
     finally:
         xs.close()
+
+
+def domain_saved(domid: int) -> bool | None:
+    """Whether DOMID, gone from xenstore, shut down to be saved or migrated
+    (`xl save`, `xl migrate`: SHUTDOWN_suspend) rather than destroyed,
+    crashed or shut down for good.  A dying domain is still known to the
+    hypervisor while a backend holds its grants mapped, so ask before
+    unmapping them.  None: libxenctrl is not installed or cannot be
+    opened (not dom0)."""
+    xc = libs().xc()
+    if xc is None:
+        return None
+    ffi, lib = xc
+    h = lib.xc_interface_open(ffi.NULL, ffi.NULL, 0)
+    if h == ffi.NULL:
+        return None
+    try:
+        buf = ffi.new("uint8_t[]", 4096)       # one entry, whatever its size
+        n = lib.xc_domain_getinfolist(h, domid, 1, buf)
+        info = ffi.cast("struct dominfo_head *", buf)
+        if n != 1 or info.domain != domid:
+            return False                        # released already: nothing to tell
+        flags = info.flags
+        return bool(flags & XEN_DOMINF_SHUTDOWN) and \
+            (flags >> XEN_DOMINF_SHUTDOWNSHIFT) & 0xFF == SHUTDOWN_SUSPEND
+    finally:
+        lib.xc_interface_close(h)
 
 
 class VbdInUse(XenError):
@@ -281,7 +343,7 @@ class BlkifBackend:
 
     def __init__(self, target: Target, domid: int, devid: int, *, read_only: bool,
                  physical_sector_size: int = 512, discard_granularity: int = 4096,
-                 stats_areas=None) -> None:
+                 stats_areas=None, name: str | None = None, on_change=None) -> None:
         from blkserve._native import ffi as nffi
         from blkserve._native import lib as nlib
         self.nffi, self.nlib = nffi, nlib
@@ -294,8 +356,13 @@ class BlkifBackend:
         self.discard_granularity = discard_granularity
         self.stats_areas = stats_areas
         self.xs = XenStore()
-        self.be = f"/local/domain/0/backend/vbd/{domid}/{devid}"
-        self.fe = f"/local/domain/{domid}/device/vbd/{devid}"
+        self._paths()
+        # the domain's name, followed across `xl save`/`xl restore` (and `xl
+        # migrate`), where it comes back with another domid
+        self.name = name
+        self.on_change = on_change or (lambda event, old, new: None)
+        self.waiting_for: str | None = None   # saved: the name to come back
+        self.gone = False                      # destroyed or shut down for good
         self.gnttab = self.L.gnt.xengnttab_open(self.L.ffi.NULL, 0)
         if self.gnttab == self.L.ffi.NULL:
             raise XenUnavailable(f"cannot open /dev/xen/gntdev: "
@@ -303,6 +370,10 @@ class BlkifBackend:
         self.rings: list[_Ring] = []
         self.max_indirect = min(64, int(nlib.bs_blkif_max_indirect()))
         self.connections = 0
+
+    def _paths(self) -> None:
+        self.be = f"/local/domain/0/backend/vbd/{self.domid}/{self.devid}"
+        self.fe = f"/local/domain/{self.domid}/device/vbd/{self.devid}"
 
     # ---- xenstore layout ----
     def create(self, reclaim: bool = False) -> None:
@@ -490,7 +561,10 @@ class BlkifBackend:
     def step(self) -> None:
         """React to the frontend's state (called on every watch event)."""
         fs, bs = self.frontend_state(), self.backend_state()
-        if fs in (INITIALISED, CONNECTED) and bs == INITWAIT:
+        if fs == 0 and not self.gone and \
+                self.xs.read(f"/local/domain/{self.domid}/name") is None:
+            self._domain_gone()
+        elif fs in (INITIALISED, CONNECTED) and bs == INITWAIT:
             try:
                 self.connect()
             except (XenError, XenUnavailable) as e:
@@ -517,8 +591,68 @@ class BlkifBackend:
             r, _, _ = select.select([xfd, stop_fd], [], [], 5.0)
             if stop_fd in r:
                 return
-            self.xs.drain_watches()
-            self.step()
+            paths = self.xs.drain_watches()
+            if self.waiting_for is not None:
+                self._look_for_domain(paths)     # none: a timeout, look at all
+            else:
+                self.step()
+
+    # ---- the domain goes away, and may come back ----
+    def _domain_gone(self) -> None:
+        """The domain's xenstore directory is gone: the toolstack destroyed
+        it.  Ask the hypervisor why while it still knows the domain (our
+        grant mappings keep it dying, not dead), then let go of it: finish
+        what is in flight, unmap the rings and grants, remove our
+        directories.  A domain saved or migrating (SHUTDOWN_suspend) comes
+        back under its name with another domid (`xl restore`, the end of
+        `xl migrate`): wait for it and offer the disk there; blkfront
+        resumes on the new vbd and redoes what it had in flight.  Any other
+        end (destroy, shutdown, crash) is final."""
+        old = self.domid
+        saved = domain_saved(old)
+        st = self.stats()
+        log.info("vbd %d of domain %d: the domain is gone (%s) after %d reads and %d writes "
+                 "on these rings, %d in flight", self.devid, old,
+                 "saved or migrating" if saved else "for good", st["reqs_read"],
+                 st["reqs_write"], st["inflight"])
+        self.disconnect()
+        self.xs.unwatch(f"{self.fe}/state", "fe")
+        self.xs.unwatch(f"{self.be}/state", "be")
+        self.xs.rm(self.be)
+        self.xs.rm(self.fe)
+        if saved and self.name:
+            self.waiting_for = self.name
+            self.xs.watch("/local/domain", "domains")
+            self.on_change("saved", old, None)
+            self._look_for_domain([])
+        else:
+            self.gone = True
+            self.on_change("gone", old, None)
+
+    def _look_for_domain(self, paths: list[str]) -> None:
+        """A domain named as the one we wait for: offer the disk to it.
+        Every change under /local/domain is an event; only a domain's own
+        directory or name can make one ours (a rename: `xl migrate`)."""
+        if paths:
+            ids = {m.group(1) for p in paths
+                   if (m := re.fullmatch(r"/local/domain/(\d+)(?:/name)?", p))}
+        else:
+            ids = set(self.xs.directory("/local/domain"))
+        for d in sorted(ids, key=int):
+            if d != "0" and self.xs.read(f"/local/domain/{d}/name") == self.waiting_for:
+                self._offer_again(int(d))
+                return
+
+    def _offer_again(self, domid: int) -> None:
+        old = self.domid
+        self.xs.unwatch("/local/domain", "domains")
+        self.waiting_for = None
+        if self.on_change("back", old, domid) is False:
+            self.gone = True          # another backend serves that vbd now
+            return
+        self.domid = domid
+        self._paths()
+        self.create(reclaim=True)
 
     def destroy(self, timeout: float = 10.0, watching: bool = True) -> None:
         """Detach: Closing, wait for the frontend to close, Closed, remove

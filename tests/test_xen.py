@@ -266,6 +266,68 @@ def test_detach_after_the_restart(xen):
     assert code == 200 and atts == [], atts
 
 
+def test_xl_save_and_restore_under_fio_verify(xen):
+    """`xl save` of a domain in the middle of a fio verify on a volume
+    attached through the API, then `xl restore` (not paused): the worker
+    releases the saved domain's rings, keeps the attachment, offers the disk
+    to the restored domain (another domid, same name) before blkfront
+    resumes, and blkfront redoes what it had in flight there: fio finishes
+    with no I/O or verify error, on the same worker."""
+    xen.create_domu("domu3", mem_mb=256, timeout=600)
+    code, _ = api(xen, "POST", "/v1/volumes", '{"name": "xv3", "size_bytes": 33554432}')
+    assert code == 201
+    code, att = api(xen, "POST", "/v1/volumes/xv3/attachments",
+                    '{"hypervisor": "xen", "domain": "domu3"}')
+    assert code == 201 and att["state"] == "attached", att
+    dev = att["target"]
+    rc, out = xen.domu(f"for i in $(seq 120); do [ -e /sys/block/{dev} ] && exit 0; sleep 1; "
+                       "done; exit 1", timeout=180, name="domu3")
+    assert rc == 0, out
+    code, exp = api(xen, "GET", "/v1/volumes/xv3/export")
+    assert code == 200, exp
+    # paced: minutes of writes and verifies
+    xen.domu_check(f"setsid sh -c '/usr/bin/fio --name=s --filename=/dev/{dev} --size=8M "
+                   "--rate_iops=100 --rw=randwrite --bs=4k --direct=1 --ioengine=libaio "
+                   "--iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --loops=8 "
+                   "> /tmp/s.out 2>&1; echo fio-rc=$? >> /tmp/s.out' > /dev/null 2>&1 "
+                   "< /dev/null &", name="domu3")   # (setsid does not fork here)
+    # the precondition: fio is writing (seen from dom0) when the domain is
+    # suspended, and far from done (8 x 2048 writes)
+    # (the volume's blocks get allocated as they are first written)
+    rc, out = xen.dom0("for i in $(seq 240); do n=$(stat -c %b /tmp/bs-state/volumes/xv3.img); "
+                       "[ $n -ge 2400 ] && exit 0; sleep 1; done; echo $n; exit 1",
+                       timeout=300)
+    assert rc == 0, f"fio did not write 300 blocks: {out}"
+    old_domid = xen.domids["domu3"]
+    xen.dom0_check("xl save domu3 /tmp/domu3.save 2>&1", timeout=900)
+    wlog = "/tmp/bs-state/logs/xv3.log"
+    log = wait_log(xen, wlog, "was saved or is migrating")
+    writes = int(re.search(r"is gone \(saved or migrating\) after \d+ reads and (\d+) writes",
+                           log).group(1))
+    assert 300 <= writes < 8 * 2048, log
+    xen.dom0_check("xl restore /tmp/domu3.save 2>&1 && rm -f /tmp/domu3.save", timeout=900)
+    new_domid = xen.adopt_domu("domu3")
+    assert new_domid != old_domid
+    log = wait_log(xen, wlog, f"is back as domain {new_domid}")
+    out = ""
+    deadline = time.monotonic() + 900
+    while "fio-rc=" not in out and time.monotonic() < deadline:
+        out = xen.domu_check("cat /tmp/s.out; true", timeout=120, name="domu3")
+        time.sleep(2)
+    assert "fio-rc=0" in out and re.search(r"err=\s*0\b", out), \
+        out + "\n" + xen.dom0(f"cat {wlog}")[1]
+    assert "I/O error" not in xen.domu_check("dmesg", name="domu3")
+    # one worker throughout, the attachment never stale
+    code, after = api(xen, "GET", "/v1/volumes/xv3/export")
+    assert code == 200 and after["pid"] == exp["pid"] and after["restarts"] == 0, after
+    code, atts = api(xen, "GET", "/v1/volumes/xv3/attachments")
+    assert [a["state"] for a in atts] == ["attached"], atts
+    assert "Traceback" not in xen.dom0(f"cat {wlog}")[1], log
+    code, _ = api(xen, "DELETE", f"/v1/volumes/xv3/attachments/{att['id']}")
+    assert code == 204
+    xen.destroy_domu("domu3")
+
+
 def test_a_destroyed_domain_makes_its_attachment_stale(xen):
     """`xl destroy` of a domain with an attached volume: the daemon marks the
     attachment stale, stops its worker, and the attachment can be deleted."""

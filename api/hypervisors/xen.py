@@ -19,6 +19,7 @@ from blkserve.api.config import SOCKET_PATH_MAX
 from blkserve.api.errors import ApiError
 from blkserve.api.hypervisors import base
 from blkserve.api.state import AttachmentRow, VolumeRow, now
+from blkserve.export import saved_marker
 
 log = logging.getLogger("blkserve.api")
 
@@ -69,7 +70,7 @@ class Xen(base.Hypervisor):
             raise ApiError(409, str(e)) from None
         except xen.XenError as e:
             raise ApiError(422, str(e)) from None
-        sock = os.path.join(self.settings.sockets_dir, f"{name}.xen.sock")
+        sock = self._socket(name)
         if len(sock.encode()) > SOCKET_PATH_MAX:
             raise ApiError(422, f"socket path {sock} is longer than {SOCKET_PATH_MAX} bytes; "
                                 "use a shorter volume name or socket_dir")
@@ -101,10 +102,16 @@ class Xen(base.Hypervisor):
             try:
                 await asyncio.to_thread(xen.domain_exists, a.domain)
             except xen.XenError:
-                out[a.id] = "the Xen domain is gone"
+                # saved (`xl save`) or migrating: its worker waits for the
+                # domain to come back under its name and offers the disk again
+                if not os.path.exists(saved_marker(self._socket(a.volume))):
+                    out[a.id] = "the Xen domain is gone"
             except xen.XenUnavailable:
                 break
         return out
+
+    def _socket(self, volume: str) -> str:
+        return os.path.join(self.settings.sockets_dir, f"{volume}.xen.sock")
 
     def log_fields(self, att: AttachmentRow) -> dict:
         return {"domain": att.domain}

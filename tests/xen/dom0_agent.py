@@ -441,6 +441,19 @@ class Agent:
         except Exception as e:  # noqa: BLE001
             return f"<xl list failed: {e}>"
 
+    def op_adopt_domu(self, req: dict) -> dict:
+        """The domU NAME has a new domid (``xl restore`` made it): talk to it
+        there.  Its command channel is its own data/ directory, which the
+        restored guest's xenstore watch follows (relative paths)."""
+        name = req["name"]
+        info = self._domu(name)
+        domid = int(run_tool(["xl", "domid", name]).strip())
+        home = f"/local/domain/{domid}"
+        run_tool(["xenstore-chmod", f"{home}/data", f"n{domid}"])
+        with info["lock"]:
+            info["domid"], info["home"] = domid, home
+        return {"domid": domid}
+
     def op_destroy_domu(self, req: dict) -> dict:
         name = req["name"]
         out = run_tool(["xl", "destroy", name], check=False)

@@ -931,6 +931,13 @@ class XenHost:
         }
         return resp["domid"]
 
+    def adopt_domu(self, name: str = "domu1") -> int:
+        """After ``xl restore`` (a new domid, same name): commands go to the
+        restored domain; returns its domid."""
+        domid = self._request({"op": "adopt_domu", "name": name}, 60)["domid"]
+        self.domids[name] = domid
+        return domid
+
     def destroy_domu(self, name: str = "domu1") -> None:
         self._request({"op": "destroy_domu", "name": name}, 120)
         self.domids.pop(name, None)
