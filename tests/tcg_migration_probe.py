@@ -19,6 +19,7 @@ of `make test`: it tests QEMU, not blkserve."""
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -80,13 +81,30 @@ def one_round(image, work: Path) -> str:
                 vm.kill()
 
 
+class RoundTimeout(Exception):
+    pass
+
+
+def _alarm(*_):
+    raise RoundTimeout
+
+
 def main() -> int:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 6
     image = g.build_guest_image()
     root = Path(tempfile.mkdtemp(prefix="bs-tcg-probe-"))
     bad = 0
+    signal.signal(signal.SIGALRM, _alarm)
     for r in range(rounds):
-        verdict = one_round(image, root / f"r{r}")
+        # a destination wedged by the corruption may stop answering anything
+        signal.alarm(600)
+        try:
+            verdict = one_round(image, root / f"r{r}")
+        except RoundTimeout:
+            verdict = (f"CORRUPT (no answer from the destination in 10 min; console: "
+                       f"{root}/r{r}/dst)")
+        finally:
+            signal.alarm(0)
         bad += verdict.startswith("CORRUPT")
         print(f"round {r}: {verdict}", flush=True)
     print(f"{bad} of {rounds} migrations corrupted the guest (logs in {root})")
