@@ -357,8 +357,8 @@ class BlkifBackend:
         self.stats_areas = stats_areas
         self.xs = XenStore()
         self._paths()
-        # the domain's name, followed across `xl save`/`xl restore` (and `xl
-        # migrate`), where it comes back with another domid
+        # the domain's name, followed across `xl save`/`xl restore`, where it
+        # comes back with another domid
         self.name = name
         self.on_change = on_change or (lambda event, old, new: None)
         self.waiting_for: str | None = None   # saved: the name to come back
@@ -603,11 +603,13 @@ class BlkifBackend:
         it.  Ask the hypervisor why while it still knows the domain (our
         grant mappings keep it dying, not dead), then let go of it: finish
         what is in flight, unmap the rings and grants, remove our
-        directories.  A domain saved or migrating (SHUTDOWN_suspend) comes
-        back under its name with another domid (`xl restore`, the end of
-        `xl migrate`): wait for it and offer the disk there; blkfront
-        resumes on the new vbd and redoes what it had in flight.  Any other
-        end (destroy, shutdown, crash) is final."""
+        directories.  A domain saved (SHUTDOWN_suspend) comes back under
+        its name with another domid (`xl restore`): wait for it and offer
+        the disk there; blkfront resumes on the new vbd and redoes what it
+        had in flight.  (`xl migrate` suspends too, but runs the
+        destination before it destroys the source: too late for this, see
+        deploy/xen/README.md.)  Any other end (destroy, shutdown, crash) is
+        final."""
         old = self.domid
         saved = domain_saved(old)
         st = self.stats()
