@@ -568,9 +568,33 @@ def _lock_vbd(domid: int, devid: int, name: str) -> int:
 
 def saved_marker(socket_path: str) -> str:
     """The file beside a supervised Xen worker's socket that says its domain
-    was saved (or is migrating) and the worker waits for it to come back:
-    `blkserve serve` does not take the attachment for stale meanwhile."""
+    was saved (or is migrating) and the worker (its pid is the content)
+    waits for it to come back: `blkserve serve` does not take the
+    attachment for stale meanwhile."""
     return socket_path + ".saved"
+
+
+def read_saved_marker(socket_path: str) -> int | None:
+    """The pid in SOCKET_PATH's saved marker, or None (no marker, or not a
+    regular file we wrote: never followed through a symlink)."""
+    try:
+        fd = os.open(saved_marker(socket_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() else None
+
+
+def _write_saved_marker(socket_path: str) -> None:
+    fd = os.open(saved_marker(socket_path),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def _serve_xen(opts: ExportOptions, xen, domid: int, name: str, devid: int,
@@ -644,15 +668,17 @@ def _xen_domain_changed(opts: ExportOptions, name: str, devid: int, lock: list[i
                         event: str, old: int, new: int | None) -> bool:
     """The served domain went away (saved or for good) or came back (False:
     do not serve it, another export does)."""
-    marker = saved_marker(opts.socket) if opts.socket else None
     if event == "saved":
         log_event(log, "export.xen_saved", domain=name, domid=old, devid=devid,
                   msg=f"Xen domain {name} ({old}) was saved or is migrating: its rings are "
                       f"released; vbd {devid} is offered again when it comes back")
-        if marker:
-            with open(marker, "w") as f:
-                f.write(name + "\n")
-    elif event == "back":
+        if opts.socket:
+            _write_saved_marker(opts.socket)
+        return True
+    if opts.socket:       # back, or gone for good: not waiting any more
+        with contextlib.suppress(OSError):
+            os.unlink(saved_marker(opts.socket))
+    if event == "back":
         try:
             fd = _lock_vbd(new, devid, name)
         except ExportError as e:
@@ -663,9 +689,6 @@ def _xen_domain_changed(opts: ExportOptions, name: str, devid: int, lock: list[i
         log_event(log, "export.xen_restored", domain=name, domid=new, old_domid=old,
                   devid=devid, msg=f"Xen domain {name} is back as domain {new}: offering "
                                    f"vbd {devid} again")
-        if marker:
-            with contextlib.suppress(OSError):
-                os.unlink(marker)
     else:
         log_event(log, "export.xen_domain_gone", level=logging.WARNING, domain=name,
                   domid=old, devid=devid,

@@ -19,7 +19,7 @@ from blkserve.api.config import SOCKET_PATH_MAX
 from blkserve.api.errors import ApiError
 from blkserve.api.hypervisors import base
 from blkserve.api.state import AttachmentRow, VolumeRow, now
-from blkserve.export import saved_marker
+from blkserve.export import read_saved_marker
 
 log = logging.getLogger("blkserve.api")
 
@@ -102,9 +102,12 @@ class Xen(base.Hypervisor):
             try:
                 await asyncio.to_thread(xen.domain_exists, a.domain)
             except xen.XenError:
-                # saved (`xl save`) or migrating: its worker waits for the
-                # domain to come back under its name and offers the disk again
-                if not os.path.exists(saved_marker(self._socket(a.volume))):
+                # saved (`xl save`): its worker waits for the domain to come
+                # back under its name and offers the disk again; a marker
+                # left by a worker that has died since keeps nothing alive
+                w = self.controller.workers.get(a.volume)
+                if w is None or w.pid is None or \
+                        read_saved_marker(self._socket(a.volume)) != w.pid:
                     out[a.id] = "the Xen domain is gone"
             except xen.XenUnavailable:
                 break
