@@ -19,6 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vhost_client as vc  # noqa: E402
 
+from blkserve.export import is_null  # noqa: E402
+
 IMG_SIZE = 64 << 20
 SECTORS = IMG_SIZE // 512
 
@@ -50,7 +52,7 @@ def start_export(tmp_path: Path, *args: str, size: int = IMG_SIZE,
     """*backing*: serve that file (e.g. a faultfs one) or null:SIZE instead
     of tmp_path/disk.img; *image*: where the test reads what was written (the
     file under a faultfs one); the log is tmp_path/NAME.log."""
-    null = bool(backing) and backing.startswith("null:")
+    null = is_null(backing)
     img = Path(os.devnull) if null else Path(backing) if backing else tmp_path / "disk.img"
     if not null and not img.exists():
         with open(img, "wb") as f:
